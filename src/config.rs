@@ -1,0 +1,532 @@
+//! Config: the TOML model of a portcullis config file, and nothing else.
+//!
+//! In: the text of a config file (or of the embedded profile). Out: a typed,
+//! defaulted [`Config`] whose user-written strings keep their byte spans, so
+//! that `policy::compile` can report `file:line:col` for every semantic error.
+//! This module does no I/O beyond reading the file it is given and never
+//! interprets rules: that is `policy::compile`'s job.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A config text and the name it is reported under (a path, or `profile:azureml`).
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// File name used in messages.
+    pub name: String,
+    /// The whole text.
+    pub text: String,
+}
+
+impl Source {
+    /// Line and column (1-based) of a byte offset.
+    pub fn line_col(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before
+            .rfind('\n')
+            .map_or(before.len(), |nl| before.len() - nl - 1)
+            + 1;
+        (line, col)
+    }
+
+    /// `name:line:col` for a span.
+    pub fn locate(&self, span: &Range<usize>) -> Location {
+        let (line, col) = self.line_col(span.start);
+        Location {
+            file: self.name.clone(),
+            line,
+            col,
+        }
+    }
+}
+
+/// Where something was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// File name as given to [`Source`].
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub col: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.col)
+    }
+}
+
+/// A config file that could not be read or parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path given.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or does not fit the model (unknown key, wrong type).
+    #[error("{location}: {message}")]
+    Parse {
+        /// Where the parser stopped.
+        location: Location,
+        /// The parser's message, without its own position.
+        message: String,
+    },
+}
+
+/// The whole config file. Every table is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Placeholder values: `<region>` in a rule is replaced by `vars.region`. Default: none.
+    #[serde(default)]
+    pub vars: BTreeMap<String, Spanned<String>>,
+    /// Listener addresses.
+    #[serde(default)]
+    pub listen: Listen,
+    /// Which clients are served.
+    #[serde(default)]
+    pub clients: Clients,
+    /// Profile, scenarios, mode.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// Rules of this file, in order (`[[rule]]`).
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+    /// Static name → addresses, consulted before DNS (split horizon, tests). Default: empty.
+    #[serde(default)]
+    pub resolve: BTreeMap<String, Vec<Spanned<String>>>,
+    /// Sizes and timeouts.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// Policy tests run by `portcullis check` (`[[expect]]`).
+    #[serde(default, rename = "expect")]
+    pub expects: Vec<Expect>,
+}
+
+/// `[listen]`: where each listener binds. Changing these needs a restart.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Explicit proxy (CONNECT and absolute-URI HTTP). Default `127.0.0.1:3128`.
+    #[serde(default = "default_proxy_addr")]
+    pub proxy: Option<SocketAddr>,
+    /// Transparent listener fed by nftables REDIRECT. Default: off.
+    #[serde(default)]
+    pub transparent: Option<SocketAddr>,
+    /// `/metrics`, `/healthz`, `/readyz`. Default `127.0.0.1:9090`.
+    #[serde(default = "default_admin_addr")]
+    pub admin: Option<SocketAddr>,
+}
+
+fn default_proxy_addr() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 3128)))
+}
+
+fn default_admin_addr() -> Option<SocketAddr> {
+    Some(SocketAddr::from(([127, 0, 0, 1], 9090)))
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            proxy: default_proxy_addr(),
+            transparent: None,
+            admin: default_admin_addr(),
+        }
+    }
+}
+
+/// `[clients]`: who may use the gateway.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Clients {
+    /// Client CIDRs served; everyone else gets 403. Default: loopback only.
+    /// An empty list refuses to start: portcullis is never an open proxy.
+    #[serde(default = "default_clients")]
+    pub allow: Vec<Spanned<String>>,
+}
+
+fn default_clients() -> Vec<Spanned<String>> {
+    ["127.0.0.0/8", "::1/128"]
+        .into_iter()
+        .map(|s| Spanned::new(0..0, s.to_string()))
+        .collect()
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        Clients {
+            allow: default_clients(),
+        }
+    }
+}
+
+/// `enforce` denies; `audit` lets would-be denials through and counts them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Deny what no rule allows (default).
+    #[default]
+    Enforce,
+    /// Allow everything, log and count `audit_deny` for what would be denied.
+    Audit,
+}
+
+/// Which address a transparent connection is dialled at.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamMode {
+    /// Dial a fresh resolution of the allowed name (default; a forged SNI cannot reach another address).
+    #[default]
+    Resolve,
+    /// Dial the original destination, but only if it is among the name's addresses.
+    Verify,
+    /// Dial the original destination as is (spoofable: only for split-horizon DNS you trust).
+    Original,
+}
+
+/// `[policy]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// `enforce` (default) or `audit`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Built-in profile whose rules come before this file's: `azureml` (default) or `none`.
+    #[serde(default = "default_profile")]
+    pub profile: Spanned<String>,
+    /// Profile scenarios to enable. Default: the profile's defaults
+    /// (`basic`, `python-packages`, `monitoring` for `azureml`).
+    #[serde(default)]
+    pub scenarios: Option<Vec<Spanned<String>>>,
+    /// Transparent mode: `resolve` (default), `verify` or `original`.
+    #[serde(default)]
+    pub upstream: UpstreamMode,
+    /// Azure Service Tags JSON file (`ServiceTags_Public_*.json`), relative to this file. Default: none,
+    /// and service-tag rules wait for it.
+    #[serde(default)]
+    pub service_tags: Option<Spanned<String>>,
+    /// Cut a CONNECT tunnel whose TLS SNI names another host than the CONNECT authority. Default true.
+    #[serde(default = "yes")]
+    pub require_matching_sni: bool,
+}
+
+fn default_profile() -> Spanned<String> {
+    Spanned::new(0..0, "azureml".to_string())
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            mode: Mode::default(),
+            profile: default_profile(),
+            scenarios: None,
+            upstream: UpstreamMode::default(),
+            service_tags: None,
+            require_matching_sni: true,
+        }
+    }
+}
+
+/// Allow or deny.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Let matching traffic through (default).
+    #[default]
+    Allow,
+    /// Refuse matching traffic; wins over every allow.
+    Deny,
+}
+
+/// Transport protocol of a rule or destination.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP (default).
+    #[default]
+    Tcp,
+    /// UDP (address rules only: names are never seen for UDP).
+    Udp,
+    /// Both.
+    Any,
+}
+
+impl Protocol {
+    /// Label form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Any => "any",
+        }
+    }
+}
+
+/// Which way a rule's traffic flows. Only `egress` rules take part in decisions;
+/// the others document what the profile's source requires (nftables, NSGs).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Direction {
+    /// From the protected network out (default).
+    #[default]
+    Egress,
+    /// Into the protected network (rendered as a forward accept by `render nftables`).
+    Inbound,
+    /// Between hosts inside the protected network (documentation only).
+    Internal,
+}
+
+/// A port or an inclusive range `"8704-8710"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PortSpec {
+    /// A single port.
+    Number(i64),
+    /// A range written as a string.
+    Range(String),
+}
+
+/// One `[[rule]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Unique name, shown in logs and `explain`.
+    pub name: Spanned<String>,
+    /// Why the rule exists (the profile keeps the source document's wording). Default: empty.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Scenario the rule belongs to; it is active only when that scenario is enabled. Default: always active.
+    #[serde(default)]
+    pub scenario: Option<String>,
+    /// Host names: `example.com` or `*.example.com` (one or more labels, never the apex).
+    #[serde(default)]
+    pub hosts: Vec<Spanned<String>>,
+    /// Address ranges, IPv4 or IPv6 (`10.0.0.0/8`, `2001:db8::/32`, or one address).
+    #[serde(default)]
+    pub cidrs: Vec<Spanned<String>>,
+    /// Azure service tags (`AzureMachineLearning`, `Storage.WestUS2`), case-insensitive.
+    #[serde(default)]
+    pub service_tags: Vec<Spanned<String>>,
+    /// Ports and ranges. Default: 443.
+    #[serde(default)]
+    pub ports: Vec<Spanned<PortSpec>>,
+    /// `tcp` (default), `udp` or `any`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// `allow` (default) or `deny`.
+    #[serde(default)]
+    pub action: Action,
+    /// `egress` (default), `inbound` or `internal`.
+    #[serde(default)]
+    pub direction: Direction,
+}
+
+/// `[limits]`: every read of client input is bounded in size and time.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request head accepted from a client. Default 65536.
+    pub max_head_bytes: usize,
+    /// Time allowed for a client to send its request head. Default 10000.
+    pub head_timeout_ms: u64,
+    /// A tunnel with no bytes either way for this long is closed. Default 300000 (5 min).
+    pub idle_timeout_ms: u64,
+    /// Time allowed for one upstream connection attempt sequence. Default 5000.
+    pub connect_timeout_ms: u64,
+    /// Concurrent client connections per listener; more get 503 (explicit) or are closed. Default 10000.
+    pub max_connections: usize,
+    /// Concurrent connections from one client address. Default 1024.
+    pub max_connections_per_client: usize,
+    /// Transparent mode: time to wait for the first client bytes. Default 2000.
+    pub sniff_timeout_ms: u64,
+    /// Transparent mode and SNI checks: bytes buffered to find SNI or Host. Default 16384.
+    pub sniff_max_bytes: usize,
+    /// On shutdown, open tunnels may run this long before being cut. Default 30000.
+    pub grace_period_ms: u64,
+    /// Distinct denied hosts tracked as metric series; the rest fold into `__other__`. Default 500.
+    pub max_denied_hosts: usize,
+    /// DNS answers kept in the cache. Default 10000.
+    pub dns_cache_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_head_bytes: 64 * 1024,
+            head_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+            connect_timeout_ms: 5_000,
+            max_connections: 10_000,
+            max_connections_per_client: 1024,
+            sniff_timeout_ms: 2_000,
+            sniff_max_bytes: 16 * 1024,
+            grace_period_ms: 30_000,
+            max_denied_hosts: 500,
+            dns_cache_entries: 10_000,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (default).
+    #[default]
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// `[log]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `json` (default) or `text`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// tracing filter, e.g. `info` (default) or `portcullis=debug`. `RUST_LOG` overrides it.
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+fn default_level() -> String {
+    "info".to_string()
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: default_level(),
+        }
+    }
+}
+
+/// Expected verdict of an `[[expect]]` policy test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpectVerdict {
+    /// The destination must be allowed.
+    Allow,
+    /// The destination must be denied.
+    Deny,
+}
+
+/// `[[expect]]`: a policy test that `portcullis check` runs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// `host[:port]` or `ip[:port]` (port defaults to 443).
+    pub dest: Spanned<String>,
+    /// `tcp` (default) or `udp`.
+    #[serde(default)]
+    pub proto: Protocol,
+    /// `allow` or `deny`.
+    pub verdict: ExpectVerdict,
+}
+
+impl Config {
+    /// Parses a config text.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] with the location of the first syntax or schema error.
+    pub fn parse(source: &Source) -> Result<Config, ConfigError> {
+        toml::from_str(&source.text).map_err(|err| parse_error(source, &err))
+    }
+
+    /// Reads and parses a config file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn load(path: &Path) -> Result<(Config, Source), ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let source = Source {
+            name: path.display().to_string(),
+            text,
+        };
+        let config = Config::parse(&source)?;
+        Ok((config, source))
+    }
+}
+
+/// Turns a toml error into a located one (toml's own message carries a snippet we don't want).
+pub(crate) fn parse_error(source: &Source, err: &toml::de::Error) -> ConfigError {
+    let span = err.span().unwrap_or(0..0);
+    ConfigError::Parse {
+        location: source.locate(&span),
+        message: err.message().trim().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn src(text: &str) -> Source {
+        Source {
+            name: "test.toml".into(),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn empty_config_has_safe_defaults() {
+        let c = Config::parse(&src("")).unwrap();
+        assert_eq!(c.listen.proxy, Some("127.0.0.1:3128".parse().unwrap()));
+        assert_eq!(c.clients.allow.len(), 2);
+        assert_eq!(c.policy.mode, Mode::Enforce);
+        assert_eq!(c.policy.profile.get_ref(), "azureml");
+        assert_eq!(c.limits.max_head_bytes, 65536);
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let err = Config::parse(&src("[policy]\nmode = \"enforce\"\nmood = 1\n")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("test.toml:3:1: unknown field `mood`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn bad_enum_value_is_located() {
+        let err = Config::parse(&src("[policy]\nmode = \"strict\"\n")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("test.toml:2:8: unknown variant `strict`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        let s = src("ab\ncd\n");
+        assert_eq!(s.line_col(0), (1, 1));
+        assert_eq!(s.line_col(4), (2, 2));
+    }
+}

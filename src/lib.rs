@@ -1,0 +1,17 @@
+//! portcullis: an egress gateway that locks a network's outbound traffic to an allowlist.
+//!
+//! ```text
+//! config ─compile─▶ Policy (immutable Arc, swapped whole on reload)
+//! listen ─▶ classify (CONNECT/SNI/Host) ─▶ policy.decide ─▶ upstream.connect ─▶ tunnel
+//! side channels: &Metrics (counters) and tracing (one event per connection at close)
+//! ```
+//!
+//! Modules are listed in the order data flows through them.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod policy;
+pub mod servicetags;

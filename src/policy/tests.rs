@@ -1,0 +1,478 @@
+//! Policy compile and decide tests: rule semantics, guarded addresses, errors.
+
+use super::*;
+use crate::config::Config;
+
+fn compile_text(text: &str) -> Result<(Policy, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let source = Source {
+        name: "t.toml".into(),
+        text: text.into(),
+    };
+    let config = Config::parse(&source).expect("test config parses");
+    Policy::compile(&config, &source, &CompileInput::default())
+}
+
+fn policy(text: &str) -> Policy {
+    match compile_text(text) {
+        Ok((p, _)) => p,
+        Err(e) => panic!("compile failed: {e:?}"),
+    }
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match compile_text(text) {
+        Ok(_) => panic!("expected errors"),
+        Err(diags) => diags
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
+            .map(ToString::to_string)
+            .collect(),
+    }
+}
+
+fn decide(p: &Policy, host: &str, port: u16) -> (Verdict, Option<String>, Reason) {
+    decide_proto(p, host, port, Protocol::Tcp)
+}
+
+fn decide_proto(
+    p: &Policy,
+    host: &str,
+    port: u16,
+    proto: Protocol,
+) -> (Verdict, Option<String>, Reason) {
+    let d = p.decide(&Dest {
+        target: Target::parse(host),
+        port,
+        proto,
+    });
+    (d.verdict, d.rule.map(|r| p.rule(r).name.clone()), d.reason)
+}
+
+macro_rules! t {
+    ($p:expr, $($host:expr, $port:expr => $verdict:ident $rule:expr, $reason:ident;)+) => {
+        $(
+            assert_eq!(
+                decide(&$p, $host, $port),
+                (Verdict::$verdict, $rule.map(String::from), Reason::$reason),
+                "{}:{}", $host, $port
+            );
+        )+
+    };
+}
+
+const NONE: Option<&str> = None;
+
+const BASE: &str = r#"
+[policy]
+profile = "none"
+
+[[rule]]
+name = "wild"
+hosts = ["*.a.com"]
+
+[[rule]]
+name = "exact"
+hosts = ["x.a.com"]
+ports = [443, "8000-8010"]
+
+[[rule]]
+name = "block"
+hosts = ["*.bad.a.com"]
+action = "deny"
+
+[[rule]]
+name = "plain"
+hosts = ["b.com"]
+ports = [80]
+
+[[rule]]
+name = "udp-only"
+hosts = ["u.com"]
+protocol = "udp"
+"#;
+
+#[test]
+fn wildcard_never_matches_apex() {
+    let p = policy(BASE);
+    t!(p,
+        "a.com", 443 => Deny NONE, NoRule;
+        "y.a.com", 443 => Allow Some("wild"), RuleMatched;
+        "deep.y.a.com", 443 => Allow Some("wild"), RuleMatched;
+    );
+}
+
+#[test]
+fn more_specific_host_rule_wins() {
+    let p = policy(BASE);
+    t!(p,
+        "x.a.com", 443 => Allow Some("exact"), RuleMatched;
+        "x.a.com", 8005 => Allow Some("exact"), RuleMatched;
+        "y.a.com", 8005 => Deny Some("wild"), PortNotAllowed;
+    );
+}
+
+#[test]
+fn deny_wins_over_every_allow() {
+    let p = policy(BASE);
+    t!(p,
+        "evil.bad.a.com", 443 => Deny Some("block"), DenyRule;
+        "bad.a.com", 443 => Allow Some("wild"), RuleMatched;
+    );
+}
+
+#[test]
+fn rule_order_breaks_ties() {
+    let p = policy(
+        r#"
+        [policy]
+        profile = "none"
+        [[rule]]
+        name = "first"
+        hosts = ["t.com"]
+        [[rule]]
+        name = "second"
+        hosts = ["t.com"]
+        "#,
+    );
+    t!(p, "t.com", 443 => Allow Some("first"), RuleMatched;);
+}
+
+#[test]
+fn ports_and_protocols() {
+    let p = policy(BASE);
+    t!(p,
+        "b.com", 80 => Allow Some("plain"), RuleMatched;
+        "b.com", 443 => Deny Some("plain"), PortNotAllowed;
+        "u.com", 443 => Deny Some("udp-only"), ProtocolNotAllowed;
+    );
+    assert_eq!(
+        decide_proto(&p, "u.com", 443, Protocol::Udp).0,
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn case_trailing_dot_and_malformed() {
+    let p = policy(BASE);
+    t!(p,
+        "Y.A.COM", 443 => Allow Some("wild"), RuleMatched;
+        "y.a.com.", 443 => Allow Some("wild"), RuleMatched;
+        "y..a.com", 443 => Deny NONE, MalformedHost;
+        "y a.com", 443 => Deny NONE, MalformedHost;
+        "", 443 => Deny NONE, MalformedHost;
+        "bücher.a.com", 443 => Deny NONE, MalformedHost;
+    );
+}
+
+const NETS: &str = r#"
+[policy]
+profile = "none"
+
+[[rule]]
+name = "public"
+cidrs = ["20.0.0.0/8", "2603:1000::/24"]
+
+[[rule]]
+name = "everything"
+cidrs = ["0.0.0.0/0"]
+ports = [22]
+
+[[rule]]
+name = "private-endpoint"
+cidrs = ["10.1.0.0/16"]
+
+[[rule]]
+name = "no-smtp"
+cidrs = ["20.1.0.0/16"]
+ports = [25]
+action = "deny"
+
+[[rule]]
+name = "smtp"
+cidrs = ["20.0.0.0/8"]
+ports = [25]
+
+[[rule]]
+name = "named"
+hosts = ["ok.com"]
+"#;
+
+#[test]
+fn ip_literals_follow_address_rules_only() {
+    let p = policy(NETS);
+    t!(p,
+        "20.1.2.3", 443 => Allow Some("public"), RuleMatched;
+        "[2603:1000::5]", 443 => Allow Some("public"), RuleMatched;
+        "21.0.0.1", 443 => Deny Some("everything"), PortNotAllowed;
+        "21.0.0.1", 22 => Allow Some("everything"), RuleMatched;
+        "20.1.0.9", 25 => Deny Some("no-smtp"), DenyRule;
+        "20.2.0.9", 25 => Allow Some("smtp"), RuleMatched;
+    );
+}
+
+#[test]
+fn guarded_addresses_need_an_explicit_rule() {
+    let p = policy(NETS);
+    t!(p,
+        "10.1.0.4", 443 => Allow Some("private-endpoint"), RuleMatched;
+        "10.2.0.4", 443 => Deny NONE, GuardedAddress;
+        "10.2.0.4", 22 => Deny Some("everything"), GuardedAddress;
+        "127.0.0.1", 22 => Deny Some("everything"), GuardedAddress;
+        "::ffff:127.0.0.1", 22 => Deny Some("everything"), GuardedAddress;
+        "169.254.169.254", 80 => Deny NONE, PlatformAddress;
+        "168.63.129.16", 80 => Deny NONE, PlatformAddress;
+        "::ffff:169.254.169.254", 80 => Deny NONE, PlatformAddress;
+    );
+}
+
+#[test]
+fn resolved_addresses_are_checked() {
+    let p = policy(NETS);
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(
+        p.check_resolved(ip("93.184.216.34"), 443, Protocol::Tcp),
+        Ok(())
+    );
+    assert_eq!(
+        p.check_resolved(ip("127.0.0.1"), 443, Protocol::Tcp),
+        Err(Reason::GuardedAddress)
+    );
+    assert_eq!(
+        p.check_resolved(ip("10.9.9.9"), 443, Protocol::Tcp),
+        Err(Reason::GuardedAddress)
+    );
+    assert_eq!(p.check_resolved(ip("10.1.9.9"), 443, Protocol::Tcp), Ok(()));
+    assert_eq!(
+        p.check_resolved(ip("169.254.169.254"), 443, Protocol::Tcp),
+        Err(Reason::PlatformAddress)
+    );
+    assert_eq!(
+        p.check_resolved(ip("20.1.0.1"), 25, Protocol::Tcp),
+        Err(Reason::DenyRule)
+    );
+    assert_eq!(
+        p.check_resolved(ip("fd00::1"), 443, Protocol::Tcp),
+        Err(Reason::GuardedAddress)
+    );
+}
+
+#[test]
+fn audit_mode_lets_denials_through_as_audit_deny() {
+    let p = policy(&BASE.replace("profile = \"none\"", "profile = \"none\"\nmode = \"audit\""));
+    assert_eq!(decide(&p, "nope.com", 443).0, Verdict::AuditDeny);
+    assert_eq!(decide(&p, "y.a.com", 443).0, Verdict::Allow);
+}
+
+#[test]
+fn errors_are_located_and_all_reported() {
+    let errs = errors(
+        r#"[policy]
+profile = "none"
+
+[[rule]]
+name = "bad"
+hosts = ["ok.com", "*foo.com", "a.*.com"]
+ports = [0, "9-3", 70000]
+
+[[rule]]
+name = "nets"
+cidrs = ["10.0.0.0/33"]
+"#,
+    );
+    assert_eq!(
+        errs,
+        vec![
+            "t.toml:7:10: error: rules[0].ports[0]: 0 is not a port (1-65535)",
+            "t.toml:7:13: error: rules[0].ports[1]: '9-3' is not a port or range: write 443 or \"8704-8710\" (1-65535, low-high)",
+            "t.toml:7:20: error: rules[0].ports[2]: 70000 is not a port (1-65535)",
+            "t.toml:6:20: error: rules[0].hosts[1]: '*foo.com' is not a valid pattern: a wildcard must be a whole leading label, as in '*.foo.com'",
+            "t.toml:6:32: error: rules[0].hosts[2]: 'a.*.com' is not a valid pattern: a wildcard must be a whole leading label, as in '*.a.*.com'",
+            "t.toml:11:10: error: rules[1].cidrs[0]: '10.0.0.0/33' is not a valid CIDR or IP address",
+        ]
+    );
+}
+
+#[test]
+fn unfilled_placeholder_is_an_error_naming_the_rule() {
+    let errs = errors(
+        r#"[policy]
+profile = "none"
+[[rule]]
+name = "storage"
+hosts = ["<storage>.blob.core.windows.net"]
+"#,
+    );
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with(
+            "t.toml:4:8: error: rules[0]: rule 'storage' uses placeholder <storage> with no value"
+        ),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn placeholder_in_disabled_scenario_is_fine() {
+    let p = policy(
+        r#"[policy]
+profile = "none"
+scenarios = []
+[[rule]]
+name = "storage"
+scenario = "extra"
+hosts = ["<storage>.blob.core.windows.net"]
+"#,
+    );
+    assert_eq!(p.rules()[0].state, RuleState::ScenarioDisabled);
+}
+
+#[test]
+fn vars_fill_placeholders() {
+    let p = policy(
+        r#"[vars]
+storage = "mystore"
+[policy]
+profile = "none"
+[[rule]]
+name = "storage"
+hosts = ["<storage>.blob.core.windows.net"]
+"#,
+    );
+    t!(p,
+        "mystore.blob.core.windows.net", 443 => Allow Some("storage"), RuleMatched;
+        "other.blob.core.windows.net", 443 => Deny NONE, NoRule;
+    );
+}
+
+#[test]
+fn other_structural_errors() {
+    let errs = errors(
+        r#"[policy]
+profile = "nope"
+scenarios = ["basic", "nonesuch"]
+[clients]
+allow = ["10.0.0.0/8", "banana"]
+[[rule]]
+name = "empty"
+[[rule]]
+name = "mixed"
+hosts = ["a.com"]
+cidrs = ["1.2.3.4"]
+[[rule]]
+name = "empty"
+hosts = ["b.com"]
+"#,
+    );
+    let joined = errs.join("\n");
+    for want in [
+        "t.toml:2:11: error: policy.profile: unknown profile 'nope' (known: azureml, none)",
+        "t.toml:3:23: error: policy.scenarios[1]: unknown scenario 'nonesuch'",
+        "t.toml:5:24: error: clients.allow[1]: 'banana' is not a valid CIDR or IP address",
+        "rule 'empty' names no hosts, cidrs or service_tags",
+        "rule 'mixed' mixes hosts with cidrs/service_tags",
+    ] {
+        assert!(joined.contains(want), "missing {want:?} in\n{joined}");
+    }
+}
+
+#[test]
+fn duplicate_rule_names_are_errors() {
+    let errs = errors(
+        r#"[policy]
+profile = "none"
+[[rule]]
+name = "x"
+hosts = ["a.com"]
+[[rule]]
+name = "x"
+hosts = ["b.com"]
+"#,
+    );
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].contains("rule name 'x' is already used by another rule (t.toml:4:8)"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn lints_exfiltration_shadowing_and_duplicates() {
+    let (_, warnings) = compile_text(
+        r#"[policy]
+profile = "none"
+[[rule]]
+name = "storage"
+hosts = ["*.blob.core.windows.net"]
+[[rule]]
+name = "broad"
+hosts = ["*.example.com"]
+[[rule]]
+name = "narrow"
+hosts = ["api.example.com"]
+[[rule]]
+name = "again"
+hosts = ["*.example.com"]
+"#,
+    )
+    .unwrap();
+    let text: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+    let joined = text.join("\n");
+    assert!(
+        joined.contains("rule 'storage' allows '*.blob.core.windows.net'"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("rule 'narrow' host 'api.example.com' is shadowed by rule 'broad'"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("rule 'again' host '*.example.com' duplicates rule 'broad'"),
+        "{joined}"
+    );
+}
+
+#[test]
+fn denial_explains_disabled_scenario() {
+    let p = policy(
+        r#"[policy]
+profile = "none"
+scenarios = []
+[[rule]]
+name = "pypi"
+scenario = "python-packages"
+hosts = ["pypi.org"]
+"#,
+    );
+    let d = p.decide(&Dest {
+        target: Target::Name("pypi.org"),
+        port: 443,
+        proto: Protocol::Tcp,
+    });
+    assert_eq!(d.reason, Reason::ScenarioDisabled);
+    assert_eq!(
+        p.explain(&d),
+        "no rule allows this host (scenario python-packages is disabled)"
+    );
+}
+
+#[test]
+fn client_allow_list() {
+    let p = policy("[clients]\nallow = [\"10.0.0.0/24\"]\n[policy]\nprofile = \"none\"\n");
+    assert!(p.client_allowed("10.0.0.7".parse().unwrap()).is_some());
+    assert!(
+        p.client_allowed("::ffff:10.0.0.7".parse().unwrap())
+            .is_some()
+    );
+    assert!(p.client_allowed("10.0.1.7".parse().unwrap()).is_none());
+}
+
+#[test]
+fn static_resolve_is_normalised() {
+    let p = policy("[policy]\nprofile = \"none\"\n[resolve]\n\"PyPI.org.\" = [\"127.0.0.1\"]\n");
+    assert_eq!(
+        p.static_addresses("pypi.org"),
+        Some(&["127.0.0.1".parse().unwrap()][..])
+    );
+}

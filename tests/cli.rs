@@ -1,0 +1,263 @@
+//! The CLI end to end, as a process: `check`, `explain`, `profile` exit codes and output.
+
+use std::io::Write;
+use std::process::{Command, Output};
+
+fn portcullis(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .output()
+        .expect("run portcullis")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn config(body: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    f.write_all(body.as_bytes()).unwrap();
+    f
+}
+
+#[test]
+fn shipped_configs_check_clean() {
+    for file in ["config/azureml.toml", "config/minimal.toml"] {
+        let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+        let out = portcullis(&["check", "-c", &path]);
+        assert_eq!(out.status.code(), Some(0), "{file}: {}", text(&out));
+        assert!(
+            text(&out).contains("expectation(s) passed"),
+            "{}",
+            text(&out)
+        );
+    }
+}
+
+#[test]
+fn explain_exit_codes_and_lines() {
+    let out = portcullis(&["explain", "pypi.org:443", "files.pythonhosted.org"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            "pypi.org:443 allow rule=pypi scenario=python-packages reason=rule_matched (allowed by rule 'pypi')",
+            "files.pythonhosted.org:443 allow rule=pythonhosted scenario=python-packages reason=rule_matched (allowed by rule 'pythonhosted')",
+        ]
+    );
+
+    let out = portcullis(&[
+        "explain",
+        "pypi.org:443",
+        "evilazureml.ms",
+        "169.254.169.254:80",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("evilazureml.ms:443 deny rule=- reason=no_rule"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("169.254.169.254:80 deny rule=- reason=platform_address"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("NO_PROXY"), "{stdout}");
+
+    let out = portcullis(&["explain", "pypi.org:70000"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("'70000' is not a port"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn explain_udp_and_vars() {
+    let out = portcullis(&[
+        "--var",
+        "region=westus2",
+        "explain",
+        "--proto",
+        "udp",
+        "westus2.tundra.azureml.ms:5831",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = portcullis(&[
+        "explain",
+        "--proto",
+        "udp",
+        "westus2.tundra.azureml.ms:5831",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "without --var region the rule is disabled"
+    );
+}
+
+#[test]
+fn check_reports_every_error_with_location() {
+    let f = config(
+        "[policy]\nprofile = \"none\"\n[[rule]]\nname = \"a\"\nhosts = [\"*foo.com\"]\n[[rule]]\nname = \"b\"\nhosts = [\"ok.com\"]\nports = [0]\n",
+    );
+    let path = f.path().to_str().unwrap();
+    let out = portcullis(&["check", "-c", path]);
+    assert_eq!(out.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "{path}:5:10: error: rules[0].hosts[0]: '*foo.com' is not a valid pattern: a wildcard must be a whole leading label, as in '*.foo.com'"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "{path}:9:10: error: rules[1].ports[0]: 0 is not a port"
+        )),
+        "{stdout}"
+    );
+    assert!(stdout.contains("invalid: 2 error(s)"), "{stdout}");
+}
+
+#[test]
+fn check_reports_syntax_and_unknown_keys() {
+    let f = config("[policy]\nprofile = \"none\"\n[[rule]]\nname = \"a\"\nhost = [\"a.com\"]\n");
+    let out = portcullis(&["check", "-c", f.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains(":5:1: unknown field `host`"),
+        "{}",
+        text(&out)
+    );
+
+    let f = config("[policy\n");
+    let out = portcullis(&["check", "-c", f.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains(":1:"), "{}", text(&out));
+
+    let out = portcullis(&["check", "-c", "/nonexistent/portcullis.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("cannot read /nonexistent/portcullis.toml"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn check_runs_expectations() {
+    let f = config(
+        r#"[policy]
+profile = "none"
+[[rule]]
+name = "pypi"
+hosts = ["pypi.org"]
+[[expect]]
+dest = "pypi.org:443"
+verdict = "allow"
+[[expect]]
+dest = "example.com"
+verdict = "allow"
+[[expect]]
+dest = "pypi.org:80"
+verdict = "deny"
+"#,
+    );
+    let out = portcullis(&["check", "-c", f.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            ":10:8: expect failed: wanted allow, got example.com:443 deny rule=- reason=no_rule"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 of 3 expectation(s) failed"), "{stdout}");
+}
+
+#[test]
+fn check_says_which_rules_wait_for_service_tags() {
+    let out = portcullis(&["check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("wait for a service tags file"), "{stdout}");
+    assert!(stdout.contains("tag-azure-machine-learning"), "{stdout}");
+    // Unset placeholders are listed with their rules.
+    assert!(
+        stdout.contains(
+            "rule 'compute-instance-batch' is disabled: placeholder <region> has no value"
+        ),
+        "{stdout}"
+    );
+
+    let tags = format!(
+        "{}/tests/data/servicetags-public-subset.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = portcullis(&["--service-tags", &tags, "--var", "region=eastus", "check"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("wait for a service tags file"),
+        "{}",
+        text(&out)
+    );
+    let out = portcullis(&[
+        "--service-tags",
+        &tags,
+        "--var",
+        "region=eastus",
+        "explain",
+        "20.42.0.1:443",
+    ]);
+    assert!(text(&out).contains("20.42.0.1:443"), "{}", text(&out));
+}
+
+#[test]
+fn profile_list_and_show() {
+    let out = portcullis(&["profile", "list"]);
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for s in [
+        "basic",
+        "python-packages",
+        "rstudio",
+        "storage-firewall",
+        "hbi-workspace",
+        "kubernetes",
+        "vscode",
+        "monitoring",
+    ] {
+        assert!(stdout.contains(s), "{s} missing from {stdout}");
+    }
+    assert!(
+        stdout.lines().any(|l| l.starts_with("on  python-packages")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("off rstudio")),
+        "{stdout}"
+    );
+
+    let out = portcullis(&["profile", "show", "python-packages"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("pypi.org"), "{stdout}");
+    assert!(
+        stdout.contains("Used to list dependencies from the default index"),
+        "{stdout}"
+    );
+
+    let out = portcullis(&["profile", "show", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out).contains("unknown scenario 'nope'"),
+        "{}",
+        text(&out)
+    );
+}

@@ -1,0 +1,384 @@
+//! The embedded Azure ML profile against its source document: every host,
+//! port, protocol and service tag of the seed is allowed in its scenario, and
+//! nothing else is.
+
+use portcullis::config::{Config, Protocol, Source};
+use portcullis::policy::{CompileInput, Dest, Policy, Reason, RuleState, Target, Verdict};
+use portcullis::servicetags::ServiceTags;
+
+const ALL: &[&str] = &[
+    "basic",
+    "python-packages",
+    "rstudio",
+    "storage-firewall",
+    "hbi-workspace",
+    "kubernetes",
+    "vscode",
+    "monitoring",
+];
+
+const TAGS: &str = include_str!("data/servicetags-public-subset.json");
+
+/// With `region = "eastus"` the service tags test data is loaded (it holds the
+/// EastUS regional tags); other regions compile without it.
+fn policy(scenarios: &[&str], region: &str) -> Policy {
+    let text = format!(
+        r#"
+[vars]
+region = "{region}"
+storage = "mlstore"
+acr = "myacr"
+workspace_id = "1234abcd"
+vnet = "10.0.0.0/16"
+[policy]
+scenarios = [{}]
+"#,
+        scenarios
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let source = Source {
+        name: "t.toml".into(),
+        text,
+    };
+    let config = Config::parse(&source).unwrap();
+    let tags = ServiceTags::parse("tags.json", TAGS).unwrap();
+    let input = CompileInput {
+        service_tags: (region == "eastus").then_some(&tags),
+        ..CompileInput::default()
+    };
+    match Policy::compile(&config, &source, &input) {
+        Ok((p, _)) => p,
+        Err(e) => panic!("{e:#?}"),
+    }
+}
+
+fn verdict(p: &Policy, host: &str, port: u16, proto: Protocol) -> Verdict {
+    p.decide(&Dest {
+        target: Target::parse(host),
+        port,
+        proto,
+    })
+    .verdict
+}
+
+/// (scenario, host as a client would send it, ports, protocol) straight from the seed document.
+const SEED: &[(&str, &str, &[u16], Protocol)] = {
+    use Protocol::*;
+    &[
+        // General Azure hosts
+        ("basic", "login.microsoftonline.com", &[80, 443], Tcp),
+        ("basic", "management.azure.com", &[443], Tcp),
+        // Azure Machine Learning hosts
+        ("basic", "ml.azure.com", &[443], Tcp),
+        ("basic", "westus2.api.azureml.ms", &[443], Tcp),
+        ("basic", "x.azureml.net", &[443], Tcp),
+        ("basic", "x.modelmanagement.azureml.net", &[443], Tcp),
+        ("basic", "nb1.notebooks.azure.net", &[443], Tcp),
+        ("basic", "mlstore.file.core.windows.net", &[443, 445], Tcp),
+        ("basic", "mlstore.dfs.core.windows.net", &[443], Tcp),
+        ("basic", "mlstore.blob.core.windows.net", &[443], Tcp),
+        ("basic", "graph.microsoft.com", &[443], Tcp),
+        ("basic", "x.aznbcontent.net", &[443], Tcp),
+        ("basic", "automlresources-prod.azureedge.net", &[443], Tcp),
+        ("basic", "aka.ms", &[443], Tcp),
+        // Compute instance and cluster hosts
+        ("basic", "graph.windows.net", &[443], Tcp),
+        ("basic", "ci1.instances.azureml.net", &[443], Tcp),
+        (
+            "basic",
+            "ci1.instances.azureml.ms",
+            &[443, 8787, 18881],
+            Tcp,
+        ),
+        ("basic", "westus2.tundra.azureml.ms", &[5831], Udp),
+        ("basic", "pool.westus2.batch.azure.com", &[443], Tcp),
+        ("basic", "pool.westus2.batch.azure.com", &[443], Udp),
+        ("basic", "pool.westus2.service.batch.azure.com", &[443], Tcp),
+        ("basic", "pool.westus2.service.batch.azure.com", &[443], Udp),
+        ("basic", "batchsa.blob.core.windows.net", &[443], Tcp),
+        ("basic", "batchsa.table.core.windows.net", &[443], Tcp),
+        ("basic", "batchsa.queue.core.windows.net", &[443], Tcp),
+        // Microsoft Container Registry
+        ("basic", "mcr.microsoft.com", &[443], Tcp),
+        ("basic", "eastus.data.mcr.microsoft.com", &[443], Tcp),
+        // Python packages
+        ("python-packages", "anaconda.com", &[443], Tcp),
+        ("python-packages", "repo.anaconda.com", &[443], Tcp),
+        ("python-packages", "conda.anaconda.org", &[443], Tcp),
+        ("python-packages", "pypi.org", &[443], Tcp),
+        ("python-packages", "files.pythonhosted.org", &[443], Tcp),
+        ("python-packages", "pytorch.org", &[443], Tcp),
+        ("python-packages", "download.pytorch.org", &[443], Tcp),
+        ("python-packages", "storage.tensorflow.org", &[443], Tcp),
+        // RStudio
+        ("rstudio", "ghcr.io", &[443], Tcp),
+        (
+            "rstudio",
+            "pkg-containers.githubusercontent.com",
+            &[443],
+            Tcp,
+        ),
+        ("rstudio", "cloud.r-project.org", &[443], Tcp),
+        // HBI workspace
+        ("hbi-workspace", "batchkv.vault.azure.net", &[443], Tcp),
+        // Kubernetes compute
+        ("kubernetes", "x.kusto.windows.net", &[443], Tcp),
+        ("kubernetes", "x.table.core.windows.net", &[443], Tcp),
+        ("kubernetes", "x.queue.core.windows.net", &[443], Tcp),
+        ("kubernetes", "myacr.azurecr.io", &[443], Tcp),
+        ("kubernetes", "myacr.westus2.data.azurecr.io", &[443], Tcp),
+        ("kubernetes", "mlstore.blob.core.windows.net", &[443], Tcp),
+        (
+            "kubernetes",
+            "1234abcd.workspace.westus2.api.azureml.ms",
+            &[443],
+            Tcp,
+        ),
+        ("kubernetes", "westus2.experiments.azureml.net", &[443], Tcp),
+        ("kubernetes", "westus2.api.azureml.ms", &[443], Tcp),
+        ("kubernetes", "pypi.org", &[443], Tcp),
+        ("kubernetes", "archive.ubuntu.com", &[80], Tcp),
+        ("kubernetes", "security.ubuntu.com", &[80], Tcp),
+        ("kubernetes", "ppa.launchpad.net", &[80], Tcp),
+        // Visual Studio Code
+        ("vscode", "insiders.vscode.dev", &[443], Tcp),
+        ("vscode", "x.vscode-unpkg.net", &[443], Tcp),
+        ("vscode", "main.vscode-cdn.net", &[443], Tcp),
+        ("vscode", "x.vscodeexperiments.azureedge.net", &[443], Tcp),
+        ("vscode", "default.exp-tas.com", &[443], Tcp),
+        ("vscode", "code.visualstudio.com", &[443], Tcp),
+        ("vscode", "update.code.visualstudio.com", &[443], Tcp),
+        ("vscode", "az764295.vo.msecnd.net", &[443], Tcp),
+        ("vscode", "marketplace.visualstudio.com", &[443], Tcp),
+        ("vscode", "vscode.blob.core.windows.net", &[443], Tcp),
+        ("vscode", "ms-toolsai.gallerycdn.vsassets.io", &[443], Tcp),
+        ("vscode", "github.com", &[443], Tcp),
+        ("vscode", "vscode.download.prss.microsoft.com", &[443], Tcp),
+        (
+            "vscode",
+            "ci1.instances.azureml.ms",
+            &[8704, 8705, 8709, 8710],
+            Tcp,
+        ),
+        // Monitoring
+        (
+            "monitoring",
+            "dc.applicationinsights.azure.com",
+            &[443],
+            Tcp,
+        ),
+        (
+            "monitoring",
+            "dc.applicationinsights.microsoft.com",
+            &[443],
+            Tcp,
+        ),
+        ("monitoring", "dc.services.visualstudio.com", &[443], Tcp),
+        (
+            "monitoring",
+            "westus2-0.in.applicationinsights.azure.com",
+            &[443],
+            Tcp,
+        ),
+    ]
+};
+
+#[test]
+fn every_seed_host_is_allowed_in_its_scenario_on_its_ports() {
+    for &(scenario, host, ports, proto) in SEED {
+        let only = policy(&[scenario], "westus2");
+        for &port in ports {
+            assert_eq!(
+                verdict(&only, host, port, proto),
+                Verdict::Allow,
+                "{scenario}: {host}:{port}/{proto:?}"
+            );
+        }
+        // ...and on no other port.
+        for other in [22u16, 8080, 8703, 8711, 65535] {
+            if !ports.contains(&other)
+                && !(host.ends_with("instances.azureml.ms") && scenario == "vscode")
+            {
+                assert_eq!(
+                    verdict(&only, host, other, proto),
+                    Verdict::Deny,
+                    "{host}:{other}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn scenario_hosts_are_denied_when_their_scenario_is_off() {
+    let basic = policy(&["basic"], "westus2");
+    for &(scenario, host, ports, proto) in SEED {
+        if scenario != "basic"
+            && !host.ends_with(".core.windows.net")
+            && !host.ends_with(".azureml.ms")
+            && !host.ends_with(".azureml.net")
+        {
+            let d = basic.decide(&Dest {
+                target: Target::parse(host),
+                port: ports[0],
+                proto,
+            });
+            assert_eq!(
+                d.verdict,
+                Verdict::Deny,
+                "{host} allowed outside {scenario}"
+            );
+            assert_eq!(d.reason, Reason::ScenarioDisabled, "{host}");
+        }
+    }
+}
+
+#[test]
+fn look_alikes_and_apexes_are_denied() {
+    let p = policy(ALL, "westus2");
+    for host in [
+        "evilazureml.ms",
+        "azureml.ms.evil.com",
+        "azureml.ms",
+        "azureml.net",
+        "anaconda.org",
+        "tensorflow.org",
+        "pythonhosted.org",
+        "blob.core.windows.net",
+        "notpypi.org",
+        "pypi.org.evil.com",
+        "pool.eastus.batch.azure.com",
+        "otherstore.file.core.windows.net",
+        "otheracr.azurecr.io",
+        "vscode.dev",
+        "example.com",
+    ] {
+        assert_eq!(
+            verdict(&p, host, 443, Protocol::Tcp),
+            Verdict::Deny,
+            "{host}"
+        );
+    }
+    assert_eq!(
+        verdict(&p, "eastus.tundra.azureml.ms", 5831, Protocol::Udp),
+        Verdict::Deny
+    );
+    assert_eq!(
+        verdict(&p, "westus2.tundra.azureml.ms", 5831, Protocol::Tcp),
+        Verdict::Deny
+    );
+}
+
+fn first_v4(tags: &ServiceTags, tag: &str) -> String {
+    let nets = tags
+        .get(tag)
+        .unwrap_or_else(|| panic!("tag {tag} in test data"));
+    let net = nets
+        .iter()
+        .find(|n| matches!(n, ipnet::IpNet::V4(_)))
+        .unwrap();
+    net.hosts().next().unwrap_or(net.addr()).to_string()
+}
+
+#[test]
+fn every_seed_service_tag_is_allowed_on_its_ports() {
+    // The test data holds the regional tags for EastUS.
+    let tags = ServiceTags::parse("tags.json", TAGS).unwrap();
+    use Protocol::*;
+    let cases: &[(&str, &str, &[u16], Protocol)] = &[
+        ("basic", "AzureActiveDirectory", &[80, 443], Tcp),
+        ("basic", "AzureMachineLearning", &[443, 8787, 18881], Tcp),
+        ("basic", "AzureMachineLearning", &[5831], Udp),
+        ("basic", "BatchNodeManagement.EastUS", &[443], Tcp),
+        ("basic", "AzureResourceManager", &[443], Tcp),
+        ("basic", "Storage.EastUS", &[443], Tcp),
+        ("basic", "AzureFrontDoor.Frontend", &[443], Tcp),
+        ("basic", "MicrosoftContainerRegistry", &[443], Tcp),
+        ("basic", "AzureFrontDoor.FirstParty", &[443], Tcp),
+        ("basic", "AzureMonitor", &[443], Tcp),
+        ("storage-firewall", "Storage.EastUS", &[445], Tcp),
+        ("hbi-workspace", "AzureKeyVault.EastUS", &[443], Tcp),
+    ];
+    for &(scenario, tag, ports, proto) in cases {
+        let p = policy(&[scenario], "eastus");
+        let ip = first_v4(&tags, tag);
+        for &port in ports {
+            assert_eq!(
+                verdict(&p, &ip, port, proto),
+                Verdict::Allow,
+                "{tag} {ip}:{port}/{proto:?}"
+            );
+        }
+        assert_eq!(verdict(&p, &ip, 25, proto), Verdict::Deny, "{tag} {ip}:25");
+    }
+    // VirtualNetwork 443: private endpoints in the VNet, explicitly allowed guarded space.
+    let p = policy(&["basic"], "eastus");
+    assert_eq!(verdict(&p, "10.0.3.4", 443, Tcp), Verdict::Allow);
+    assert_eq!(verdict(&p, "10.1.3.4", 443, Tcp), Verdict::Deny);
+    // Inbound 44224 and in-cluster ports are documented, not egress.
+    let k8s = policy(&["basic", "kubernetes"], "eastus");
+    assert_eq!(
+        verdict(&k8s, &first_v4(&tags, "AzureMachineLearning"), 44224, Tcp),
+        Verdict::Deny
+    );
+    assert_eq!(verdict(&k8s, "10.0.3.4", 5001, Tcp), Verdict::Deny);
+    let inbound = k8s
+        .rules()
+        .iter()
+        .find(|r| r.name == "inbound-azure-machine-learning")
+        .unwrap();
+    assert_eq!(
+        (inbound.state.clone(), inbound.ports.clone()),
+        (RuleState::NotEgress, vec![(44224, 44224)])
+    );
+    let ports: Vec<u16> = k8s
+        .rules()
+        .iter()
+        .filter(|r| r.name.starts_with("k8s-in-cluster"))
+        .flat_map(|r| r.ports.iter().map(|p| p.0))
+        .collect();
+    assert_eq!(
+        ports,
+        vec![
+            5001, 11001, 12001, 12101, 12201, 20000, 8000, 8001, 9001, 9999
+        ]
+    );
+}
+
+/// The published host lists (learn.microsoft.com, see tests/data headers): every
+/// `host port` line is allowed with all scenarios on.
+#[test]
+fn published_host_lists_are_covered() {
+    let p = policy(ALL, "westus2");
+    let mut checked = 0;
+    for file in [
+        include_str!("data/hosts-aml-required.txt"),
+        include_str!("data/hosts-aml-optional.txt"),
+        include_str!("data/hosts-aml-kubernetes-extension.txt"),
+    ] {
+        for line in file
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            let (host, port) = line.split_once(' ').unwrap();
+            let host = host
+                .replace("*.", "x.")
+                .replace("<region>", "westus2")
+                .replace("<storage>", "mlstore")
+                .replace("<acr>", "myacr")
+                .replace("<workspace-id>", "1234abcd");
+            let port: u16 = port.trim().parse().unwrap();
+            assert_eq!(
+                verdict(&p, &host, port, Protocol::Tcp),
+                Verdict::Allow,
+                "{line}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 75, "only {checked} lines checked");
+}
