@@ -5,17 +5,27 @@
 //! (with `main.rs`) that uses `anyhow` and prints for humans.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{Config, ExpectVerdict, Protocol, Source};
-use crate::policy::{
-    CompileInput, Decision, Dest, Diagnostic, Policy, RuleState, Severity, Target, Verdict, host,
-};
-use crate::servicetags::ServiceTags;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::admin;
+use crate::config::{ExpectVerdict, LogConfig, LogFormat, Protocol};
+use crate::listen::{self, Gateway, explicit, transparent};
+use crate::metrics::Listener;
+use crate::policy::{Decision, Dest, Policy, RuleState, Severity, Target, Verdict, host};
+use crate::reload::{LoadError, Loaded, Reloader, load};
 
 /// portcullis: an egress gateway that allows only what its policy names.
 #[derive(Debug, Parser)]
@@ -95,95 +105,6 @@ fn parse_proto(text: &str) -> Result<Protocol, String> {
     }
 }
 
-/// A loaded, compiled configuration.
-pub struct Loaded {
-    /// Parsed config.
-    pub config: Config,
-    /// Its text and name.
-    pub source: Source,
-    /// The compiled policy.
-    pub policy: Policy,
-    /// Warnings from compile.
-    pub warnings: Vec<Diagnostic>,
-    /// Service tags file path used, if any.
-    pub service_tags_path: Option<PathBuf>,
-}
-
-/// Why a config could not be loaded: an I/O or parse error, or compile diagnostics.
-#[derive(Debug)]
-pub enum LoadError {
-    /// Could not read or parse.
-    Other(anyhow::Error),
-    /// Compile errors (with warnings).
-    Invalid(Vec<Diagnostic>),
-}
-
-impl std::fmt::Display for LoadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LoadError::Other(e) => write!(f, "{e:#}"),
-            LoadError::Invalid(diags) => {
-                let errors: Vec<String> = diags
-                    .iter()
-                    .filter(|d| d.severity == Severity::Error)
-                    .map(ToString::to_string)
-                    .collect();
-                write!(f, "{}", errors.join("\n"))
-            }
-        }
-    }
-}
-
-/// Loads and compiles a config file (or the embedded default when `path` is None).
-///
-/// # Errors
-/// [`LoadError`] with every compile error.
-pub fn load(
-    path: Option<&Path>,
-    vars: &[(String, String)],
-    service_tags: Option<&Path>,
-    generation: u64,
-) -> Result<Loaded, LoadError> {
-    let (config, source) = match path {
-        Some(p) => Config::load(p).map_err(|e| LoadError::Other(e.into()))?,
-        None => (
-            Config::default(),
-            Source {
-                name: "<embedded azureml profile>".into(),
-                text: String::new(),
-            },
-        ),
-    };
-    let tags_path = service_tags.map(Path::to_path_buf).or_else(|| {
-        config.policy.service_tags.as_ref().map(|p| {
-            let rel = PathBuf::from(p.get_ref());
-            match path.and_then(Path::parent) {
-                Some(dir) if rel.is_relative() => dir.join(rel),
-                _ => rel,
-            }
-        })
-    });
-    let tags = match &tags_path {
-        Some(p) => Some(ServiceTags::load(p).map_err(|e| LoadError::Other(e.into()))?),
-        None => None,
-    };
-    let input = CompileInput {
-        var_overrides: vars,
-        service_tags: tags.as_ref(),
-        lenient_placeholders: path.is_none(),
-        generation,
-    };
-    let (policy, warnings) =
-        Policy::compile(&config, &source, &input).map_err(LoadError::Invalid)?;
-    Ok(Loaded {
-        config,
-        source,
-        policy,
-        warnings,
-        service_tags_path: tags_path,
-    })
-}
-
 /// Runs a parsed command line.
 ///
 /// # Errors
@@ -219,33 +140,164 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn run_gateway(loaded: Loaded, _common: &Common) -> Result<ExitCode> {
-    print_summary(&loaded);
-    Ok(ExitCode::SUCCESS)
+fn run_gateway(loaded: Loaded, common: &Common) -> Result<ExitCode> {
+    init_tracing(&loaded.config.log)?;
+    if loaded.policy.clients().is_empty() {
+        bail!(
+            "[clients] allow is empty: portcullis will not run as an open proxy; list the CIDRs of the subnets it serves"
+        );
+    }
+    let reloader = Reloader {
+        path: common.config.clone(),
+        vars: common.vars.clone(),
+        service_tags: common.service_tags.clone(),
+        listen: (
+            loaded.config.listen.proxy,
+            loaded.config.listen.transparent,
+            loaded.config.listen.admin,
+        ),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    runtime.block_on(serve(loaded, reloader))
 }
 
-fn print_summary(loaded: &Loaded) {
-    let p = &loaded.policy;
-    for w in &loaded.warnings {
-        eprintln!("{w}");
+fn init_tracing(log: &LogConfig) -> Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .with_context(|| format!("[log] level '{}' is not a valid filter", log.level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match log.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot initialise logging: {e}"))
+}
+
+async fn bind(what: &str, addr: Option<SocketAddr>) -> Result<Option<TcpListener>> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("failed to bind {what} listener on {addr}"))?;
+    Ok(Some(listener))
+}
+
+async fn serve(loaded: Loaded, reloader: Reloader) -> Result<ExitCode> {
+    let listen = &loaded.config.listen;
+    let proxy = bind("proxy", listen.proxy).await?;
+    let transparent = bind("transparent", listen.transparent).await?;
+    let admin = bind("admin", listen.admin).await?;
+    let mut own = Vec::new();
+    let mut lines = Vec::new();
+    for (name, l) in [
+        ("proxy", &proxy),
+        ("transparent", &transparent),
+        ("admin", &admin),
+    ] {
+        if let Some(l) = l {
+            let addr = l.local_addr()?;
+            own.push(addr);
+            lines.push(format!("listening {name} {addr}"));
+        }
     }
-    let active = p
-        .rules()
-        .iter()
-        .filter(|r| r.state == RuleState::Active)
-        .count();
-    let on: Vec<&str> = p
-        .scenarios()
-        .iter()
-        .filter(|s| s.enabled)
-        .map(|s| s.name.as_str())
-        .collect();
-    eprintln!(
-        "portcullis: policy from {}: {active} active rules, scenarios: {}, mode: {:?}",
-        loaded.source.name,
-        on.join(", "),
-        p.mode()
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    let policy = loaded.policy.clone();
+    let grace = Duration::from_millis(loaded.config.limits.grace_period_ms);
+    let gw = Arc::new(Gateway::new(policy, loaded.config.limits.clone(), own));
+    if let Some(l) = proxy {
+        tokio::spawn(listen::accept_loop(
+            l,
+            Listener::Proxy,
+            gw.clone(),
+            explicit::serve,
+            explicit::refuse,
+        ));
+    }
+    if let Some(l) = transparent {
+        tokio::spawn(listen::accept_loop(
+            l,
+            Listener::Transparent,
+            gw.clone(),
+            transparent::serve,
+            transparent::refuse,
+        ));
+    }
+    if let Some(l) = admin {
+        tokio::spawn(admin::serve(l, gw.clone()));
+    }
+    gw.ready.store(true, Ordering::Release);
+    {
+        let p = gw.policy.load();
+        let active = p
+            .rules()
+            .iter()
+            .filter(|r| r.state == RuleState::Active)
+            .count();
+        tracing::info!(
+            config = %loaded.source.name,
+            rules = active,
+            mode = ?p.mode(),
+            "portcullis {} started", env!("CARGO_PKG_VERSION")
+        );
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        for line in &lines {
+            writeln!(out, "{line}")?;
+        }
+        writeln!(out, "ready")?;
+        out.flush()?;
+    }
+
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                let _ = reloader.reload(&gw).await;
+            }
+        }
+    }
+    let open = gw.shutdown.active();
+    tracing::info!(
+        open,
+        grace_ms = grace.as_millis() as u64,
+        "shutting down: draining connections"
     );
+    gw.shutdown.drain();
+    let cut_at = tokio::time::sleep(grace);
+    tokio::pin!(cut_at);
+    tokio::select! {
+        () = gw.shutdown.idle() => {
+            tracing::info!("all connections finished; exiting");
+            return Ok(ExitCode::SUCCESS);
+        }
+        () = &mut cut_at => {}
+        _ = term.recv() => tracing::warn!("second signal: exiting now"),
+        _ = int.recv() => tracing::warn!("second signal: exiting now"),
+    }
+    let cut = gw.shutdown.active();
+    gw.shutdown.cut();
+    tracing::warn!(cut, "grace period over: open tunnels cut");
+    let _ = tokio::time::timeout(Duration::from_secs(2), gw.shutdown.idle()).await;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A destination argument, parsed and normalised.

@@ -11,7 +11,16 @@
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs)]
 
-pub mod cli;
 pub mod config;
-pub mod policy;
 pub mod servicetags;
+pub mod policy;
+pub mod reload;
+pub mod listen;
+pub mod classify;
+pub mod upstream;
+pub mod tunnel;
+pub mod admin;
+pub mod metrics;
+pub mod shutdown;
+pub mod render;
+pub mod cli;

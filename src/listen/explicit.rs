@@ -1,0 +1,676 @@
+//! Explicit proxy: what `HTTP_PROXY`/`HTTPS_PROXY` clients talk to.
+//!
+//! In: an admitted client connection speaking HTTP/1.1 (hyper server).
+//! Out: for `CONNECT host:port`, a decision, an upstream connection, `200`,
+//! then a tunnel; for `GET http://host/...`, the request forwarded upstream
+//! (hop-by-hop headers removed, `Via` added, bodies streamed both ways,
+//! WebSocket upgrades passed through). Every refusal is a 403/4xx/5xx with a
+//! `Proxy-Status` header (RFC 9209) and a one-line body a person can act on.
+//!
+//! Names must agree: the first bytes of a CONNECT tunnel are read (bounded in
+//! size and time); a TLS ClientHello whose SNI names another host than the
+//! CONNECT authority is cut (domain fronting). An absolute-URI request whose
+//! Host header names another host is refused.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::{AccessLog, Conn, Gateway, Refusal, log_denial, raw_response};
+use crate::classify::{self, Classified};
+use crate::config::Protocol;
+use crate::metrics::Via;
+use crate::policy::{Decision, Dest, Reason, Target, Verdict, host};
+use crate::tunnel;
+use crate::upstream::ConnectError;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+const VIA: &str = "1.1 portcullis";
+
+fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A text response with `Proxy-Status` (RFC 9209 §2): `portcullis; error=...; details="..."`.
+fn status_response(
+    status: StatusCode,
+    error: Option<&str>,
+    details: &str,
+    body: String,
+) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    if let Some(error) = error {
+        let details: String = details
+            .chars()
+            .filter(|c| c.is_ascii() && !c.is_ascii_control() && *c != '"' && *c != '\\')
+            .collect();
+        if let Ok(v) =
+            HeaderValue::from_str(&format!("portcullis; error={error}; details=\"{details}\""))
+        {
+            h.insert(HeaderName::from_static("proxy-status"), v);
+        }
+    }
+    resp
+}
+
+fn bad_request(message: &str) -> Response<Body> {
+    status_response(
+        StatusCode::BAD_REQUEST,
+        Some("http_request_error"),
+        message,
+        format!("portcullis: bad request — {message}\n"),
+    )
+}
+
+/// RFC 9209 error token for a policy denial.
+fn deny_token(reason: Reason) -> &'static str {
+    match reason {
+        Reason::GuardedAddress | Reason::PlatformAddress => "destination_ip_prohibited",
+        Reason::RuleMatched
+        | Reason::DenyRule
+        | Reason::NoRule
+        | Reason::PortNotAllowed
+        | Reason::ProtocolNotAllowed
+        | Reason::ScenarioDisabled
+        | Reason::MalformedHost => "http_request_denied",
+    }
+}
+
+fn denied(cx: &Conn, what: &str, d: &Decision, ip_literal: bool) -> Response<Body> {
+    let sentence = cx.policy.explain(d);
+    let token = if ip_literal {
+        "destination_ip_prohibited"
+    } else {
+        deny_token(d.reason)
+    };
+    status_response(
+        StatusCode::FORBIDDEN,
+        Some(token),
+        d.reason.as_str(),
+        format!("portcullis: denied {what} — {sentence}\n"),
+    )
+}
+
+fn upstream_failed(what: &str, err: &ConnectError) -> Response<Body> {
+    let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let text = match err {
+        ConnectError::Prohibited { reason, .. } => {
+            let hint = if *reason == Reason::PlatformAddress {
+                "; add 169.254.169.254 and 168.63.129.16 to NO_PROXY"
+            } else {
+                ": private, loopback and link-local addresses are refused unless an address rule names them"
+            };
+            format!("portcullis: denied {what} — {err}{hint}\n")
+        }
+        _ => format!("portcullis: {what} failed — {err}\n"),
+    };
+    status_response(status, Some(err.as_str()), &err.to_string(), text)
+}
+
+/// Bytes of a request head as received: request line and header lines.
+fn head_len(req: &Request<Incoming>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    req.headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+/// Parses `host:port` of a CONNECT or absolute URI. Refuses userinfo and port 0.
+fn authority(uri: &Uri, default_port: Option<u16>) -> Result<(String, u16), &'static str> {
+    let auth = uri.authority().ok_or("missing host")?;
+    if auth.as_str().contains('@') {
+        return Err("userinfo (user@host) is not allowed in the target");
+    }
+    let host = auth.host();
+    if host.is_empty() {
+        return Err("missing host");
+    }
+    let port = match (auth.port_u16(), default_port) {
+        (Some(0), _) => return Err("port 0 is not a port"),
+        (Some(p), _) => p,
+        (None, Some(p)) => p,
+        (None, None) => return Err("CONNECT needs host:port, e.g. CONNECT pypi.org:443"),
+    };
+    Ok((host.to_string(), port))
+}
+
+/// The name policy and DNS see: normalised, brackets dropped from IPv6 literals.
+fn canonical_host(raw: &str) -> String {
+    match Target::parse(raw) {
+        Target::Ip(ip) => ip.to_string(),
+        Target::Name(n) => host::normalize(n).unwrap_or_else(|_| n.to_string()),
+    }
+}
+
+/// Serves one client connection until it closes, or drains.
+pub async fn serve(stream: TcpStream, cx: Arc<Conn>, gw: Arc<Gateway>) {
+    let svc = {
+        let (cx, gw) = (cx.clone(), gw.clone());
+        service_fn(move |req| {
+            let (cx, gw) = (cx.clone(), gw.clone());
+            async move { Ok::<_, Infallible>(handle(req, cx, gw).await) }
+        })
+    };
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(gw.limits.head_timeout_ms))
+        .max_buf_size(gw.limits.max_head_bytes.max(8192))
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let draining = gw.shutdown.draining();
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(err) = r {
+                tracing::debug!(client = %cx.peer, error = %err, "client connection ended");
+            }
+        }
+        () = draining => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Answers a connection that was not admitted, without reading its request.
+pub async fn refuse(mut stream: TcpStream, why: Refusal) {
+    let (status, text) = match why {
+        Refusal::ClientNotAllowed => (
+            "403 Forbidden",
+            "portcullis: this client address is not in [clients] allow\n",
+        ),
+        Refusal::Limit => (
+            "503 Service Unavailable",
+            "portcullis: connection limit reached, retry later\n",
+        ),
+    };
+    let error = match why {
+        Refusal::ClientNotAllowed => "http_request_denied",
+        Refusal::Limit => "proxy_internal_response",
+    };
+    let resp = raw_response(status, error, why.as_str(), text);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(resp.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+async fn handle(req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) -> Response<Body> {
+    // hyper's read buffer bounds memory; this enforces the configured head size.
+    if head_len(&req) > gw.limits.max_head_bytes {
+        return status_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Some("http_request_error"),
+            "request head too large",
+            format!(
+                "portcullis: request head over {} bytes ([limits] max_head_bytes)\n",
+                gw.limits.max_head_bytes
+            ),
+        );
+    }
+    if req.method() == Method::CONNECT {
+        return connect(req, cx, gw).await;
+    }
+    if req.uri().scheme().is_none() {
+        return status_response(
+            StatusCode::BAD_REQUEST,
+            Some("http_request_error"),
+            "not a proxy request",
+            "portcullis: this is a forward proxy, not a web server. Set HTTP_PROXY and HTTPS_PROXY \
+             to http://<this host>:<port> and request the real URL.\n"
+                .to_string(),
+        );
+    }
+    forward(req, cx, gw).await
+}
+
+/// Decides, counts and logs; returns the decision.
+fn decide(gw: &Gateway, cx: &Conn, via: Via, host: &str, port: u16) -> Decision {
+    let d = cx.policy.decide(&Dest {
+        target: Target::parse(host),
+        port,
+        proto: Protocol::Tcp,
+    });
+    gw.count_decision(cx, via, &d, host, port);
+    if d.verdict != Verdict::Allow {
+        log_denial(cx, via, host, port, &d);
+    }
+    d
+}
+
+async fn connect(req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) -> Response<Body> {
+    let (raw_host, port) = match authority(req.uri(), None) {
+        Ok(x) => x,
+        Err(msg) => return bad_request(msg),
+    };
+    let host = canonical_host(&raw_host);
+    let what = format!("CONNECT {raw_host}:{port}");
+    let target = Target::parse(&host);
+    let d = decide(&gw, &cx, Via::Connect, &host, port);
+    if d.verdict == Verdict::Deny {
+        AccessLog::new(&cx, "CONNECT", &host, port, Some(&d), "denied").emit();
+        return denied(&cx, &what, &d, matches!(target, Target::Ip(_)));
+    }
+    let (upstream, addr) = match gw
+        .upstream
+        .connect(&cx.policy, target, port, &gw.metrics)
+        .await
+    {
+        Ok(x) => x,
+        Err(err) => {
+            gw.metrics
+                .upstream_errors
+                .with_label_values(&[err.as_str()])
+                .inc();
+            AccessLog::new(&cx, "CONNECT", &host, port, Some(&d), err.as_str()).emit();
+            return upstream_failed(&what, &err);
+        }
+    };
+    tokio::spawn(async move {
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => u,
+            Err(err) => {
+                tracing::debug!(client = %cx.peer, error = %err, "CONNECT upgrade failed");
+                return;
+            }
+        };
+        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+            tracing::error!("CONNECT upgrade is not a TcpStream: this is a bug");
+            return;
+        };
+        let mut client = parts.io.into_inner();
+        let mut prefix = BytesMut::from(&parts.read_buf[..]);
+        let mut log = AccessLog::new(&cx, "CONNECT", &host, port, Some(&d), "");
+        log.upstream = Some(addr);
+        if let Some(mismatch) = check_sni(
+            &gw,
+            &cx,
+            &mut client,
+            &upstream,
+            &mut prefix,
+            &host,
+            &mut log,
+        )
+        .await
+        {
+            log.close = mismatch;
+            log.emit();
+            return;
+        }
+        let stats = tunnel::relay(
+            &client,
+            &upstream,
+            &prefix,
+            Duration::from_millis(gw.limits.idle_timeout_ms),
+            &gw.counters(),
+            gw.shutdown.cutting(),
+        )
+        .await;
+        log.upload = stats.upload;
+        log.download = stats.download;
+        log.close = stats.close.as_str();
+        log.emit();
+    });
+    Response::new(full(Bytes::new()))
+}
+
+/// Reads the tunnel's first client bytes when the client speaks first, and
+/// cuts the tunnel when a ClientHello names another host. Returns the close
+/// reason when cut.
+async fn check_sni(
+    gw: &Gateway,
+    cx: &Conn,
+    client: &mut TcpStream,
+    upstream: &TcpStream,
+    prefix: &mut BytesMut,
+    host: &str,
+    log: &mut AccessLog<'_>,
+) -> Option<&'static str> {
+    if !cx.policy.require_matching_sni() || matches!(Target::parse(host), Target::Ip(_)) {
+        return None;
+    }
+    if prefix.is_empty() {
+        // Server-speaks-first protocols (SSH, SMTP) must not wait for a hello.
+        tokio::select! {
+            r = client.readable() => if r.is_err() { return None },
+            _ = upstream.readable() => return None,
+        }
+    }
+    let timeout = Duration::from_millis(gw.limits.sniff_timeout_ms);
+    let classified =
+        match classify::read_classified(client, prefix, gw.limits.sniff_max_bytes, timeout).await {
+            Ok(c) => c,
+            Err(_) => return Some("client_error"),
+        };
+    let Classified::Tls { sni, ech } = classified else {
+        return None;
+    };
+    log.ech = ech;
+    let sni = sni.as_deref()?;
+    if host::normalize(sni).ok().as_deref() == Some(host) {
+        return None;
+    }
+    gw.metrics
+        .tls_name_mismatch
+        .with_label_values(&["connect_sni"])
+        .inc();
+    tracing::warn!(
+        target: "portcullis::deny",
+        client = %cx.peer,
+        host,
+        sni,
+        "TLS SNI names another host than CONNECT (domain fronting?): tunnel cut"
+    );
+    let _ = client.write_all(&classify::TLS_ACCESS_DENIED_ALERT).await;
+    Some("sni_mismatch")
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus those named in Connection.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(&name);
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    } else {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+fn add_via(headers: &mut HeaderMap) {
+    headers.append(header::VIA, HeaderValue::from_static(VIA));
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+async fn forward(mut req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) -> Response<Body> {
+    if req.uri().scheme_str() != Some("http") {
+        return bad_request(
+            "only http:// URLs are forwarded; https goes through CONNECT (set HTTPS_PROXY)",
+        );
+    }
+    let (raw_host, port) = match authority(req.uri(), Some(80)) {
+        Ok(x) => x,
+        Err(msg) => return bad_request(msg),
+    };
+    let host = canonical_host(&raw_host);
+    let method = req.method().clone();
+    let what = format!("{method} {}", req.uri());
+    // Names must agree: one Host, naming the URI's host and port.
+    let hosts: Vec<&HeaderValue> = req.headers().get_all(header::HOST).iter().collect();
+    if hosts.len() > 1 {
+        return bad_request("more than one Host header");
+    }
+    if let Some(h) = hosts.first() {
+        let agrees = h
+            .to_str()
+            .ok()
+            .and_then(|h| format!("http://{h}/").parse::<Uri>().ok())
+            .and_then(|u| authority(&u, Some(80)).ok())
+            .is_some_and(|(hh, hp)| canonical_host(&hh) == host && hp == port);
+        if !agrees {
+            gw.metrics
+                .tls_name_mismatch
+                .with_label_values(&["host_uri"])
+                .inc();
+            return status_response(
+                StatusCode::FORBIDDEN,
+                Some("http_request_denied"),
+                "host_mismatch",
+                format!(
+                    "portcullis: denied {what} — the Host header names another host than the URL\n"
+                ),
+            );
+        }
+    }
+    let target = Target::parse(&host);
+    let d = decide(&gw, &cx, Via::Http, &host, port);
+    if d.verdict == Verdict::Deny {
+        AccessLog::new(&cx, method.as_str(), &host, port, Some(&d), "denied").emit();
+        return denied(&cx, &what, &d, matches!(target, Target::Ip(_)));
+    }
+    let (stream, addr) = match gw
+        .upstream
+        .connect(&cx.policy, target, port, &gw.metrics)
+        .await
+    {
+        Ok(x) => x,
+        Err(err) => {
+            gw.metrics
+                .upstream_errors
+                .with_label_values(&[err.as_str()])
+                .inc();
+            AccessLog::new(&cx, method.as_str(), &host, port, Some(&d), err.as_str()).emit();
+            return upstream_failed(&what, &err);
+        }
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
+        Ok(x) => x,
+        Err(err) => {
+            return upstream_failed(
+                &what,
+                &ConnectError::Unreachable {
+                    addr: addr.to_string(),
+                    source: std::io::Error::other(err),
+                },
+            );
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(err) = conn.with_upgrades().await {
+            tracing::debug!(error = %err, "upstream HTTP connection ended");
+        }
+    });
+
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    add_via(&mut parts.headers);
+    if !parts.headers.contains_key(header::HOST) {
+        let h = if port == 80 {
+            raw_host.clone()
+        } else {
+            format!("{raw_host}:{port}")
+        };
+        if let Ok(v) = HeaderValue::from_str(&h) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    parts.uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    parts.version = Version::HTTP_11;
+    let upstream_req = Request::from_parts(parts, body);
+
+    let mut resp = match sender.send_request(upstream_req).await {
+        Ok(r) => r,
+        Err(err) => {
+            gw.metrics
+                .upstream_errors
+                .with_label_values(&["http_protocol_error"])
+                .inc();
+            AccessLog::new(
+                &cx,
+                method.as_str(),
+                &host,
+                port,
+                Some(&d),
+                "http_protocol_error",
+            )
+            .emit();
+            return status_response(
+                StatusCode::BAD_GATEWAY,
+                Some("http_protocol_error"),
+                "upstream response",
+                format!("portcullis: {what} failed — upstream answered badly: {err}\n"),
+            );
+        }
+    };
+    let mut log = AccessLog::new(&cx, method.as_str(), &host, port, Some(&d), "");
+    log.upstream = Some(addr);
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let (gw2, cx2) = (gw.clone(), cx.clone());
+            tokio::spawn(async move {
+                let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else {
+                    return;
+                };
+                let mut c = TokioIo::new(c);
+                let mut u = TokioIo::new(u);
+                let copied = tokio::select! {
+                    r = tokio::io::copy_bidirectional(&mut c, &mut u) => r.unwrap_or((0, 0)),
+                    () = gw2.shutdown.cutting() => (0, 0),
+                };
+                gw2.metrics
+                    .bytes
+                    .with_label_values(&["upload"])
+                    .inc_by(copied.0);
+                gw2.metrics
+                    .bytes
+                    .with_label_values(&["download"])
+                    .inc_by(copied.1);
+                let mut log = AccessLog::new(&cx2, "UPGRADE", "", 0, None, "upgrade_closed");
+                log.upload = copied.0;
+                log.download = copied.1;
+                log.emit();
+            });
+        }
+        let (mut parts, body) = resp.into_parts();
+        add_via(&mut parts.headers);
+        log.close = "101";
+        log.emit();
+        return Response::from_parts(parts, body.boxed());
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    add_via(&mut parts.headers);
+    log.close = parts.status.as_str();
+    log.emit();
+    Response::from_parts(parts, body.boxed())
+}
+
+impl<'a> AccessLog<'a> {
+    fn new(
+        conn: &'a Conn,
+        method: &'a str,
+        host: &'a str,
+        port: u16,
+        decision: Option<&'a Decision>,
+        close: &'a str,
+    ) -> Self {
+        AccessLog {
+            conn,
+            method,
+            host,
+            port,
+            upstream: None,
+            decision,
+            upload: 0,
+            download: 0,
+            close,
+            ech: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority_forms() {
+        let a = |s: &str, d| authority(&s.parse::<Uri>().unwrap(), d);
+        assert_eq!(a("pypi.org:443", None), Ok(("pypi.org".into(), 443)));
+        assert_eq!(
+            a("http://pypi.org/simple", Some(80)),
+            Ok(("pypi.org".into(), 80))
+        );
+        assert_eq!(a("[::1]:443", None), Ok(("[::1]".into(), 443)));
+        assert!(a("pypi.org:0", None).is_err());
+        assert!(
+            a("http://user:pw@pypi.org/", Some(80))
+                .unwrap_err()
+                .contains("userinfo")
+        );
+        assert!(a("pypi.org", None).is_err());
+        assert_eq!(canonical_host("[::1]"), "::1");
+        assert_eq!(canonical_host("PyPI.org."), "pypi.org");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::ACCEPT));
+    }
+}

@@ -1,0 +1,335 @@
+//! Listen: accept loops, client admission, limits, and the per-connection log line.
+//!
+//! In: bound listeners and the shared [`Gateway`]. Out: one task per client
+//! connection, handed to `explicit` or `transparent` with its policy snapshot.
+//! This is the only orchestrator: it calls classify, policy, upstream and
+//! tunnel; none of them call each other. Admission happens before any byte is
+//! read: clients outside `[clients] allow` are refused, and the connection
+//! caps (per listener and per client address) answer 503 or close instead of
+//! queueing without bound.
+
+pub mod explicit;
+pub mod transparent;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use ipnet::IpNet;
+use prometheus::IntGauge;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Limits;
+use crate::metrics::{Listener, Metrics, Via};
+use crate::policy::{Decision, Policy, Verdict};
+use crate::shutdown::{Shutdown, TaskGuard};
+use crate::tunnel::Counters;
+use crate::upstream::Upstream;
+
+/// Everything the listeners share.
+pub struct Gateway {
+    /// The policy in force; connections take a snapshot at accept.
+    pub policy: ArcSwap<Policy>,
+    /// Metric families.
+    pub metrics: Metrics,
+    /// The egress connector.
+    pub upstream: Upstream,
+    /// Sizes and timeouts (fixed for the process: a restart changes them).
+    pub limits: Limits,
+    /// Drain state.
+    pub shutdown: Shutdown,
+    /// Listeners bound and policy loaded.
+    pub ready: AtomicBool,
+    /// Addresses of our own listeners: a redirected connection to one of them is a loop.
+    pub own_addrs: Vec<SocketAddr>,
+    per_client: DashMap<IpAddr, usize>,
+}
+
+impl Gateway {
+    /// A gateway around a compiled policy; `own_addrs` are the bound listener addresses.
+    pub fn new(policy: Policy, limits: Limits, own_addrs: Vec<SocketAddr>) -> Gateway {
+        let metrics = Metrics::new(limits.max_denied_hosts);
+        metrics.policy_loaded(&policy);
+        Gateway {
+            policy: ArcSwap::from_pointee(policy),
+            upstream: Upstream::new(
+                limits.dns_cache_entries,
+                Duration::from_millis(limits.connect_timeout_ms),
+            ),
+            metrics,
+            limits,
+            shutdown: Shutdown::new(),
+            ready: AtomicBool::new(false),
+            own_addrs,
+            per_client: DashMap::new(),
+        }
+    }
+
+    /// Byte counters for a tunnel, resolved once.
+    pub fn counters(&self) -> Counters {
+        Counters {
+            upload: self.metrics.bytes.with_label_values(&["upload"]),
+            download: self.metrics.bytes.with_label_values(&["download"]),
+        }
+    }
+
+    /// Counts a decision, and for denials the destination and client subnet.
+    pub fn count_decision(&self, cx: &Conn, via: Via, d: &Decision, host: &str, port: u16) {
+        self.metrics.decision(d.verdict, via, d.reason);
+        if d.verdict != Verdict::Allow {
+            self.metrics.denied.record(host, port);
+            self.metrics
+                .client_denials
+                .with_label_values(&[cx.client_subnet.to_string().as_str()])
+                .inc();
+        }
+    }
+}
+
+/// One accepted client connection: who, through which listener, under which policy.
+pub struct Conn {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The `[clients] allow` CIDR it matched.
+    pub client_subnet: IpNet,
+    /// Which listener accepted it.
+    pub listener: Listener,
+    /// Policy snapshot taken at accept.
+    pub policy: Arc<Policy>,
+    /// When it was accepted.
+    pub started: Instant,
+    _guard: ConnGuard,
+}
+
+/// Releases a connection's slots when the last user (request handler or
+/// tunnel task) drops it.
+struct ConnGuard {
+    _permit: OwnedSemaphorePermit,
+    _task: TaskGuard,
+    gw: Arc<Gateway>,
+    ip: IpAddr,
+    active: IntGauge,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.active.dec();
+        if let dashmap::Entry::Occupied(mut e) = self.gw.per_client.entry(self.ip) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Source address outside `[clients] allow`.
+    ClientNotAllowed,
+    /// Listener or per-client connection cap reached.
+    Limit,
+}
+
+impl Refusal {
+    /// Label form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::ClientNotAllowed => "client_not_allowed",
+            Refusal::Limit => "limit",
+        }
+    }
+}
+
+fn admit(
+    gw: &Arc<Gateway>,
+    listener: Listener,
+    peer: SocketAddr,
+    slots: &Arc<Semaphore>,
+) -> Result<Conn, Refusal> {
+    let policy = gw.policy.load_full();
+    let Some(subnet) = policy.client_allowed(peer.ip()).copied() else {
+        return Err(Refusal::ClientNotAllowed);
+    };
+    let permit = slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| Refusal::Limit)?;
+    {
+        let mut n = gw.per_client.entry(peer.ip()).or_insert(0);
+        if *n >= gw.limits.max_connections_per_client {
+            return Err(Refusal::Limit);
+        }
+        *n += 1;
+    }
+    let active = gw
+        .metrics
+        .connections_active
+        .with_label_values(&[listener.as_str()]);
+    active.inc();
+    gw.metrics
+        .connections_total
+        .with_label_values(&[listener.as_str()])
+        .inc();
+    Ok(Conn {
+        peer,
+        client_subnet: subnet,
+        listener,
+        policy,
+        started: Instant::now(),
+        _guard: ConnGuard {
+            _permit: permit,
+            _task: gw.shutdown.track(),
+            gw: gw.clone(),
+            ip: peer.ip(),
+            active,
+        },
+    })
+}
+
+/// Accepts until draining starts; each admitted connection runs `handle` in
+/// its own task, each refused one `refuse`.
+pub async fn accept_loop<H, HF, R, RF>(
+    listener: TcpListener,
+    kind: Listener,
+    gw: Arc<Gateway>,
+    handle: H,
+    refuse: R,
+) where
+    H: Fn(TcpStream, Arc<Conn>, Arc<Gateway>) -> HF + Send + Sync + 'static,
+    HF: Future<Output = ()> + Send + 'static,
+    R: Fn(TcpStream, Refusal) -> RF + Send + Sync + 'static,
+    RF: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(gw.limits.max_connections));
+    gw.metrics
+        .connections_limit
+        .with_label_values(&[kind.as_str()])
+        .set(gw.limits.max_connections as i64);
+    let draining = gw.shutdown.draining();
+    tokio::pin!(draining);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(listener = kind.as_str(), error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut draining => return,
+        };
+        let _ = stream.set_nodelay(true);
+        match admit(&gw, kind, peer, &slots) {
+            Ok(conn) => {
+                tokio::spawn(handle(stream, Arc::new(conn), gw.clone()));
+            }
+            Err(refusal) => {
+                gw.metrics
+                    .connections_rejected
+                    .with_label_values(&[kind.as_str(), refusal.as_str()])
+                    .inc();
+                tracing::info!(
+                    client = %peer,
+                    listener = kind.as_str(),
+                    reason = refusal.as_str(),
+                    "connection refused"
+                );
+                tokio::spawn(refuse(stream, refusal));
+            }
+        }
+    }
+}
+
+/// The fields of the one log line each connection (or forwarded request) writes at close.
+pub struct AccessLog<'a> {
+    /// Connection.
+    pub conn: &'a Conn,
+    /// `CONNECT`, `GET`..., `TLS`, `HTTP`, `TCP` (transparent).
+    pub method: &'a str,
+    /// Host or address asked for.
+    pub host: &'a str,
+    /// Port asked for.
+    pub port: u16,
+    /// Address dialled, if any.
+    pub upstream: Option<SocketAddr>,
+    /// The decision.
+    pub decision: Option<&'a Decision>,
+    /// Bytes client → upstream.
+    pub upload: u64,
+    /// Bytes upstream → client.
+    pub download: u64,
+    /// Why it ended (`denied`, a tunnel close reason, an error token, an HTTP status).
+    pub close: &'a str,
+    /// TLS ClientHello carried an Encrypted Client Hello extension.
+    pub ech: bool,
+}
+
+impl AccessLog<'_> {
+    /// Writes the line (target `portcullis::access`).
+    pub fn emit(&self) {
+        let policy = &self.conn.policy;
+        let (verdict, rule, reason) = match self.decision {
+            Some(d) => (
+                d.verdict.as_str(),
+                d.rule.map(|r| policy.rule(r).name.as_str()).unwrap_or("-"),
+                d.reason.as_str(),
+            ),
+            None => ("-", "-", "-"),
+        };
+        tracing::info!(
+            target: "portcullis::access",
+            client = %self.conn.peer,
+            listener = self.conn.listener.as_str(),
+            method = self.method,
+            host = self.host,
+            port = self.port,
+            upstream = self.upstream.map(|a| a.to_string()).as_deref().unwrap_or("-"),
+            verdict,
+            rule,
+            reason,
+            upload = self.upload,
+            download = self.download,
+            duration_ms = self.conn.started.elapsed().as_millis() as u64,
+            close = self.close,
+            ech = self.ech,
+            generation = policy.generation(),
+            "connection closed"
+        );
+    }
+}
+
+/// Logs a denial at decision time, with the command that explains it.
+pub fn log_denial(conn: &Conn, via: Via, host: &str, port: u16, d: &Decision) {
+    let policy = &conn.policy;
+    tracing::info!(
+        target: "portcullis::deny",
+        client = %conn.peer,
+        via = via.as_str(),
+        host,
+        port,
+        verdict = d.verdict.as_str(),
+        rule = d.rule.map(|r| policy.rule(r).name.as_str()).unwrap_or("-"),
+        reason = d.reason.as_str(),
+        explain = %format!("portcullis explain {host}:{port}"),
+        "{}",
+        policy.explain(d)
+    );
+}
+
+/// A complete HTTP/1.1 response with `Proxy-Status` (RFC 9209), for paths
+/// that answer outside hyper (refused connections, transparent HTTP).
+pub fn raw_response(status_line: &str, error: &str, details: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status_line}\r\nProxy-Status: portcullis; error={error}; details=\"{details}\"\r\n\
+         Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}

@@ -1,0 +1,304 @@
+//! Tunnel: relay bytes both ways between a client and an upstream socket.
+//!
+//! In: two connected `TcpStream`s (and bytes already read from the client,
+//! replayed first). Out: byte counts and why the tunnel closed.
+//!
+//! Each direction waits for readiness without holding a buffer, then borrows
+//! one for the burst of reads that follows, so an idle tunnel costs two
+//! sockets and a task, not 2 x 16 KiB. EOF on one side half-closes the other
+//! (`shutdown(SHUT_WR)`); the tunnel ends when both directions are done, on
+//! a reset, after `idle` without a byte either way, or when `cut` fires
+//! (shutdown grace elapsed). Only metrics are touched here.
+
+use std::future::Future;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Bytes read per system call; a burst reuses one buffer.
+const CHUNK: usize = 16 * 1024;
+
+/// Time of the last byte either way, as nanoseconds since the tunnel started.
+/// (Atomics rather than `Cell`s only so the relay future is `Send`; both
+/// directions run in the one task.)
+struct Activity {
+    start: Instant,
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last
+            .store(self.start.elapsed().as_nanos() as u64, Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_nanos(self.last.load(Relaxed))
+    }
+}
+
+/// Why a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both sides closed cleanly; the client closed first.
+    ClientClosed,
+    /// Both sides closed cleanly; the upstream closed first.
+    UpstreamClosed,
+    /// The client reset or failed.
+    ClientError,
+    /// The upstream reset or failed.
+    UpstreamError,
+    /// No byte either way for the idle timeout.
+    IdleTimeout,
+    /// Cut at the end of the shutdown grace period.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Log form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::UpstreamClosed => "upstream_closed",
+            CloseReason::ClientError => "client_error",
+            CloseReason::UpstreamError => "upstream_error",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What a finished tunnel reports.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelStats {
+    /// Client → upstream bytes (including the replayed prefix).
+    pub upload: u64,
+    /// Upstream → client bytes.
+    pub download: u64,
+    /// Why it ended.
+    pub close: CloseReason,
+}
+
+/// Byte counters resolved once per connection.
+pub struct Counters {
+    /// `portcullis_bytes_total{direction="upload"}`.
+    pub upload: IntCounter,
+    /// `portcullis_bytes_total{direction="download"}`.
+    pub download: IntCounter,
+}
+
+/// Writes all of `data`, waiting for writability without holding anything else.
+///
+/// # Errors
+/// The socket's error.
+pub async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// One direction. Returns Ok at EOF (after half-closing `to`), or which side
+/// failed: `sides.0` when reading `from`, `sides.1` when writing `to`.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    total: &AtomicU64,
+    activity: &Activity,
+    metric: &IntCounter,
+    sides: (CloseReason, CloseReason),
+) -> Result<(), CloseReason> {
+    loop {
+        from.readable().await.map_err(|_| sides.0)?;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match from.try_read(&mut buf) {
+                Ok(0) => {
+                    // Half-close: the peer sees our EOF, the other direction goes on.
+                    let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+                    return Ok(());
+                }
+                Ok(n) => {
+                    write_all(to, &buf[..n]).await.map_err(|_| sides.1)?;
+                    total.fetch_add(n as u64, Relaxed);
+                    metric.inc_by(n as u64);
+                    activity.touch();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => return Err(sides.0),
+            }
+        }
+    }
+}
+
+/// Relays until both directions end, an error, `idle`, or `cut`.
+/// `prefix` (bytes already read from the client) is sent upstream first.
+pub async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    prefix: &[u8],
+    idle: Duration,
+    counters: &Counters,
+    cut: impl Future<Output = ()>,
+) -> TunnelStats {
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let activity = Activity {
+        start: Instant::now(),
+        last: AtomicU64::new(0),
+    };
+    // Which side reached EOF first: 0 none yet, 1 client, 2 upstream.
+    let first_eof = AtomicU8::new(0);
+
+    let stats = |close| TunnelStats {
+        upload: up.load(Relaxed),
+        download: down.load(Relaxed),
+        close,
+    };
+    if !prefix.is_empty() {
+        if write_all(upstream, prefix).await.is_err() {
+            return stats(CloseReason::UpstreamError);
+        }
+        up.store(prefix.len() as u64, Relaxed);
+        counters.upload.inc_by(prefix.len() as u64);
+    }
+
+    let upload = async {
+        let sides = (CloseReason::ClientError, CloseReason::UpstreamError);
+        let r = pump(client, upstream, &up, &activity, &counters.upload, sides).await;
+        if r.is_ok() {
+            let _ = first_eof.compare_exchange(0, 1, Relaxed, Relaxed);
+        }
+        r
+    };
+    let download = async {
+        let sides = (CloseReason::UpstreamError, CloseReason::ClientError);
+        let r = pump(
+            upstream,
+            client,
+            &down,
+            &activity,
+            &counters.download,
+            sides,
+        )
+        .await;
+        if r.is_ok() {
+            let _ = first_eof.compare_exchange(0, 2, Relaxed, Relaxed);
+        }
+        r
+    };
+    let both = async { tokio::try_join!(upload, download) };
+    let idle_watch = async {
+        loop {
+            tokio::time::sleep_until(activity.last() + idle).await;
+            if activity.last() + idle <= Instant::now() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        r = both => match r {
+            Ok(_) if first_eof.load(Relaxed) == 2 => stats(CloseReason::UpstreamClosed),
+            Ok(_) => stats(CloseReason::ClientClosed),
+            Err(reason) => stats(reason),
+        },
+        () = idle_watch => stats(CloseReason::IdleTimeout),
+        () = cut => stats(CloseReason::Shutdown),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    fn counters() -> Counters {
+        Counters {
+            upload: IntCounter::new("u", "u").unwrap(),
+            download: IntCounter::new("d", "d").unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_with_half_close_and_prefix() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_up, mut server) = pair().await;
+        let c = counters();
+        let relay = tokio::spawn(async move {
+            relay(
+                &proxy_client,
+                &proxy_up,
+                b"hello ",
+                Duration::from_secs(10),
+                &c,
+                std::future::pending(),
+            )
+            .await
+        });
+        client.write_all(b"world").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello world");
+        let blob: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        server.write_all(&blob).await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, blob);
+        let stats = relay.await.unwrap();
+        assert_eq!((stats.upload, stats.download), (11, 200_000));
+        assert_eq!(stats.close, CloseReason::ClientClosed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_tunnel_times_out() {
+        let (_client, proxy_client) = pair().await;
+        let (proxy_up, _server) = pair().await;
+        let stats = relay(
+            &proxy_client,
+            &proxy_up,
+            b"",
+            Duration::from_secs(30),
+            &counters(),
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(stats.close, CloseReason::IdleTimeout);
+    }
+
+    #[tokio::test]
+    async fn cut_ends_the_tunnel() {
+        let (_client, proxy_client) = pair().await;
+        let (proxy_up, _server) = pair().await;
+        let stats = relay(
+            &proxy_client,
+            &proxy_up,
+            b"",
+            Duration::from_secs(30),
+            &counters(),
+            async {},
+        )
+        .await;
+        assert_eq!(stats.close, CloseReason::Shutdown);
+    }
+}

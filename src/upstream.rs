@@ -1,0 +1,413 @@
+//! Upstream: resolve, check every address, dial. The only place that opens egress sockets.
+//!
+//! In: an allowed destination (a name or an address, and a port) and the
+//! policy snapshot the connection decided with. Out: a connected `TcpStream`
+//! and the address it reached, or a [`ConnectError`] that maps to one status.
+//!
+//! Names are resolved once: first the static `[resolve]` table, then a TTL
+//! cache, then DNS (hickory, honouring `/etc/resolv.conf`). Every address is
+//! filtered through `Policy::check_resolved` (guarded ranges, platform
+//! addresses, deny rules), and exactly the remaining addresses are dialled,
+//! never the name, so DNS rebinding cannot swap them. Dialling follows Happy
+//! Eyeballs (RFC 8305): families interleaved, a new attempt every 250 ms or as
+//! soon as one fails, the first success wins, all under one timeout.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use hickory_resolver::TokioResolver;
+use tokio::net::TcpStream;
+use tokio::sync::OnceCell;
+use tokio::task::JoinSet;
+
+use crate::config::Protocol;
+use crate::metrics::Metrics;
+use crate::policy::{Policy, Reason, Target};
+
+/// RFC 8305 §5: "Connection Attempt Delay", recommended 250 ms.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+/// Answers are cached at least this long (a zero TTL would make every tunnel a lookup)...
+const MIN_TTL: Duration = Duration::from_secs(5);
+/// ...and at most this long, so a changed record is picked up.
+const MAX_TTL: Duration = Duration::from_secs(300);
+/// Negative answers (NXDOMAIN, no records) are cached this long.
+const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+
+/// Why no upstream connection was made. Each variant has one RFC 9209 error token.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Every resolved address was refused by policy (guarded, platform or denied).
+    #[error("{name} resolves only to refused addresses ({addrs})")]
+    Prohibited {
+        /// The name or address asked for.
+        name: String,
+        /// The refused addresses, comma-separated.
+        addrs: String,
+        /// Why the first one was refused.
+        reason: Reason,
+    },
+    /// The name does not exist or has no A/AAAA records.
+    #[error("{0} does not resolve (NXDOMAIN or no address records)")]
+    NotFound(String),
+    /// The resolver failed (timeout, SERVFAIL, no nameserver).
+    #[error("DNS lookup for {name} failed: {message}")]
+    Dns {
+        /// Name.
+        name: String,
+        /// Resolver message.
+        message: String,
+    },
+    /// Every address refused the connection.
+    #[error("connection refused by {0}")]
+    Refused(String),
+    /// No address answered within the connect timeout.
+    #[error("no answer from {0} within the connect timeout")]
+    Timeout(String),
+    /// Every address failed otherwise (unreachable network or host).
+    #[error("cannot reach {addr}: {source}")]
+    Unreachable {
+        /// Last address tried.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl ConnectError {
+    /// RFC 9209 `Proxy-Status` error token; also the `error` label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ConnectError::Prohibited { .. } => "destination_ip_prohibited",
+            ConnectError::NotFound(_) => "dns_error",
+            ConnectError::Dns { .. } => "dns_error",
+            ConnectError::Refused(_) => "connection_refused",
+            ConnectError::Timeout(_) => "connection_timeout",
+            ConnectError::Unreachable { .. } => "destination_unavailable",
+        }
+    }
+
+    /// The HTTP status an explicit-proxy client gets.
+    pub fn status(&self) -> u16 {
+        match self {
+            ConnectError::Prohibited { .. } => 403,
+            ConnectError::NotFound(_) => 502,
+            ConnectError::Dns { .. } => 502,
+            ConnectError::Refused(_) => 502,
+            ConnectError::Timeout(_) => 504,
+            ConnectError::Unreachable { .. } => 502,
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Cached {
+    Addrs(Arc<[IpAddr]>),
+    NotFound,
+}
+
+struct Entry {
+    answer: Cached,
+    expires: Instant,
+}
+
+/// Resolves and dials. One per process; shared by every listener.
+pub struct Upstream {
+    resolver: OnceCell<Option<TokioResolver>>,
+    cache: DashMap<String, Entry>,
+    cache_max: usize,
+    connect_timeout: Duration,
+}
+
+impl Upstream {
+    /// A connector with a DNS cache of `cache_max` names and a connect timeout.
+    pub fn new(cache_max: usize, connect_timeout: Duration) -> Upstream {
+        Upstream {
+            resolver: OnceCell::new(),
+            cache: DashMap::new(),
+            cache_max,
+            connect_timeout,
+        }
+    }
+
+    async fn resolver(&self) -> Option<&TokioResolver> {
+        self.resolver
+            .get_or_init(|| async {
+                match TokioResolver::builder_tokio() {
+                    Ok(builder) => Some(builder.build().ok()?),
+                    Err(err) => {
+                        tracing::error!(error = %err, "cannot read /etc/resolv.conf; only [resolve] names will resolve");
+                        None
+                    }
+                }
+            })
+            .await
+            .as_ref()
+    }
+
+    /// Addresses of a normalised name: static table, cache, then DNS.
+    ///
+    /// # Errors
+    /// [`ConnectError::NotFound`] or [`ConnectError::Dns`].
+    pub async fn resolve(
+        &self,
+        policy: &Policy,
+        name: &str,
+        metrics: &Metrics,
+    ) -> Result<Arc<[IpAddr]>, ConnectError> {
+        if let Some(addrs) = policy.static_addresses(name) {
+            metrics.dns_lookups.with_label_values(&["static"]).inc();
+            return Ok(addrs.into());
+        }
+        let now = Instant::now();
+        if let Some(e) = self.cache.get(name).filter(|e| e.expires > now) {
+            metrics.dns_lookups.with_label_values(&["cached"]).inc();
+            return match &e.answer {
+                Cached::Addrs(a) => Ok(a.clone()),
+                Cached::NotFound => Err(ConnectError::NotFound(name.to_string())),
+            };
+        }
+        let Some(resolver) = self.resolver().await else {
+            metrics.dns_lookups.with_label_values(&["error"]).inc();
+            return Err(ConnectError::Dns {
+                name: name.to_string(),
+                message: "no resolver configured".into(),
+            });
+        };
+        // A fully qualified name: no search domains for egress names.
+        let fqdn = format!("{name}.");
+        let (answer, ttl) = match resolver.lookup_ip(fqdn.as_str()).await {
+            Ok(lookup) => {
+                let addrs: Arc<[IpAddr]> = lookup.iter().collect();
+                let ttl = lookup.valid_until().saturating_duration_since(now);
+                if addrs.is_empty() {
+                    (Cached::NotFound, NEGATIVE_TTL)
+                } else {
+                    (Cached::Addrs(addrs), ttl.clamp(MIN_TTL, MAX_TTL))
+                }
+            }
+            Err(err) if err.is_nx_domain() || err.is_no_records_found() => {
+                (Cached::NotFound, NEGATIVE_TTL)
+            }
+            Err(err) => {
+                metrics.dns_lookups.with_label_values(&["error"]).inc();
+                return Err(ConnectError::Dns {
+                    name: name.to_string(),
+                    message: err.to_string(),
+                });
+            }
+        };
+        if self.cache.len() >= self.cache_max {
+            self.cache.retain(|_, e| e.expires > now);
+            if self.cache.len() >= self.cache_max {
+                self.cache.clear();
+            }
+        }
+        self.cache.insert(
+            name.to_string(),
+            Entry {
+                answer: answer.clone(),
+                expires: now + ttl,
+            },
+        );
+        match answer {
+            Cached::Addrs(a) => {
+                metrics.dns_lookups.with_label_values(&["ok"]).inc();
+                Ok(a)
+            }
+            Cached::NotFound => {
+                metrics.dns_lookups.with_label_values(&["nxdomain"]).inc();
+                Err(ConnectError::NotFound(name.to_string()))
+            }
+        }
+    }
+
+    /// Addresses a destination may be dialled at: resolved (names) or as
+    /// given (literals, already decided by address rules), filtered by policy.
+    ///
+    /// # Errors
+    /// Resolution errors, or [`ConnectError::Prohibited`] when none remain.
+    pub async fn addresses(
+        &self,
+        policy: &Policy,
+        target: Target<'_>,
+        port: u16,
+        metrics: &Metrics,
+    ) -> Result<Vec<IpAddr>, ConnectError> {
+        let (shown, all): (&str, Arc<[IpAddr]>) = match target {
+            Target::Ip(ip) => return Ok(vec![ip]),
+            Target::Name(name) => (name, self.resolve(policy, name, metrics).await?),
+        };
+        let mut first_reason = None;
+        let allowed: Vec<IpAddr> = all
+            .iter()
+            .copied()
+            .filter(|ip| match policy.check_resolved(*ip, port, Protocol::Tcp) {
+                Ok(()) => true,
+                Err(r) => {
+                    first_reason.get_or_insert(r);
+                    false
+                }
+            })
+            .collect();
+        if allowed.is_empty() {
+            return Err(ConnectError::Prohibited {
+                name: shown.to_string(),
+                addrs: all
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                reason: first_reason.unwrap_or(Reason::GuardedAddress),
+            });
+        }
+        Ok(allowed)
+    }
+
+    /// Resolves, filters and dials a destination.
+    ///
+    /// # Errors
+    /// Any [`ConnectError`].
+    pub async fn connect(
+        &self,
+        policy: &Policy,
+        target: Target<'_>,
+        port: u16,
+        metrics: &Metrics,
+    ) -> Result<(TcpStream, SocketAddr), ConnectError> {
+        let addrs = self.addresses(policy, target, port, metrics).await?;
+        self.dial(&addrs, port, metrics).await
+    }
+
+    /// Dials the given addresses with Happy Eyeballs.
+    ///
+    /// # Errors
+    /// Refused, timeout or unreachable.
+    pub async fn dial(
+        &self,
+        addrs: &[IpAddr],
+        port: u16,
+        metrics: &Metrics,
+    ) -> Result<(TcpStream, SocketAddr), ConnectError> {
+        let started = Instant::now();
+        let order = interleave(addrs);
+        let shown = || {
+            order
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, port).to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let attempt = async {
+            let mut set = JoinSet::new();
+            let mut next = order.iter();
+            let mut last_err: Option<(SocketAddr, std::io::Error)> = None;
+            loop {
+                if let Some(ip) = next.next() {
+                    let sa = SocketAddr::new(*ip, port);
+                    set.spawn(async move { (sa, TcpStream::connect(sa).await) });
+                } else if set.is_empty() {
+                    break;
+                }
+                let wait = if next.len() > 0 {
+                    ATTEMPT_DELAY
+                } else {
+                    Duration::MAX
+                };
+                tokio::select! {
+                    joined = set.join_next(), if !set.is_empty() => match joined {
+                        Some(Ok((sa, Ok(stream)))) => return Ok((stream, sa)),
+                        Some(Ok((sa, Err(e)))) => last_err = Some((sa, e)),
+                        Some(Err(_)) | None => {}
+                    },
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(last_err)
+        };
+        let result = tokio::time::timeout(self.connect_timeout, attempt).await;
+        metrics
+            .upstream_connect
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok((stream, sa))) => {
+                let _ = stream.set_nodelay(true);
+                Ok((stream, sa))
+            }
+            Ok(Err(Some((sa, e)))) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                let _ = sa;
+                Err(ConnectError::Refused(shown()))
+            }
+            Ok(Err(Some((sa, e)))) => Err(ConnectError::Unreachable {
+                addr: sa.to_string(),
+                source: e,
+            }),
+            Ok(Err(None)) => Err(ConnectError::Unreachable {
+                addr: shown(),
+                source: std::io::Error::other("no address to try"),
+            }),
+            Err(_) => Err(ConnectError::Timeout(shown())),
+        }
+    }
+}
+
+/// RFC 8305 §4: alternate address families, starting with the first one given.
+fn interleave(addrs: &[IpAddr]) -> Vec<IpAddr> {
+    let (v6, v4): (Vec<IpAddr>, Vec<IpAddr>) = addrs.iter().partition(|a| a.is_ipv6());
+    let (first, second) = match addrs.first() {
+        Some(IpAddr::V4(_)) => (v4, v6),
+        _ => (v6, v4),
+    };
+    let mut out = Vec::with_capacity(addrs.len());
+    let (mut a, mut b) = (first.into_iter(), second.into_iter());
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => break,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_alternate() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let got = interleave(&[
+            ip("2001:db8::1"),
+            ip("2001:db8::2"),
+            ip("192.0.2.1"),
+            ip("192.0.2.2"),
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                ip("2001:db8::1"),
+                ip("192.0.2.1"),
+                ip("2001:db8::2"),
+                ip("192.0.2.2")
+            ]
+        );
+        let got = interleave(&[ip("192.0.2.1"), ip("2001:db8::1")]);
+        assert_eq!(got, vec![ip("192.0.2.1"), ip("2001:db8::1")]);
+    }
+
+    #[tokio::test]
+    async fn refused_and_success() {
+        let m = Metrics::new(10);
+        let up = Upstream::new(10, Duration::from_secs(2));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let (_s, sa) = up.dial(&[lo], port, &m).await.unwrap();
+        assert_eq!(sa.port(), port);
+        drop(listener);
+        let err = up.dial(&[lo], port, &m).await.unwrap_err();
+        assert_eq!(err.as_str(), "connection_refused");
+        assert_eq!(err.status(), 502);
+    }
+}
