@@ -468,8 +468,10 @@ fn check(loaded: &Loaded) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn render_nftables(_loaded: &Loaded) -> Result<ExitCode> {
-    bail!("render nftables is not available in this build")
+fn render_nftables(loaded: &Loaded) -> Result<ExitCode> {
+    let text = crate::render::nftables(loaded).map_err(anyhow::Error::msg)?;
+    print!("{text}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn profile_list(policy: &Policy) -> Result<ExitCode> {

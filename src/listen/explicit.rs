@@ -264,6 +264,15 @@ fn decide(gw: &Gateway, cx: &Conn, via: Via, host: &str, port: u16) -> Decision 
 }
 
 async fn connect(req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) -> Response<Body> {
+    let mut resp = connect_inner(req, cx, gw).await;
+    if resp.status() != StatusCode::OK {
+        // The client may already be sending tunnel bytes: never parse them as a request.
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+async fn connect_inner(req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) -> Response<Body> {
     let (raw_host, port) = match authority(req.uri(), None) {
         Ok(x) => x,
         Err(msg) => return bad_request(msg),
