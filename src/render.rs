@@ -33,7 +33,13 @@ fn set_name(prefix: &str, index: usize, v6: bool) -> String {
 fn ports_expr(ports: &[(u16, u16)]) -> String {
     let items: Vec<String> = ports
         .iter()
-        .map(|&(lo, hi)| if lo == hi { lo.to_string() } else { format!("{lo}-{hi}") })
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
         .collect();
     if items.len() == 1 {
         items[0].clone()
@@ -67,7 +73,11 @@ fn write_set(out: &mut String, name: &str, nets: &[IpNet], v6: bool, comment: &s
 
 fn one_line(text: &str) -> String {
     let t: String = text.chars().filter(|c| *c != '"' && *c != '\n').collect();
-    if t.len() > 100 { format!("{}...", &t[..97]) } else { t }
+    if t.len() > 100 {
+        format!("{}...", &t[..97])
+    } else {
+        t
+    }
 }
 
 fn l4(proto: Protocol) -> Vec<&'static str> {
@@ -100,10 +110,19 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
         env!("CARGO_PKG_VERSION"),
         loaded.source.name
     );
-    let _ = writeln!(out, "# Apply with deploy/apply-nftables.sh (checks with `nft -c -f` first). Re-render after config changes.");
-    let _ = writeln!(out, "# Needs net.ipv4.ip_forward=1 and net.ipv6.conf.all.forwarding=1.");
+    let _ = writeln!(
+        out,
+        "# Apply with deploy/apply-nftables.sh (checks with `nft -c -f` first). Re-render after config changes."
+    );
+    let _ = writeln!(
+        out,
+        "# Needs net.ipv4.ip_forward=1 and net.ipv6.conf.all.forwarding=1."
+    );
     if policy.service_tags_change().is_none()
-        && policy.rules().iter().any(|r| r.state == RuleState::WaitingForServiceTags)
+        && policy
+            .rules()
+            .iter()
+            .any(|r| r.state == RuleState::WaitingForServiceTags)
     {
         let _ = writeln!(
             out,
@@ -118,8 +137,20 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
     let _ = writeln!(out, "table inet {TABLE} {{");
 
     let clients = policy.clients();
-    write_set(&mut out, "clients_v4", clients, false, "[clients] allow: who may use the gateway");
-    write_set(&mut out, "clients_v6", clients, true, "[clients] allow: who may use the gateway");
+    write_set(
+        &mut out,
+        "clients_v4",
+        clients,
+        false,
+        "[clients] allow: who may use the gateway",
+    );
+    write_set(
+        &mut out,
+        "clients_v6",
+        clients,
+        true,
+        "[clients] allow: who may use the gateway",
+    );
     let has_v4_clients = clients.iter().any(|n| matches!(n, IpNet::V4(_)));
     let has_v6_clients = clients.iter().any(|n| matches!(n, IpNet::V6(_)));
 
@@ -134,16 +165,23 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
     for (i, rule) in policy.rules().iter().enumerate() {
         let nftable = match (rule.direction, rule.state.clone()) {
             (Direction::Egress, RuleState::Active) => rule.protocol != Protocol::Tcp,
-            (Direction::Inbound, RuleState::NotEgress) => policy
-                .scenarios()
-                .iter()
-                .any(|s| Some(&s.name) == rule.scenario.as_ref() && s.enabled) || rule.scenario.is_none(),
+            (Direction::Inbound, RuleState::NotEgress) => {
+                policy
+                    .scenarios()
+                    .iter()
+                    .any(|s| Some(&s.name) == rule.scenario.as_ref() && s.enabled)
+                    || rule.scenario.is_none()
+            }
             _ => false,
         };
         if !nftable || rule.cidrs.is_empty() {
             continue;
         }
-        let prefix = if rule.direction == Direction::Inbound { "in" } else { "udp" };
+        let prefix = if rule.direction == Direction::Inbound {
+            "in"
+        } else {
+            "udp"
+        };
         let comment = format!("rule {}: {}", rule.name, one_line(&rule.description));
         let v4n = set_name(prefix, i, false);
         let v6n = set_name(prefix, i, true);
@@ -161,24 +199,39 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
 
     let _ = writeln!(out);
     let _ = writeln!(out, "\tchain prerouting {{");
-    let _ = writeln!(out, "\t\ttype nat hook prerouting priority dstnat; policy accept;");
-    let _ = writeln!(out, "\t\t# Traffic to the gateway itself (explicit proxy, admin, SSH) is not redirected.");
+    let _ = writeln!(
+        out,
+        "\t\ttype nat hook prerouting priority dstnat; policy accept;"
+    );
+    let _ = writeln!(
+        out,
+        "\t\t# Traffic to the gateway itself (explicit proxy, admin, SSH) is not redirected."
+    );
     let _ = writeln!(out, "\t\tfib daddr type local return");
     let _ = writeln!(
         out,
         "\t\t# Forwarded TCP from clients goes to the transparent listener ({transparent}): decided on SNI, Host or address."
     );
     if has_v4_clients {
-        let _ = writeln!(out, "\t\tip saddr @clients_v4 meta l4proto tcp redirect to :{port}");
+        let _ = writeln!(
+            out,
+            "\t\tip saddr @clients_v4 meta l4proto tcp redirect to :{port}"
+        );
     }
     if has_v6_clients {
-        let _ = writeln!(out, "\t\tip6 saddr @clients_v6 meta l4proto tcp redirect to :{port}");
+        let _ = writeln!(
+            out,
+            "\t\tip6 saddr @clients_v6 meta l4proto tcp redirect to :{port}"
+        );
     }
     let _ = writeln!(out, "\t}}");
     let _ = writeln!(out);
 
     let _ = writeln!(out, "\tchain forward {{");
-    let _ = writeln!(out, "\t\ttype filter hook forward priority filter; policy drop;");
+    let _ = writeln!(
+        out,
+        "\t\ttype filter hook forward priority filter; policy drop;"
+    );
     let _ = writeln!(out, "\t\tct state established,related accept");
     let _ = writeln!(out, "\t\tct state invalid drop");
     let _ = writeln!(
@@ -188,7 +241,11 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
     let _ = writeln!(out, "\t\tudp dport 443 counter drop comment \"quic\"");
     for e in &udp {
         let ports = ports_expr(&e.rule.ports);
-        let verdict = if e.rule.action == Action::Deny { "drop" } else { "accept" };
+        let verdict = if e.rule.action == Action::Deny {
+            "drop"
+        } else {
+            "accept"
+        };
         let comment = one_line(&format!("rule {}", e.rule.name));
         for (fam, saddr, set) in [("ip", "@clients_v4", &e.v4), ("ip6", "@clients_v6", &e.v6)] {
             let Some(set) = set else { continue };
@@ -214,20 +271,28 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
             }
         }
     }
-    let _ = writeln!(out, "\t\t# Everything else: dropped and counted (`nft list chain inet {TABLE} forward`).");
+    let _ = writeln!(
+        out,
+        "\t\t# Everything else: dropped and counted (`nft list chain inet {TABLE} forward`)."
+    );
     let _ = writeln!(out, "\t\tcounter comment \"dropped\"");
     let _ = writeln!(out, "\t}}");
     let _ = writeln!(out);
 
     let _ = writeln!(out, "\tchain postrouting {{");
-    let _ = writeln!(out, "\t\ttype nat hook postrouting priority srcnat; policy accept;");
+    let _ = writeln!(
+        out,
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;"
+    );
     let _ = writeln!(
         out,
         "\t\t# Forwarded UDP leaves with the gateway's address (redirected TCP is proxied, so it already does)."
     );
-    let _ = writeln!(out, "\t\tfib saddr type != local meta l4proto udp masquerade");
+    let _ = writeln!(
+        out,
+        "\t\tfib saddr type != local meta l4proto udp masquerade"
+    );
     let _ = writeln!(out, "\t}}");
     let _ = writeln!(out, "}}");
     Ok(out)
 }
-

@@ -267,7 +267,8 @@ async fn connect(req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) -> Res
     let mut resp = connect_inner(req, cx, gw).await;
     if resp.status() != StatusCode::OK {
         // The client may already be sending tunnel bytes: never parse them as a request.
-        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
 }
@@ -618,30 +619,6 @@ async fn forward(mut req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) ->
     log.close = parts.status.as_str();
     log.emit();
     Response::from_parts(parts, body.boxed())
-}
-
-impl<'a> AccessLog<'a> {
-    fn new(
-        conn: &'a Conn,
-        method: &'a str,
-        host: &'a str,
-        port: u16,
-        decision: Option<&'a Decision>,
-        close: &'a str,
-    ) -> Self {
-        AccessLog {
-            conn,
-            method,
-            host,
-            port,
-            upstream: None,
-            decision,
-            upload: 0,
-            download: 0,
-            close,
-            ech: false,
-        }
-    }
 }
 
 #[cfg(test)]

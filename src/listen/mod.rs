@@ -250,8 +250,14 @@ pub async fn accept_loop<H, HF, R, RF>(
 
 /// The fields of the one log line each connection (or forwarded request) writes at close.
 pub struct AccessLog<'a> {
-    /// Connection.
-    pub conn: &'a Conn,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// Listener that accepted it.
+    pub listener: Listener,
+    /// Policy snapshot the connection decided with.
+    pub policy: &'a Policy,
+    /// When the connection was accepted.
+    pub started: Instant,
     /// `CONNECT`, `GET`..., `TLS`, `HTTP`, `TCP` (transparent).
     pub method: &'a str,
     /// Host or address asked for.
@@ -272,10 +278,36 @@ pub struct AccessLog<'a> {
     pub ech: bool,
 }
 
-impl AccessLog<'_> {
+impl<'a> AccessLog<'a> {
+    /// A line for `conn` with nothing relayed yet.
+    pub fn new(
+        conn: &'a Conn,
+        method: &'a str,
+        host: &'a str,
+        port: u16,
+        decision: Option<&'a Decision>,
+        close: &'a str,
+    ) -> Self {
+        AccessLog {
+            client: conn.peer,
+            listener: conn.listener,
+            policy: &conn.policy,
+            started: conn.started,
+            method,
+            host,
+            port,
+            upstream: None,
+            decision,
+            upload: 0,
+            download: 0,
+            close,
+            ech: false,
+        }
+    }
+
     /// Writes the line (target `portcullis::access`).
     pub fn emit(&self) {
-        let policy = &self.conn.policy;
+        let policy = self.policy;
         let (verdict, rule, reason) = match self.decision {
             Some(d) => (
                 d.verdict.as_str(),
@@ -286,8 +318,8 @@ impl AccessLog<'_> {
         };
         tracing::info!(
             target: "portcullis::access",
-            client = %self.conn.peer,
-            listener = self.conn.listener.as_str(),
+            client = %self.client,
+            listener = self.listener.as_str(),
             method = self.method,
             host = self.host,
             port = self.port,
@@ -297,7 +329,7 @@ impl AccessLog<'_> {
             reason,
             upload = self.upload,
             download = self.download,
-            duration_ms = self.conn.started.elapsed().as_millis() as u64,
+            duration_ms = self.started.elapsed().as_millis() as u64,
             close = self.close,
             ech = self.ech,
             generation = policy.generation(),

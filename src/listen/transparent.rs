@@ -190,18 +190,8 @@ pub async fn serve(mut client: TcpStream, cx: Arc<Conn>, gw: Arc<Gateway>) {
         .http
         .clone()
         .unwrap_or_else(|| format!("{} {shown_host}:{port}", seen.method));
-    let mut log = AccessLog {
-        conn: &cx,
-        method: seen.method,
-        host: shown_host,
-        port,
-        upstream: None,
-        decision: Some(&d),
-        upload: 0,
-        download: 0,
-        close: "",
-        ech: seen.ech,
-    };
+    let mut log = AccessLog::new(&cx, seen.method, shown_host, port, Some(&d), "");
+    log.ech = seen.ech;
     if d.verdict == Verdict::Deny {
         log_denial(&cx, seen.via, shown_host, port, &d);
         let token = if seen.name.is_none() {
