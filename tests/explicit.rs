@@ -826,7 +826,7 @@ fn ssrf_destinations_are_refused_by_address() {
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body, HELLO);
     // Nothing reached the upstream but that one request.
-    assert_eq!(env.up.request_paths(), vec!["/hello.txt".to_string()]);
+    assert_eq!(env.up.wait_request_paths(1), vec!["/hello.txt".to_string()]);
 }
 
 #[test]
@@ -947,7 +947,7 @@ fn host_header_must_match_the_absolute_uri() {
     .unwrap();
     assert_eq!(resp.status, 200, "{}", describe(&resp));
     assert_eq!(resp.body, HELLO);
-    assert_eq!(env.up.request_paths(), vec!["/hello.txt".to_string()]);
+    assert_eq!(env.up.wait_request_paths(1), vec!["/hello.txt".to_string()]);
 }
 
 #[test]

@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{AccessLog, Conn, Gateway, Refusal, log_denial, raw_response};
+use super::{AccessLog, Conn, Gateway, Refusal, log_denial, pool, raw_response};
 use crate::classify::{self, Classified};
 use crate::config::Protocol;
 use crate::metrics::Via;
@@ -495,90 +495,38 @@ async fn forward(mut req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) ->
         AccessLog::new(&cx, method.as_str(), &host, port, Some(&d), "denied").emit();
         return denied(&cx, &what, &d, matches!(target, Target::Ip(_)));
     }
-    let (stream, addr) = match gw
-        .upstream
-        .connect(&cx.policy, target, port, &gw.metrics)
-        .await
-    {
-        Ok(x) => x,
-        Err(err) => {
-            gw.metrics
-                .upstream_errors
-                .with_label_values(&[err.as_str()])
-                .inc();
-            AccessLog::new(&cx, method.as_str(), &host, port, Some(&d), err.as_str()).emit();
-            return upstream_failed(&what, &err);
-        }
-    };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    {
-        Ok(x) => x,
-        Err(err) => {
-            return upstream_failed(
-                &what,
-                &ConnectError::Unreachable {
-                    addr: addr.to_string(),
-                    source: std::io::Error::other(err),
-                },
-            );
-        }
-    };
-    tokio::spawn(async move {
-        if let Err(err) = conn.with_upgrades().await {
-            tracing::debug!(error = %err, "upstream HTTP connection ended");
-        }
-    });
 
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
     add_via(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST) {
-        let h = if port == 80 {
-            raw_host.clone()
-        } else {
-            format!("{raw_host}:{port}")
-        };
-        if let Ok(v) = HeaderValue::from_str(&h) {
-            parts.headers.insert(header::HOST, v);
-        }
-    }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    parts.uri = path.parse().unwrap_or_else(|_| Uri::from_static("/"));
     parts.version = Version::HTTP_11;
-    let upstream_req = Request::from_parts(parts, body);
-
-    let mut resp = match sender.send_request(upstream_req).await {
+    let client = gw
+        .http_client
+        .get_or_init(|| pool::client(Arc::downgrade(&gw)));
+    let mut resp = match client.request(Request::from_parts(parts, body)).await {
         Ok(r) => r,
         Err(err) => {
-            gw.metrics
-                .upstream_errors
-                .with_label_values(&["http_protocol_error"])
-                .inc();
-            AccessLog::new(
-                &cx,
-                method.as_str(),
-                &host,
-                port,
-                Some(&d),
-                "http_protocol_error",
-            )
-            .emit();
-            return status_response(
-                StatusCode::BAD_GATEWAY,
-                Some("http_protocol_error"),
-                "upstream response",
-                format!("portcullis: {what} failed — upstream answered badly: {err}\n"),
-            );
+            let (token, resp) = match pool::connect_error(&err) {
+                Some(ce) => (ce.as_str(), upstream_failed(&what, ce)),
+                None => (
+                    "http_protocol_error",
+                    status_response(
+                        StatusCode::BAD_GATEWAY,
+                        Some("http_protocol_error"),
+                        "upstream response",
+                        format!("portcullis: {what} failed — upstream answered badly: {err}\n"),
+                    ),
+                ),
+            };
+            gw.metrics.upstream_errors.with_label_values(&[token]).inc();
+            AccessLog::new(&cx, method.as_str(), &host, port, Some(&d), token).emit();
+            return resp;
         }
     };
     let mut log = AccessLog::new(&cx, method.as_str(), &host, port, Some(&d), "");
-    log.upstream = Some(addr);
+    log.upstream = resp.extensions().get::<pool::UpstreamAddr>().map(|a| a.0);
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);

@@ -9,6 +9,7 @@
 //! queueing without bound.
 
 pub mod explicit;
+pub mod pool;
 pub mod transparent;
 
 use std::net::{IpAddr, SocketAddr};
@@ -46,6 +47,8 @@ pub struct Gateway {
     pub ready: AtomicBool,
     /// Addresses of our own listeners: a redirected connection to one of them is a loop.
     pub own_addrs: Vec<SocketAddr>,
+    /// Keep-alive upstream connections for forwarded plain-HTTP requests (built on first use).
+    pub http_client: std::sync::OnceLock<pool::HttpClient>,
     per_client: DashMap<IpAddr, usize>,
 }
 
@@ -65,6 +68,7 @@ impl Gateway {
             shutdown: Shutdown::new(),
             ready: AtomicBool::new(false),
             own_addrs,
+            http_client: std::sync::OnceLock::new(),
             per_client: DashMap::new(),
         }
     }

@@ -1036,6 +1036,14 @@ impl Upstream {
             .collect()
     }
 
+    /// Waits (bounded) until the upstream has logged `n` requests, then returns their paths.
+    pub fn wait_request_paths(&self, n: usize) -> Vec<String> {
+        self.log.wait(IO_TIMEOUT, |lines| {
+            lines.iter().filter(|l| l.starts_with("request ")).count() >= n
+        });
+        self.request_paths()
+    }
+
     /// Lets every `/slow` response finish (GET /release straight to the upstream).
     pub fn release_slow(&self) {
         let resp = http_get(self.http_addr(), "/release").expect("GET /release");

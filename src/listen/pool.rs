@@ -1,0 +1,140 @@
+//! Pool: keep-alive upstream connections for forwarded plain-HTTP requests.
+//!
+//! In: absolute-URI requests the explicit proxy has already allowed. Out:
+//! responses, over upstream connections reused per `host:port` (hyper-util's
+//! pooling client). New connections are made by [`GuardedConnector`], which
+//! goes through `upstream` like every other egress socket: resolve, check
+//! every address against the current policy, Happy Eyeballs. The address
+//! dialled travels with each response as an [`UpstreamAddr`] extension.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Weak;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper::body::Incoming;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use super::Gateway;
+use crate::policy::{Target, host};
+use crate::upstream::ConnectError;
+
+/// The address a pooled connection reached.
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamAddr(pub SocketAddr);
+
+/// The pooling client type the gateway keeps.
+pub type HttpClient = Client<GuardedConnector, Incoming>;
+
+/// Idle upstream connections are closed after this.
+const POOL_IDLE: Duration = Duration::from_secs(30);
+/// Idle connections kept per `host:port`.
+const POOL_PER_HOST: usize = 32;
+
+/// Builds the pooling client around a connector that dials through `gw`.
+pub fn client(gw: Weak<Gateway>) -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE)
+        .pool_max_idle_per_host(POOL_PER_HOST)
+        .build(GuardedConnector { gw })
+}
+
+/// A `tower::Service<Uri>` that opens upstream connections through the
+/// gateway's connector (a weak handle: the gateway owns the client).
+#[derive(Clone)]
+pub struct GuardedConnector {
+    gw: Weak<Gateway>,
+}
+
+/// An upstream TCP connection that remembers where it went.
+pub struct Dialled {
+    io: TokioIo<TcpStream>,
+    addr: SocketAddr,
+}
+
+impl Connection for Dialled {
+    fn connected(&self) -> Connected {
+        Connected::new().extra(UpstreamAddr(self.addr))
+    }
+}
+
+impl Read for Dialled {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl Write for Dialled {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for GuardedConnector {
+    type Response = Dialled;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Dialled, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let gw = self.gw.clone();
+        Box::pin(async move {
+            let gw = gw.upgrade().ok_or("gateway is shutting down")?;
+            let raw = uri.host().ok_or("request URI has no host")?;
+            let port = uri.port_u16().unwrap_or(80);
+            let name = match Target::parse(raw) {
+                Target::Ip(ip) => ip.to_string(),
+                Target::Name(n) => host::normalize(n).map_err(|e| format!("'{n}': {e}"))?,
+            };
+            let policy = gw.policy.load_full();
+            let (stream, addr) = gw
+                .upstream
+                .connect(&policy, Target::parse(&name), port, &gw.metrics)
+                .await?;
+            Ok(Dialled {
+                io: TokioIo::new(stream),
+                addr,
+            })
+        })
+    }
+}
+
+/// The [`ConnectError`] behind a client error, if the connector failed.
+pub fn connect_error(err: &hyper_util::client::legacy::Error) -> Option<&ConnectError> {
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        if let Some(ce) = e.downcast_ref::<ConnectError>() {
+            return Some(ce);
+        }
+        source = e.source();
+    }
+    None
+}
