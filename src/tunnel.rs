@@ -323,6 +323,7 @@ mod tests {
 
     async fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        #[allow(clippy::disallowed_methods)] // a loopback pair for the test
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (b, _) = l.accept().await.unwrap();
         (a, b)

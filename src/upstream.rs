@@ -39,7 +39,7 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// Every resolved address was refused by policy (guarded, platform or denied).
-    #[error("{name} resolves only to refused addresses ({addrs})")]
+    #[error("every address of {name} is refused ({addrs})")]
     Prohibited {
         /// The name or address asked for.
         name: String,
@@ -235,9 +235,12 @@ impl Upstream {
         port: u16,
         metrics: &Metrics,
     ) -> Result<Vec<IpAddr>, ConnectError> {
-        let (shown, all): (&str, Arc<[IpAddr]>) = match target {
-            Target::Ip(ip) => return Ok(vec![ip]),
-            Target::Name(name) => (name, self.resolve(policy, name, metrics).await?),
+        // Literals were decided by address rules; the guard check is repeated
+        // here so that audit mode, which lets denials through, still never
+        // reaches private or platform addresses.
+        let (shown, all): (String, Arc<[IpAddr]>) = match target {
+            Target::Ip(ip) => (ip.to_string(), Arc::from([ip])),
+            Target::Name(name) => (name.to_string(), self.resolve(policy, name, metrics).await?),
         };
         let mut first_reason = None;
         let allowed: Vec<IpAddr> = all
@@ -253,7 +256,7 @@ impl Upstream {
             .collect();
         if allowed.is_empty() {
             return Err(ConnectError::Prohibited {
-                name: shown.to_string(),
+                name: shown,
                 addrs: all
                     .iter()
                     .map(ToString::to_string)
@@ -306,6 +309,7 @@ impl Upstream {
             loop {
                 if let Some(ip) = next.next() {
                     let sa = SocketAddr::new(*ip, port);
+                    #[allow(clippy::disallowed_methods)] // the one place egress sockets are opened
                     set.spawn(async move { (sa, TcpStream::connect(sa).await) });
                 } else if set.is_empty() {
                     break;
@@ -335,8 +339,7 @@ impl Upstream {
                 let _ = stream.set_nodelay(true);
                 Ok((stream, sa))
             }
-            Ok(Err(Some((sa, e)))) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                let _ = sa;
+            Ok(Err(Some((_, e)))) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
                 Err(ConnectError::Refused(shown()))
             }
             Ok(Err(Some((sa, e)))) => Err(ConnectError::Unreachable {

@@ -1028,6 +1028,15 @@ fn audit_mode_lets_denials_through_and_counts_them() {
             .metric("portcullis_decisions_total", &[("action", "deny")]),
         0.0
     );
+    // Audit mode never opens the guarded ranges: loopback stays refused.
+    let admin_port = env.proxy.admin_addr().port();
+    for dest in [
+        format!("127.0.0.1:{admin_port}"),
+        "ssrf.test:80".to_string(),
+    ] {
+        let (_s, head) = connect_via(env.proxy.addr(), &dest);
+        assert_eq!(head.status, 403, "{dest}: {head:?}");
+    }
 }
 
 #[test]
