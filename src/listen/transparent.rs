@@ -22,10 +22,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::{AccessLog, Conn, Gateway, Refusal, log_denial, raw_response};
-use crate::classify::{self, Classified};
+use crate::classify::{self, Classified, OpaqueReason};
 use crate::config::{Protocol, UpstreamMode};
 use crate::metrics::Via;
-use crate::policy::{Decision, Dest, Target, Verdict, host};
+use crate::policy::{Decision, Dest, Reason, Target, Verdict, host};
 use crate::tunnel;
 
 /// The destination the client meant, before REDIRECT rewrote it.
@@ -173,7 +173,43 @@ pub async fn serve(mut client: TcpStream, cx: Arc<Conn>, gw: Arc<Gateway>) {
             return;
         }
     };
-    let seen = seen(&classified);
+    let mut seen = seen(&classified);
+    if let Classified::Opaque(why) = &classified {
+        match why {
+            // A client that left before saying anything: nothing to decide.
+            OpaqueReason::Eof if prefix.is_empty() => return,
+            // Unnamed protocols, and silent clients of server-speaks-first
+            // ones, are decided by address below.
+            OpaqueReason::NotTlsOrHttp => {}
+            OpaqueReason::Timeout if prefix.is_empty() => {}
+            // It started as TLS or HTTP but never named a host (stalled,
+            // oversized, malformed): falling back to the address would let a
+            // slow client past name rules, so it is refused.
+            _ => {
+                if prefix.first() == Some(&0x16) {
+                    seen.method = "TLS";
+                }
+                let d = Decision {
+                    verdict: Verdict::Deny,
+                    rule: None,
+                    reason: Reason::MalformedHost,
+                };
+                let ip_text = orig.ip().to_string();
+                gw.count_decision(&cx, seen.via, &d, &ip_text, orig.port());
+                AccessLog::new(
+                    &cx,
+                    seen.method,
+                    &ip_text,
+                    orig.port(),
+                    Some(&d),
+                    why.as_str(),
+                )
+                .emit();
+                deny(&mut client, &seen, "", "", "", "").await;
+                return;
+            }
+        }
+    }
     let ip_text = orig.ip().to_string();
     let shown_host = seen.name.as_deref().unwrap_or(&ip_text);
     let port = orig.port();
@@ -215,7 +251,12 @@ pub async fn serve(mut client: TcpStream, cx: Arc<Conn>, gw: Arc<Gateway>) {
     let addrs = match dial_addresses(&gw, &cx, &seen, orig, &d).await {
         Ok(a) => a,
         Err((close, sentence)) => {
-            deny(&mut client, &seen, &what, &sentence, close, close).await;
+            let token = if close == "sni_mismatch" {
+                "http_request_denied"
+            } else {
+                close
+            };
+            deny(&mut client, &seen, &what, &sentence, token, close).await;
             log.close = close;
             log.emit();
             return;
@@ -289,9 +330,14 @@ async fn dial_addresses(
     };
     if mode == UpstreamMode::Verify {
         if !addrs.contains(&orig.ip()) {
+            let kind = if seen.via == Via::Host {
+                "host_destination"
+            } else {
+                "sni_destination"
+            };
             gw.metrics
                 .tls_name_mismatch
-                .with_label_values(&["sni_destination"])
+                .with_label_values(&[kind])
                 .inc();
             return Err((
                 "sni_mismatch",
