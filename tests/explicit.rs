@@ -1487,3 +1487,118 @@ fn tunnel_carries_a_1mib_upload_unchanged() {
     let _ = s.read_to_end(&mut rest);
     assert!(rest.is_empty(), "bytes after the response: {}", rest.len());
 }
+
+/// A one-shot WebSocket-style server on 127.0.0.2: answers the upgrade with
+/// 101, then echoes every byte until the peer closes. Returns its port.
+fn upgrade_echo_server() -> (u16, std::thread::JoinHandle<String>) {
+    let listener = TcpListener::bind((UPSTREAM_IP, 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            if s.read(&mut byte).unwrap() == 0 {
+                break;
+            }
+            head.push(byte[0]);
+        }
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => s.write_all(&buf[..n]).unwrap(),
+            }
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    });
+    (port, handle)
+}
+
+#[test]
+fn websocket_upgrade_is_passed_through_on_allowed_hosts() {
+    if !have_python() {
+        return;
+    }
+    let (ws_port, server) = upgrade_echo_server();
+    let Some(env) = setup(Opts {
+        extra_ports: vec![ws_port],
+        ..Opts::default()
+    }) else {
+        return;
+    };
+    let mut s = connect(env.proxy.addr()).unwrap();
+    write!(
+        s,
+        "GET http://allowed.test:{ws_port}/ws HTTP/1.1\r\nHost: allowed.test:{ws_port}\r\n\
+         Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nProxy-Connection: keep-alive\r\n\r\n"
+    )
+    .unwrap();
+    let head = read_head(&mut s).unwrap();
+    assert_eq!(head.status, 101, "{head:?}");
+    s.write_all(b"frame-bytes-\x00\x01\x02").unwrap();
+    let mut got = [0u8; 15];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"frame-bytes-\x00\x01\x02");
+    s.shutdown(Shutdown::Both).unwrap();
+    let seen = server.join().unwrap().to_ascii_lowercase();
+    assert!(
+        seen.starts_with("get /ws http/1.1"),
+        "origin-form upstream: {seen}"
+    );
+    assert!(seen.contains("upgrade: websocket"), "{seen}");
+    assert!(seen.contains("connection: upgrade"), "{seen}");
+    assert!(seen.contains("via: 1.1 portcullis"), "{seen}");
+    assert!(!seen.contains("proxy-connection"), "{seen}");
+}
+
+#[test]
+fn per_client_connection_cap_answers_503() {
+    let Some(env) = setup(Opts {
+        limits: vec![("max_connections_per_client", 2)],
+        ..Opts::default()
+    }) else {
+        return;
+    };
+    let held: Vec<TcpStream> = (0..2).map(|_| connect(env.proxy.addr()).unwrap()).collect();
+    let active = env.proxy.wait_metric(
+        "portcullis_connections_active",
+        &[("listener", "proxy")],
+        METRIC_TIMEOUT,
+        |v| v == 2.0,
+    );
+    assert_eq!(active, 2.0);
+    let mut third = connect(env.proxy.addr()).unwrap();
+    let resp = read_response(&mut third).unwrap();
+    assert_eq!(resp.status, 503, "{}", describe(&resp));
+    assert!(
+        resp.text().contains("connection limit"),
+        "{}",
+        describe(&resp)
+    );
+    assert_eq!(
+        env.proxy.metric(
+            "portcullis_connections_rejected_total",
+            &[("listener", "proxy"), ("reason", "limit")]
+        ),
+        1.0
+    );
+    drop(held);
+    let active = env.proxy.wait_metric(
+        "portcullis_connections_active",
+        &[("listener", "proxy")],
+        METRIC_TIMEOUT,
+        |v| v == 0.0,
+    );
+    assert_eq!(active, 0.0);
+    // Slots are released: a new connection is served again.
+    let (_s, head) = connect_via(
+        env.proxy.addr(),
+        &format!("allowed.test:{}", env.up.http_port()),
+    );
+    assert_eq!(head.status, 200);
+}
