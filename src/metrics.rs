@@ -242,7 +242,7 @@ impl Metrics {
             // Registered without the namespace: process_* is the convention.
             let _ = prometheus::default_registry().register(Box::new(pc));
         }
-        Metrics {
+        let m = Metrics {
             decisions,
             denied: DeniedHosts {
                 family: denied_family,
@@ -329,6 +329,46 @@ impl Metrics {
                 "changeNumber of the service tags file in use.",
             ),
             registry: r,
+        };
+        m.zero_known_series();
+        m
+    }
+
+    /// Creates every series whose labels are known up front at 0, so the
+    /// first event after a start is visible to `rate()` and `increase()`.
+    fn zero_known_series(&self) {
+        for result in ["success", "failure"] {
+            self.reloads.with_label_values(&[result]);
+        }
+        for error in [
+            "dns_error",
+            "connection_refused",
+            "connection_timeout",
+            "destination_ip_prohibited",
+            "destination_unavailable",
+            "http_protocol_error",
+        ] {
+            self.upstream_errors.with_label_values(&[error]);
+        }
+        for result in ["ok", "cached", "static", "nxdomain", "error"] {
+            self.dns_lookups.with_label_values(&[result]);
+        }
+        for kind in [
+            "connect_sni",
+            "host_uri",
+            "sni_destination",
+            "host_destination",
+        ] {
+            self.tls_name_mismatch.with_label_values(&[kind]);
+        }
+        for listener in [Listener::Proxy, Listener::Transparent] {
+            for reason in ["client_not_allowed", "limit"] {
+                self.connections_rejected
+                    .with_label_values(&[listener.as_str(), reason]);
+            }
+        }
+        for direction in ["upload", "download"] {
+            self.bytes.with_label_values(&[direction]);
         }
     }
 

@@ -60,7 +60,6 @@ fn status_response(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     if let Some(error) = error {
         let details: String = details
             .chars()
