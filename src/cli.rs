@@ -520,17 +520,7 @@ fn profile_show(policy: &Policy, scenario: Option<&str>) -> Result<ExitCode> {
                         .map(ToString::to_string),
                 )
                 .collect();
-            let ports: Vec<String> = r
-                .ports
-                .iter()
-                .map(|&(lo, hi)| {
-                    if lo == hi {
-                        lo.to_string()
-                    } else {
-                        format!("{lo}-{hi}")
-                    }
-                })
-                .collect();
+            let ports = crate::policy::port_ranges(&r.ports);
             let state = match &r.state {
                 RuleState::Active => String::new(),
                 RuleState::ScenarioDisabled => String::new(),

@@ -31,16 +31,7 @@ fn set_name(prefix: &str, index: usize, v6: bool) -> String {
 }
 
 fn ports_expr(ports: &[(u16, u16)]) -> String {
-    let items: Vec<String> = ports
-        .iter()
-        .map(|&(lo, hi)| {
-            if lo == hi {
-                lo.to_string()
-            } else {
-                format!("{lo}-{hi}")
-            }
-        })
-        .collect();
+    let items = crate::policy::port_ranges(ports);
     if items.len() == 1 {
         items[0].clone()
     } else {

@@ -33,7 +33,6 @@ use crate::classify::{self, Classified};
 use crate::config::Protocol;
 use crate::metrics::Via;
 use crate::policy::{Decision, Dest, Reason, Target, Verdict, host};
-use crate::tunnel;
 use crate::upstream::ConnectError;
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -331,19 +330,7 @@ async fn connect_inner(req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) 
             log.emit();
             return;
         }
-        let stats = tunnel::relay(
-            &client,
-            &upstream,
-            &prefix,
-            Duration::from_millis(gw.limits.idle_timeout_ms),
-            &gw.counters(),
-            gw.shutdown.cutting(),
-        )
-        .await;
-        log.upload = stats.upload;
-        log.download = stats.download;
-        log.close = stats.close.as_str();
-        log.emit();
+        super::relay_and_log(&gw, &client, &upstream, &prefix, log).await;
     });
     Response::new(full(Bytes::new()))
 }

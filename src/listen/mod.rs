@@ -342,6 +342,29 @@ impl<'a> AccessLog<'a> {
     }
 }
 
+/// Relays an established tunnel until it ends, then writes its log line.
+pub async fn relay_and_log(
+    gw: &Gateway,
+    client: &TcpStream,
+    upstream: &TcpStream,
+    prefix: &[u8],
+    mut log: AccessLog<'_>,
+) {
+    let stats = crate::tunnel::relay(
+        client,
+        upstream,
+        prefix,
+        Duration::from_millis(gw.limits.idle_timeout_ms),
+        &gw.counters(),
+        gw.shutdown.cutting(),
+    )
+    .await;
+    log.upload = stats.upload;
+    log.download = stats.download;
+    log.close = stats.close.as_str();
+    log.emit();
+}
+
 /// Logs a denial at decision time, with the command that explains it.
 pub fn log_denial(conn: &Conn, via: Via, host: &str, port: u16, d: &Decision) {
     let policy = &conn.policy;

@@ -26,7 +26,6 @@ use crate::classify::{self, Classified, OpaqueReason};
 use crate::config::{Protocol, UpstreamMode};
 use crate::metrics::Via;
 use crate::policy::{Decision, Dest, Reason, Target, Verdict, host};
-use crate::tunnel;
 
 /// The destination the client meant, before REDIRECT rewrote it.
 ///
@@ -275,19 +274,7 @@ pub async fn serve(mut client: TcpStream, cx: Arc<Conn>, gw: Arc<Gateway>) {
         }
     };
     log.upstream = Some(addr);
-    let stats = tunnel::relay(
-        &client,
-        &upstream,
-        &prefix,
-        Duration::from_millis(gw.limits.idle_timeout_ms),
-        &gw.counters(),
-        gw.shutdown.cutting(),
-    )
-    .await;
-    log.upload = stats.upload;
-    log.download = stats.download;
-    log.close = stats.close.as_str();
-    log.emit();
+    super::relay_and_log(&gw, &client, &upstream, &prefix, log).await;
 }
 
 /// Which addresses to dial, per `[policy] upstream`. Errors carry a close

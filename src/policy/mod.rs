@@ -638,7 +638,8 @@ impl Policy {
     }
 }
 
-fn ports_text(ports: &[(u16, u16)]) -> String {
+/// Port ranges as written in configs: `443`, `8704-8710`.
+pub fn port_ranges(ports: &[(u16, u16)]) -> Vec<String> {
     ports
         .iter()
         .map(|&(lo, hi)| {
@@ -648,8 +649,11 @@ fn ports_text(ports: &[(u16, u16)]) -> String {
                 format!("{lo}-{hi}")
             }
         })
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect()
+}
+
+fn ports_text(ports: &[(u16, u16)]) -> String {
+    port_ranges(ports).join(", ")
 }
 
 /// Replaces `<name>` placeholders. Returns the missing names on failure.
