@@ -27,20 +27,47 @@ pub struct Source {
 impl Source {
     /// Line and column (1-based) of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
-        let before = &self.text[..offset.min(self.text.len())];
-        let line = before.matches('\n').count() + 1;
-        let col = before
-            .rfind('\n')
-            .map_or(before.len(), |nl| before.len() - nl - 1)
-            + 1;
-        (line, col)
+        LineIndex::new(&self.text).line_col(offset)
     }
 
     /// `name:line:col` for a span.
     pub fn locate(&self, span: &Range<usize>) -> Location {
+        LineIndex::new(&self.text).locate(&self.name, span)
+    }
+}
+
+/// Where each line of a text starts, for many location lookups in one text
+/// (compile locates every rule: a scan per lookup would be quadratic).
+#[derive(Debug, Clone)]
+pub struct LineIndex {
+    starts: Vec<usize>,
+    len: usize,
+}
+
+impl LineIndex {
+    /// Indexes a text.
+    pub fn new(text: &str) -> LineIndex {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        LineIndex {
+            starts,
+            len: text.len(),
+        }
+    }
+
+    /// Line and column (1-based) of a byte offset.
+    pub fn line_col(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.len);
+        let line = self.starts.partition_point(|&s| s <= offset);
+        (line, offset - self.starts[line - 1] + 1)
+    }
+
+    /// `file:line:col` for a span.
+    pub fn locate(&self, file: &str, span: &Range<usize>) -> Location {
         let (line, col) = self.line_col(span.start);
         Location {
-            file: self.name.clone(),
+            file: file.to_string(),
             line,
             col,
         }
@@ -527,6 +554,11 @@ mod tests {
     fn line_col_counts_from_one() {
         let s = src("ab\ncd\n");
         assert_eq!(s.line_col(0), (1, 1));
+        assert_eq!(s.line_col(2), (1, 3));
+        assert_eq!(s.line_col(3), (2, 1));
         assert_eq!(s.line_col(4), (2, 2));
+        assert_eq!(s.line_col(6), (3, 1));
+        assert_eq!(s.line_col(600), (3, 1));
+        assert_eq!(src("").line_col(0), (1, 1));
     }
 }

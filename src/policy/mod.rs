@@ -33,7 +33,8 @@ use ipnet::IpNet;
 use toml::Spanned;
 
 use crate::config::{
-    Action, Config, Direction, Location, Mode, PortSpec, Protocol, RuleConfig, Source, UpstreamMode,
+    Action, Config, Direction, LineIndex, Location, Mode, PortSpec, Protocol, RuleConfig, Source,
+    UpstreamMode,
 };
 use crate::servicetags::ServiceTags;
 use host::{HostKey, HostTable};
@@ -144,14 +145,17 @@ pub enum Target<'a> {
 
 impl<'a> Target<'a> {
     /// An IP literal (`1.2.3.4`, `[2001:db8::1]`, `2001:db8::1`) or a name.
+    #[inline]
     pub fn parse(host: &'a str) -> Target<'a> {
         let bare = host
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
-        match bare.parse::<IpAddr>() {
-            Ok(ip) => Target::Ip(ip),
-            Err(_) => Target::Name(host),
+        // Only digits-and-dots or a colon can be an address: names skip the parse.
+        let maybe_ip = bare.contains(':') || bare.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+        match maybe_ip.then(|| bare.parse::<IpAddr>().ok()).flatten() {
+            Some(ip) => Target::Ip(ip),
+            None => Target::Name(host),
         }
     }
 }
@@ -727,6 +731,7 @@ fn parse_ports(specs: &[Spanned<PortSpec>]) -> Result<Vec<(u16, u16)>, PortError
 struct Diags<'s> {
     list: Vec<Diagnostic>,
     sources: [&'s Source; 2],
+    lines: [LineIndex; 2],
 }
 
 impl Diags<'_> {
@@ -740,7 +745,7 @@ impl Diags<'_> {
     ) {
         let location = span
             .filter(|s| !(s.start == 0 && s.end == 0))
-            .map(|s| self.sources[src].locate(s));
+            .map(|s| self.locate(src, s));
         self.list.push(Diagnostic {
             severity,
             location,
@@ -767,6 +772,10 @@ impl Diags<'_> {
         message: String,
     ) {
         self.push(Severity::Warning, src, span, path, message);
+    }
+
+    fn locate(&self, src: usize, span: &std::ops::Range<usize>) -> Location {
+        self.lines[src].locate(&self.sources[src].name, span)
     }
 
     fn has_errors(&self) -> bool {
@@ -816,6 +825,10 @@ impl Policy {
         let mut d = Diags {
             list: Vec::new(),
             sources: [source, profile_source],
+            lines: [
+                LineIndex::new(&source.text),
+                LineIndex::new(&profile_source.text),
+            ],
         };
         const CFG: usize = 0;
         const PROFILE: usize = 1;
@@ -1247,7 +1260,7 @@ fn compile_rule(
     } else {
         cidrs.clone()
     };
-    let origin = d.sources[src].locate(&rc.name.span());
+    let origin = d.locate(src, &rc.name.span());
     Some((
         Rule {
             name,
