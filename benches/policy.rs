@@ -15,11 +15,8 @@
 //!
 //! Bench ids: `{decide,naive,ahocorasick}/{azureml,10,1k,100k}/{hit,miss}`,
 //! throughput in decisions (one iteration = the whole 1,024-entry stream);
-//! `compile/{10,1k,100k}` from the config text, and `compile_unlocated/...`,
-//! the same configs with an empty source text (no per-rule line/column
-//! lookups). A `compile/<size>` whose location lookups alone are estimated
-//! over 5 s (today: 100k, as `Source::locate` is linear in the offset) is
-//! skipped with a message, and its `decide` policy is compiled unlocated.
+//! `compile/{10,1k,100k}` from the config text (every rule located, as a
+//! user's config is).
 
 use std::collections::HashSet;
 use std::hint::black_box;
@@ -181,11 +178,6 @@ impl Universe {
 struct Synthetic {
     label: &'static str,
     source: Source,
-    /// The same file name with no text: compile then records every location
-    /// as 1:1 and skips the per-rule line count.
-    unlocated: Source,
-    /// Whether compiling with the real source is fast enough to bench.
-    located: bool,
     config: Config,
     policy: Policy,
     universe: Universe,
@@ -263,46 +255,15 @@ fn synthetic(n: usize, label: &'static str) -> Synthetic {
         text,
     };
     let config = Config::parse(&source).expect("synthetic config parses");
-    let locate_estimate = locate_estimate(&config, &source);
-    let located = locate_estimate <= MAX_LOCATE_ESTIMATE;
-    let unlocated = Source {
-        name: source.name.clone(),
-        text: String::new(),
-    };
-    if !located {
-        eprintln!(
-            "compile/{label}: skipped: rule locations alone would take ~{locate_estimate:.1?} \
-             per compile (Source::locate is linear in the offset, so compile is quadratic \
-             in the config size); decide/{label} uses a policy compiled without locations"
-        );
-    }
-    let policy = compile(&config, if located { &source } else { &unlocated });
+    let policy = compile(&config, &source);
     assert_eq!(policy.rules().len(), n);
     Synthetic {
         label,
         source,
-        unlocated,
-        located,
         config,
         policy,
         universe,
     }
-}
-
-/// Above this estimated location cost per compile, `compile/<size>` is not run.
-const MAX_LOCATE_ESTIMATE: Duration = Duration::from_secs(5);
-
-/// Compile records `name:line:col` of every rule: estimates that cost from a
-/// sample of `Source::locate` calls spread over the file.
-fn locate_estimate(config: &Config, source: &Source) -> Duration {
-    let rules = &config.rules;
-    let samples = rules.len().min(16);
-    let start = Instant::now();
-    for k in 0..samples {
-        let rule = &rules[(2 * k + 1) * rules.len() / (2 * samples)];
-        black_box(source.locate(&rule.name.span()));
-    }
-    start.elapsed() / samples as u32 * rules.len() as u32
 }
 
 fn compile(config: &Config, source: &Source) -> Policy {
@@ -535,14 +496,12 @@ fn dest(host: &str, port: u16) -> Dest<'_> {
     }
 }
 
-/// `compile/<size>`: the real thing, from the config text. `compile_unlocated/<size>`:
-/// the same config with an empty source text, i.e. without the per-rule
-/// line/column lookups (the matcher and table building alone).
+/// `compile/<size>`: from the config text, as `portcullis check` does it.
 fn bench_compile(c: &mut Criterion, policies: &[Synthetic]) {
-    for (group_name, unlocated) in [("compile", false), ("compile_unlocated", true)] {
-        let mut group = c.benchmark_group(group_name);
-        for p in policies.iter().filter(|p| unlocated || p.located) {
-            let source = if unlocated { &p.unlocated } else { &p.source };
+    {
+        let mut group = c.benchmark_group("compile");
+        for p in policies {
+            let source = &p.source;
             let start = Instant::now();
             let (policy, _) = Policy::compile(&p.config, source, &CompileInput::default())
                 .expect("compiled once already");
