@@ -217,7 +217,9 @@ async fn serve(loaded: Loaded, reloader: Reloader) -> Result<ExitCode> {
     }
     let policy = loaded.policy.clone();
     let grace = Duration::from_millis(loaded.config.limits.grace_period_ms);
-    let gw = Arc::new(Gateway::new(policy, loaded.config.limits.clone(), own));
+    let mut gw = Gateway::new(policy, loaded.config.limits.clone(), own);
+    gw.json_log = loaded.config.log.format == LogFormat::Json;
+    let gw = Arc::new(gw);
     if let Some(l) = proxy {
         tokio::spawn(listen::accept_loop(
             l,

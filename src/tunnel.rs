@@ -281,7 +281,7 @@ pub async fn relay(
     };
     let download = async {
         let sides = (CloseReason::UpstreamError, CloseReason::ClientError);
-        let r = pump(
+        let r = pump_splice(
             upstream,
             client,
             &down,

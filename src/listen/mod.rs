@@ -8,9 +8,12 @@
 //! caps (per listener and per client address) answer 503 or close instead of
 //! queueing without bound.
 
+pub mod access;
 pub mod explicit;
 pub mod pool;
 pub mod transparent;
+
+pub use access::AccessLog;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -47,6 +50,8 @@ pub struct Gateway {
     pub ready: AtomicBool,
     /// Addresses of our own listeners: a redirected connection to one of them is a loop.
     pub own_addrs: Vec<SocketAddr>,
+    /// Access lines as JSON (`[log] format = "json"`), written directly.
+    pub json_log: bool,
     /// Keep-alive upstream connections for forwarded plain-HTTP requests (built on first use).
     pub http_client: std::sync::OnceLock<pool::HttpClient>,
     per_client: DashMap<IpAddr, usize>,
@@ -68,6 +73,7 @@ impl Gateway {
             shutdown: Shutdown::new(),
             ready: AtomicBool::new(false),
             own_addrs,
+            json_log: true,
             http_client: std::sync::OnceLock::new(),
             per_client: DashMap::new(),
         }
@@ -106,6 +112,8 @@ pub struct Conn {
     pub policy: Arc<Policy>,
     /// When it was accepted.
     pub started: Instant,
+    /// Access lines are written as JSON (`[log] format = "json"`).
+    pub json_log: bool,
     _guard: ConnGuard,
 }
 
@@ -186,6 +194,7 @@ fn admit(
         listener,
         policy,
         started: Instant::now(),
+        json_log: gw.json_log,
         _guard: ConnGuard {
             _permit: permit,
             _task: gw.shutdown.track(),
@@ -249,96 +258,6 @@ pub async fn accept_loop<H, HF, R, RF>(
                 tokio::spawn(refuse(stream, refusal));
             }
         }
-    }
-}
-
-/// The fields of the one log line each connection (or forwarded request) writes at close.
-pub struct AccessLog<'a> {
-    /// The client's address.
-    pub client: SocketAddr,
-    /// Listener that accepted it.
-    pub listener: Listener,
-    /// Policy snapshot the connection decided with.
-    pub policy: &'a Policy,
-    /// When the connection was accepted.
-    pub started: Instant,
-    /// `CONNECT`, `GET`..., `TLS`, `HTTP`, `TCP` (transparent).
-    pub method: &'a str,
-    /// Host or address asked for.
-    pub host: &'a str,
-    /// Port asked for.
-    pub port: u16,
-    /// Address dialled, if any.
-    pub upstream: Option<SocketAddr>,
-    /// The decision.
-    pub decision: Option<&'a Decision>,
-    /// Bytes client → upstream.
-    pub upload: u64,
-    /// Bytes upstream → client.
-    pub download: u64,
-    /// Why it ended (`denied`, a tunnel close reason, an error token, an HTTP status).
-    pub close: &'a str,
-    /// TLS ClientHello carried an Encrypted Client Hello extension.
-    pub ech: bool,
-}
-
-impl<'a> AccessLog<'a> {
-    /// A line for `conn` with nothing relayed yet.
-    pub fn new(
-        conn: &'a Conn,
-        method: &'a str,
-        host: &'a str,
-        port: u16,
-        decision: Option<&'a Decision>,
-        close: &'a str,
-    ) -> Self {
-        AccessLog {
-            client: conn.peer,
-            listener: conn.listener,
-            policy: &conn.policy,
-            started: conn.started,
-            method,
-            host,
-            port,
-            upstream: None,
-            decision,
-            upload: 0,
-            download: 0,
-            close,
-            ech: false,
-        }
-    }
-
-    /// Writes the line (target `portcullis::access`).
-    pub fn emit(&self) {
-        let policy = self.policy;
-        let (verdict, rule, reason) = match self.decision {
-            Some(d) => (
-                d.verdict.as_str(),
-                d.rule.map(|r| policy.rule(r).name.as_str()).unwrap_or("-"),
-                d.reason.as_str(),
-            ),
-            None => ("-", "-", "-"),
-        };
-        tracing::info!(
-            target: "portcullis::access",
-            client = %self.client,
-            listener = self.listener.as_str(),
-            method = self.method,
-            host = self.host,
-            port = self.port,
-            upstream = self.upstream.map(|a| a.to_string()).as_deref().unwrap_or("-"),
-            verdict,
-            rule,
-            reason,
-            upload = self.upload,
-            download = self.download,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            close = self.close,
-            ech = self.ech,
-            generation = policy.generation(),
-            "connection closed"
-        );
     }
 }
 

@@ -1,0 +1,267 @@
+//! Access log: the one line each connection (or forwarded request) writes when it closes.
+//!
+//! In: what a listener learnt about a connection. Out: a JSON line on stderr
+//! (`[log] format = "json"`, the default) or a tracing event (`text`). The
+//! JSON line is built here by hand, with the same fields and shape as the
+//! tracing JSON layer's, because that formatter costs microseconds per line
+//! and this is written for every connection (`benches/path.rs`).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::time::{Instant, SystemTime};
+
+use super::Conn;
+use crate::metrics::Listener;
+use crate::policy::{Decision, Policy};
+
+/// The fields of the one log line each connection (or forwarded request) writes at close.
+pub struct AccessLog<'a> {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// Listener that accepted it.
+    pub listener: Listener,
+    /// Policy snapshot the connection decided with.
+    pub policy: &'a Policy,
+    /// When the connection was accepted.
+    pub started: Instant,
+    /// Write JSON directly (else a tracing event, for the text format).
+    pub json: bool,
+    /// `CONNECT`, `GET`..., `TLS`, `HTTP`, `TCP` (transparent).
+    pub method: &'a str,
+    /// Host or address asked for.
+    pub host: &'a str,
+    /// Port asked for.
+    pub port: u16,
+    /// Address dialled, if any.
+    pub upstream: Option<SocketAddr>,
+    /// The decision.
+    pub decision: Option<&'a Decision>,
+    /// Bytes client → upstream.
+    pub upload: u64,
+    /// Bytes upstream → client.
+    pub download: u64,
+    /// Why it ended (`denied`, a tunnel close reason, an error token, an HTTP status).
+    pub close: &'a str,
+    /// TLS ClientHello carried an Encrypted Client Hello extension.
+    pub ech: bool,
+}
+
+impl<'a> AccessLog<'a> {
+    /// A line for `conn` with nothing relayed yet.
+    pub fn new(
+        conn: &'a Conn,
+        method: &'a str,
+        host: &'a str,
+        port: u16,
+        decision: Option<&'a Decision>,
+        close: &'a str,
+    ) -> Self {
+        AccessLog {
+            client: conn.peer,
+            listener: conn.listener,
+            policy: &conn.policy,
+            started: conn.started,
+            json: conn.json_log,
+            method,
+            host,
+            port,
+            upstream: None,
+            decision,
+            upload: 0,
+            download: 0,
+            close,
+            ech: false,
+        }
+    }
+
+    /// Writes the line (target `portcullis::access`, level info).
+    pub fn emit(&self) {
+        if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {
+            return;
+        }
+        if self.json {
+            let mut line = self.json_line(SystemTime::now());
+            line.push('\n');
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            return;
+        }
+        let policy = self.policy;
+        let (verdict, rule, reason) = match self.decision {
+            Some(d) => (
+                d.verdict.as_str(),
+                d.rule.map(|r| policy.rule(r).name.as_str()).unwrap_or("-"),
+                d.reason.as_str(),
+            ),
+            None => ("-", "-", "-"),
+        };
+        tracing::info!(
+            target: "portcullis::access",
+            client = %self.client,
+            listener = self.listener.as_str(),
+            method = self.method,
+            host = self.host,
+            port = self.port,
+            upstream = self.upstream.map(|a| a.to_string()).as_deref().unwrap_or("-"),
+            verdict,
+            rule,
+            reason,
+            upload = self.upload,
+            download = self.download,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            close = self.close,
+            ech = self.ech,
+            generation = policy.generation(),
+            "connection closed"
+        );
+    }
+}
+
+impl AccessLog<'_> {
+    /// The JSON line, without its newline, stamped with `now`.
+    pub fn json_line(&self, now: SystemTime) -> String {
+        let policy = self.policy;
+        let (verdict, rule, reason) = match self.decision {
+            Some(d) => (
+                d.verdict.as_str(),
+                d.rule.map(|r| policy.rule(r).name.as_str()).unwrap_or("-"),
+                d.reason.as_str(),
+            ),
+            None => ("-", "-", "-"),
+        };
+        let mut o = String::with_capacity(384);
+        o.push_str("{\"timestamp\":\"");
+        rfc3339(&mut o, now);
+        o.push_str("\",\"level\":\"INFO\",\"message\":\"connection closed\"");
+        let _ = write!(o, ",\"client\":\"{}\"", self.client);
+        field(&mut o, "listener", self.listener.as_str());
+        field(&mut o, "method", self.method);
+        field(&mut o, "host", self.host);
+        let _ = write!(o, ",\"port\":{}", self.port);
+        match self.upstream {
+            Some(a) => {
+                let _ = write!(o, ",\"upstream\":\"{a}\"");
+            }
+            None => o.push_str(",\"upstream\":\"-\""),
+        }
+        field(&mut o, "verdict", verdict);
+        field(&mut o, "rule", rule);
+        field(&mut o, "reason", reason);
+        let _ = write!(
+            o,
+            ",\"upload\":{},\"download\":{},\"duration_ms\":{}",
+            self.upload,
+            self.download,
+            self.started.elapsed().as_millis()
+        );
+        field(&mut o, "close", self.close);
+        let _ = write!(
+            o,
+            ",\"ech\":{},\"generation\":{},\"target\":\"portcullis::access\"}}",
+            self.ech,
+            policy.generation()
+        );
+        o
+    }
+}
+
+/// `,"key":"value"` with the value escaped per RFC 8259 §7.
+fn field(o: &mut String, key: &str, value: &str) {
+    o.push_str(",\"");
+    o.push_str(key);
+    o.push_str("\":\"");
+    for c in value.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` (UTC), as the tracing JSON layer writes it.
+fn rfc3339(o: &mut String, t: SystemTime) {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant, "chrono-compatible
+    // low-level date algorithms").
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        o,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Source};
+    use crate::policy::{CompileInput, Reason, RuleId, Verdict};
+    use std::time::Duration;
+
+    #[test]
+    fn json_line_has_the_fields_and_escapes() {
+        let source = Source {
+            name: "t.toml".into(),
+            text: "[policy]\nprofile = \"none\"\n[[rule]]\nname = \"r\"\nhosts = [\"a.com\"]\n"
+                .into(),
+        };
+        let config = Config::parse(&source).unwrap();
+        let (policy, _) = Policy::compile(&config, &source, &CompileInput::default()).unwrap();
+        let d = Decision {
+            verdict: Verdict::Allow,
+            rule: Some(RuleId(0)),
+            reason: Reason::RuleMatched,
+        };
+        let log = AccessLog {
+            client: "10.0.0.5:40000".parse().unwrap(),
+            listener: Listener::Proxy,
+            policy: &policy,
+            started: Instant::now(),
+            json: true,
+            method: "GET",
+            host: "we\"ird\\\u{1}host",
+            port: 443,
+            upstream: Some("[2001:db8::1]:443".parse().unwrap()),
+            decision: Some(&d),
+            upload: 12,
+            download: 3456,
+            close: "client_closed",
+            ech: true,
+        };
+        let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_700_000_123_456);
+        let line = log.json_line(t);
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["timestamp"], "2026-11-26T13:33:20.123456Z");
+        assert_eq!(v["host"], "we\"ird\\\u{1}host");
+        assert_eq!(v["upstream"], "[2001:db8::1]:443");
+        assert_eq!(v["rule"], "r");
+        assert_eq!(v["verdict"], "allow");
+        assert_eq!(v["port"], 443);
+        assert_eq!(v["download"], 3456);
+        assert_eq!(v["ech"], true);
+        assert_eq!(v["target"], "portcullis::access");
+        assert_eq!(v["message"], "connection closed");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        let mut s = String::new();
+        rfc3339(&mut s, t);
+        assert_eq!(s, "2000-02-29T00:00:00.000000Z");
+    }
+}
