@@ -87,14 +87,7 @@ impl<'a> AccessLog<'a> {
             return;
         }
         let policy = self.policy;
-        let (verdict, rule, reason) = match self.decision {
-            Some(d) => (
-                d.verdict.as_str(),
-                d.rule.map(|r| policy.rule(r).name.as_str()).unwrap_or("-"),
-                d.reason.as_str(),
-            ),
-            None => ("-", "-", "-"),
-        };
+        let (verdict, rule, reason) = self.outcome();
         tracing::info!(
             target: "portcullis::access",
             client = %self.client,
@@ -118,17 +111,24 @@ impl<'a> AccessLog<'a> {
 }
 
 impl AccessLog<'_> {
-    /// The JSON line, without its newline, stamped with `now`.
-    pub fn json_line(&self, now: SystemTime) -> String {
-        let policy = self.policy;
-        let (verdict, rule, reason) = match self.decision {
+    /// Verdict, rule name and reason as logged (`-` when there is no decision).
+    fn outcome(&self) -> (&str, &str, &str) {
+        match self.decision {
             Some(d) => (
                 d.verdict.as_str(),
-                d.rule.map(|r| policy.rule(r).name.as_str()).unwrap_or("-"),
+                d.rule
+                    .map(|r| self.policy.rule(r).name.as_str())
+                    .unwrap_or("-"),
                 d.reason.as_str(),
             ),
             None => ("-", "-", "-"),
-        };
+        }
+    }
+
+    /// The JSON line, without its newline, stamped with `now`.
+    pub fn json_line(&self, now: SystemTime) -> String {
+        let policy = self.policy;
+        let (verdict, rule, reason) = self.outcome();
         let mut o = String::with_capacity(384);
         o.push_str("{\"timestamp\":\"");
         rfc3339(&mut o, now);

@@ -312,7 +312,10 @@ async fn connect_inner(req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) 
             return;
         };
         let mut client = parts.io.into_inner();
+        // Copy what hyper read past the CONNECT head, and let go of its read
+        // buffer (a slice of it would pin the whole buffer for the tunnel's life).
         let mut prefix = BytesMut::from(&parts.read_buf[..]);
+        drop(parts.read_buf);
         let mut log = AccessLog::new(&cx, "CONNECT", &host, port, Some(&d), "");
         log.upstream = Some(addr);
         if let Some(mismatch) = check_sni(
@@ -330,7 +333,7 @@ async fn connect_inner(req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) 
             log.emit();
             return;
         }
-        super::relay_and_log(&gw, &client, &upstream, &prefix, log).await;
+        super::relay_and_log(&gw, &client, &upstream, prefix, log).await;
     });
     Response::new(full(Bytes::new()))
 }

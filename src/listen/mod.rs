@@ -261,24 +261,39 @@ pub async fn accept_loop<H, HF, R, RF>(
     }
 }
 
-/// Relays an established tunnel until it ends, then writes its log line.
+/// Replays the client's already-read bytes upstream, frees their buffer (a
+/// sniff buffer held for a tunnel's life would be most of an idle tunnel's
+/// memory), relays until the tunnel ends, then writes its log line.
 pub async fn relay_and_log(
     gw: &Gateway,
     client: &TcpStream,
     upstream: &TcpStream,
-    prefix: &[u8],
+    prefix: bytes::BytesMut,
     mut log: AccessLog<'_>,
 ) {
+    let replayed = prefix.len() as u64;
+    if replayed > 0 {
+        if crate::tunnel::write_all(upstream, &prefix).await.is_err() {
+            log.close = crate::tunnel::CloseReason::UpstreamError.as_str();
+            log.emit();
+            return;
+        }
+        gw.metrics
+            .bytes
+            .with_label_values(&["upload"])
+            .inc_by(replayed);
+    }
+    drop(prefix);
     let stats = crate::tunnel::relay(
         client,
         upstream,
-        prefix,
+        b"",
         Duration::from_millis(gw.limits.idle_timeout_ms),
         &gw.counters(),
         gw.shutdown.cutting(),
     )
     .await;
-    log.upload = stats.upload;
+    log.upload = stats.upload + replayed;
     log.download = stats.download;
     log.close = stats.close.as_str();
     log.emit();

@@ -274,7 +274,7 @@ pub async fn serve(mut client: TcpStream, cx: Arc<Conn>, gw: Arc<Gateway>) {
         }
     };
     log.upstream = Some(addr);
-    super::relay_and_log(&gw, &client, &upstream, &prefix, log).await;
+    super::relay_and_log(&gw, &client, &upstream, prefix, log).await;
 }
 
 /// Which addresses to dial, per `[policy] upstream`. Errors carry a close
