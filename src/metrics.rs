@@ -100,7 +100,9 @@ impl DeniedHosts {
             self.other.inc();
             return;
         }
-        let counter = self.family.with_label_values(&[host, itoa(port).as_str()]);
+        let counter = self
+            .family
+            .with_label_values(&[host, port.to_string().as_str()]);
         counter.inc();
         self.seen.insert((Box::from(host), port), counter);
     }
@@ -109,10 +111,6 @@ impl DeniedHosts {
     pub fn tracked(&self) -> usize {
         self.seen.len()
     }
-}
-
-fn itoa(n: u16) -> String {
-    n.to_string()
 }
 
 /// Every family. Build one with [`Metrics::new`] and share it by reference.

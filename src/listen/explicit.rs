@@ -129,7 +129,12 @@ fn upstream_failed(what: &str, err: &ConnectError) -> Response<Body> {
 
 /// Bytes of a request head as received: request line and header lines.
 fn head_len(req: &Request<Incoming>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    // Measured from the parsed parts: no per-request allocation.
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
     req.headers()
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)

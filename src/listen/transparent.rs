@@ -247,7 +247,7 @@ pub async fn serve(mut client: TcpStream, cx: Arc<Conn>, gw: Arc<Gateway>) {
         log.emit();
         return;
     }
-    let addrs = match dial_addresses(&gw, &cx, &seen, orig, &d).await {
+    let addrs = match dial_addresses(&gw, &cx, &seen, orig).await {
         Ok(a) => a,
         Err((close, sentence)) => {
             let token = if close == "sni_mismatch" {
@@ -284,7 +284,6 @@ async fn dial_addresses(
     cx: &Conn,
     seen: &Seen,
     orig: SocketAddr,
-    _d: &Decision,
 ) -> Result<Vec<IpAddr>, (&'static str, String)> {
     let policy = &cx.policy;
     let Some(name) = &seen.name else {
