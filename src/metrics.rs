@@ -87,24 +87,45 @@ pub struct DeniedHosts {
     seen: DashMap<(Box<str>, u16), IntCounter>,
     other: IntCounter,
     max: AtomicUsize,
+    /// Slots taken in `seen` (reserved before inserting).
+    reserved: AtomicUsize,
 }
 
 impl DeniedHosts {
     /// Counts one denial of `host:port`.
     pub fn record(&self, host: &str, port: u16) {
-        if let Some(c) = self.seen.get(&(Box::from(host), port)) {
+        let key = (Box::from(host), port);
+        if let Some(c) = self.seen.get(&key) {
             c.inc();
             return;
         }
-        if self.seen.len() >= self.max.load(Ordering::Relaxed) {
+        // Reserve a slot first: checking the map's length and then inserting
+        // would let concurrent first denials overshoot the bound.
+        let max = self.max.load(Ordering::Relaxed);
+        if self
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
             self.other.inc();
             return;
         }
-        let counter = self
-            .family
-            .with_label_values(&[host, port.to_string().as_str()]);
-        counter.inc();
-        self.seen.insert((Box::from(host), port), counter);
+        match self.seen.entry(key) {
+            dashmap::Entry::Occupied(e) => {
+                // Another thread tracked it meanwhile: give the slot back.
+                e.get().inc();
+                self.reserved.fetch_sub(1, Ordering::AcqRel);
+            }
+            dashmap::Entry::Vacant(v) => {
+                let counter = self
+                    .family
+                    .with_label_values(&[host, port.to_string().as_str()]);
+                counter.inc();
+                v.insert(counter);
+            }
+        }
     }
 
     /// Number of distinct tracked hosts.
@@ -247,6 +268,7 @@ impl Metrics {
                 seen: DashMap::new(),
                 other,
                 max: AtomicUsize::new(max_denied_hosts),
+                reserved: AtomicUsize::new(0),
             },
             client_denials: counter_vec(
                 &r,
@@ -435,6 +457,28 @@ mod tests {
         assert!(text.contains(
             "portcullis_denied_destinations_total{host=\"spray0.example.com\",port=\"443\"} 2"
         ));
+    }
+
+    #[test]
+    fn denied_hosts_bound_holds_under_concurrency() {
+        let m = Metrics::new(50);
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let m = &m;
+                s.spawn(move || {
+                    for i in 0..2000 {
+                        m.denied.record(&format!("h{t}-{i}.example"), 80);
+                    }
+                });
+            }
+        });
+        assert_eq!(m.denied.tracked(), 50);
+        let series = m
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("portcullis_denied_destinations_total{"))
+            .count();
+        assert_eq!(series, 51, "50 hosts + __other__");
     }
 
     #[test]
