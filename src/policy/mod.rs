@@ -26,7 +26,6 @@ mod profile;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
-use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -240,6 +239,9 @@ struct Grant {
     deny: bool,
     active: bool,
     unlocks_guarded: bool,
+    /// In a key's folded list: the first grant of a more specific key than
+    /// the grants before it (host keys only).
+    more_specific: bool,
 }
 
 impl Grant {
@@ -252,6 +254,19 @@ impl Grant {
     fn covers_proto(&self, proto: Protocol) -> bool {
         self.proto == Protocol::Any || self.proto == proto
     }
+}
+
+/// What the host table keeps beside a key: every grant a name whose most
+/// specific key this is meets, folded at compile time (the grants of the
+/// wildcard keys that are suffixes of this one, least specific first, then
+/// its own, each key's in rule order). The first is kept in the slot, so the
+/// common one-rule key is decided from the cache line that matched it; the
+/// rest are `Inner::grants[rest_start..rest_end]`.
+#[derive(Debug, Clone, Copy)]
+struct KeyGrants {
+    first: Grant,
+    rest_start: u32,
+    rest_end: u32,
 }
 
 /// Running state of one decision over the grants it meets.
@@ -294,6 +309,23 @@ impl Matcher {
                 Reason::PortNotAllowed
             };
             self.near.get_or_insert((g.rule, reason));
+        }
+    }
+
+    /// The decision on a name once its key's grants are observed; `allow_before`:
+    /// the allow of a less specific key, if a more specific one had none.
+    #[inline(always)]
+    fn name_decision(&self, allow_before: Option<u32>) -> Decision {
+        if let Some(rule) = self.deny {
+            return Decision::deny(Some(rule), Reason::DenyRule);
+        }
+        match self.allow.or(allow_before) {
+            Some(rule) => Decision {
+                verdict: Verdict::Allow,
+                rule: Some(RuleId(rule)),
+                reason: Reason::RuleMatched,
+            },
+            None => self.refusal(),
         }
     }
 
@@ -381,8 +413,7 @@ pub struct Policy {
 struct Inner {
     rules: Vec<Rule>,
     grants: Vec<Grant>,
-    hosts: HostTable,
-    key_grants: Vec<(u32, u32)>,
+    hosts: HostTable<KeyGrants>,
     nets: NetTable,
     mode: Mode,
     upstream: UpstreamMode,
@@ -441,39 +472,30 @@ impl Policy {
     #[inline]
     fn decide_name(&self, name: &[u8], port: u16, proto: Protocol) -> Decision {
         let inner = &*self.inner;
+        let key = match inner.hosts.most_specific(name) {
+            Ok(Some(key)) => key,
+            Ok(None) => return Decision::deny(None, Reason::NoRule),
+            Err(_) => return Decision::deny(None, Reason::MalformedHost),
+        };
         let mut m = Matcher::default();
-        let walked = inner.hosts.visit(name, |key| {
-            let (start, end) = inner.key_grants[key as usize];
-            // A more specific key replaces the allow of a less specific one;
-            // within one key, the first rule in order keeps it.
-            let before = m.allow;
-            m.allow = None;
-            for g in &inner.grants[start as usize..end as usize] {
-                m.observe(g, port, proto, false);
-            }
-            if m.allow.is_none() {
-                m.allow = before;
-            }
+        m.observe(&key.first, port, proto, false);
+        if key.rest_start == key.rest_end {
+            return m.name_decision(None);
+        }
+        // A more specific key's allow replaces a less specific one's; within
+        // one key the first rule in order keeps it; the first deny met wins.
+        let mut allow_before = None;
+        for g in &inner.grants[key.rest_start as usize..key.rest_end as usize] {
             if m.deny.is_some() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
+                break;
             }
-        });
-        if walked.is_err() {
-            return Decision::deny(None, Reason::MalformedHost);
+            if g.more_specific {
+                allow_before = m.allow.or(allow_before);
+                m.allow = None;
+            }
+            m.observe(g, port, proto, false);
         }
-        if let Some(rule) = m.deny {
-            return Decision::deny(Some(rule), Reason::DenyRule);
-        }
-        match m.allow {
-            Some(rule) => Decision {
-                verdict: Verdict::Allow,
-                rule: Some(RuleId(rule)),
-                reason: Reason::RuleMatched,
-            },
-            None => m.refusal(),
-        }
+        m.name_decision(allow_before)
     }
 
     fn ip_matcher(&self, ip: IpAddr, port: u16, proto: Protocol) -> Matcher {
@@ -973,6 +995,7 @@ impl Policy {
                     deny: rule.action == Action::Deny,
                     active,
                     unlocks_guarded: false,
+                    more_specific: false,
                 };
                 for key in &keys {
                     keyed.push((key.clone(), grant));
@@ -982,6 +1005,7 @@ impl Policy {
                         *net,
                         Grant {
                             unlocks_guarded: net::unlocks_guarded(net),
+                            more_specific: false,
                             ..grant
                         },
                     ));
@@ -1046,13 +1070,28 @@ impl Policy {
             by_key[i].1.push(grant);
         }
         let mut grants = Vec::new();
-        let mut key_grants = Vec::new();
         let mut table_keys = Vec::new();
-        for (key, gs) in by_key {
-            let start = grants.len() as u32;
-            grants.extend(gs);
-            key_grants.push((start, grants.len() as u32));
-            table_keys.push((key, key_grants.len() as u32 - 1));
+        for (key, _) in &by_key {
+            let mut folded = Vec::new();
+            for ancestor in wildcard_ancestors(key) {
+                if let Some(&i) = key_index.get(&ancestor) {
+                    push_group(&mut folded, &by_key[i].1);
+                }
+            }
+            let own = key_index[key];
+            push_group(&mut folded, &by_key[own].1);
+            let rest_start = grants.len() as u32;
+            grants.extend(&folded[1..]);
+            let rest_end = grants.len() as u32;
+            let first = folded[0];
+            table_keys.push((
+                key.clone(),
+                KeyGrants {
+                    first,
+                    rest_start,
+                    rest_end,
+                },
+            ));
         }
         let mut net_entries = Vec::new();
         for (net, grant) in netted {
@@ -1065,7 +1104,6 @@ impl Policy {
                 rules,
                 grants,
                 hosts: HostTable::build(&table_keys),
-                key_grants,
                 nets: NetTable::build(&net_entries),
                 mode: config.policy.mode,
                 upstream: config.policy.upstream,
@@ -1280,6 +1318,28 @@ fn compile_rule(
         keys,
         nets,
     ))
+}
+
+/// The wildcard keys that match every name `key` matches, least specific
+/// first: `*.com`, `*.b.com` for `a.b.com` and for `*.a.b.com`.
+fn wildcard_ancestors(key: &HostKey) -> Vec<HostKey> {
+    let (HostKey::Exact(name) | HostKey::Wildcard(name)) = key;
+    let mut out: Vec<HostKey> = name
+        .match_indices('.')
+        .map(|(i, _)| HostKey::Wildcard(name[i + 1..].to_string()))
+        .collect();
+    out.reverse();
+    out
+}
+
+/// Appends one key's grants, marking where the more specific key starts.
+fn push_group(folded: &mut Vec<Grant>, group: &[Grant]) {
+    for (i, g) in group.iter().enumerate() {
+        folded.push(Grant {
+            more_specific: i == 0,
+            ..*g
+        });
+    }
 }
 
 /// Warnings: exfiltration wildcards, duplicate and shadowed host grants.
