@@ -3,8 +3,10 @@
 //! Measures, on loopback only and in one run: bulk throughput through one and
 //! eight CONNECT tunnels (each direction), new tunnels per second with a
 //! 32-byte echo at 1 and 32 concurrent clients (with p50/p99 latency),
-//! plain-HTTP forwarding over keep-alive connections (requests/s, p99), and
-//! resident memory per idle tunnel. Every number is a median of `--reps` runs
+//! plain-HTTP forwarding over keep-alive connections (requests/s, p99),
+//! resident memory per idle tunnel; and, in namespaces of its own, one
+//! connection's throughput and new connections per second through the
+//! transparent gateway against plain routing. Every number is a median of `--reps` runs
 //! interleaved direct → portcullis → Squid, and every proxy number is shown
 //! as a ratio against (or, for latency, added to) the direct run of the same
 //! process, because the machine is small and shared.
@@ -14,20 +16,28 @@
 //! as a child on a generated config; Squid (Debian package, if installed) is a
 //! child on a generated `squid.conf`. Both are killed when the tool ends.
 //!
+//! The `transparent-*` cases (root only; otherwise `skipped (needs root)`)
+//! build network namespaces of their own: a client and a server joined by
+//! two gateways, one that only routes (the direct column) and one running
+//! portcullis behind its `render nftables` ruleset. Client and server are
+//! this tool re-executed in their namespaces (`--ns-role`), running the same
+//! bulk and echo code; everything is torn down when the tool ends.
+//!
 //! Run: `benches/run-load.sh [--quick]`, or
 //! `cargo bench --bench load -- [--quick] [--reps N] [--only CASE[,CASE...]]`
 //! (env: `LOAD_QUICK=1`, `LOAD_REPS`, `LOAD_ONLY`). Without `--bench`
 //! (`cargo test --benches`) it runs a few-second smoke check that bytes
-//! arrive intact through portcullis, so the tool cannot rot.
+//! arrive intact through portcullis (and, as root, through both transparent
+//! paths), so the tool cannot rot.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, BufRead, BufReader};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
@@ -65,6 +75,23 @@ const IDLE_OPEN_CONCURRENCY: usize = 64;
 const IDLE_SETTLE: Duration = Duration::from_millis(1500);
 /// Upper bound on one measurement run (the case's own time plus setup).
 const RUN_LIMIT: Duration = Duration::from_secs(120);
+/// Where the loopback cases' upstreams listen.
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// Transparent cases: the second octet of the routed path's subnets
+/// (10.231.1.0/24 client side, 10.231.2.0/24 server side)...
+const ROUTED_NET: u8 = 231;
+/// ...and of the path through portcullis (10.232.1.0/24, 10.232.2.0/24).
+const PORTCULLIS_NET: u8 = 232;
+/// The transparent listener in the portcullis gateway (the ruleset redirects to it).
+const TRANSPARENT_PORT: u16 = 3129;
+/// Namespace names: this, the tool's pid, and a letter per namespace.
+const NS_PREFIX: &str = "pcload";
+/// Longest a namespace role (server or client process) lives.
+const ROLE_LIMIT: Duration = Duration::from_secs(3600);
+/// Most jobs the client role runs before it stops.
+const ROLE_MAX_JOBS: usize = 100_000;
+/// Longest a child in a namespace may take to print its ready line.
+const READY_LIMIT: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------
 // Settings
@@ -330,10 +357,11 @@ where
     }
 }
 
-async fn start_upstreams() -> io::Result<Upstreams> {
-    let bulk = TcpListener::bind("127.0.0.1:0").await?;
-    let echo = TcpListener::bind("127.0.0.1:0").await?;
-    let http = TcpListener::bind("127.0.0.1:0").await?;
+/// The three servers on `ip` (127.0.0.1; 0.0.0.0 in the server namespace).
+async fn start_upstreams(ip: IpAddr) -> io::Result<Upstreams> {
+    let bulk = TcpListener::bind((ip, 0)).await?;
+    let echo = TcpListener::bind((ip, 0)).await?;
+    let http = TcpListener::bind((ip, 0)).await?;
     let ups = Upstreams {
         bulk: bulk.local_addr()?,
         echo: echo.local_addr()?,
@@ -361,11 +389,26 @@ fn io_err(what: &str) -> impl Fn(io::Error) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
-/// The tool's only way to dial: loopback addresses, nothing else.
-async fn connect_loopback(addr: SocketAddr) -> io::Result<TcpStream> {
+/// Set only in the `--ns-role client` process, which runs inside the client
+/// namespace the tool made (no route leaves it).
+static IN_TOOL_NETNS: AtomicBool = AtomicBool::new(false);
+
+/// Where the tool may dial: loopback, and the servers of its own namespaces
+/// from inside its client namespace.
+fn dial_allowed(ip: IpAddr) -> bool {
+    let in_tool_net = |ip: Ipv4Addr| {
+        let [a, b, ..] = ip.octets();
+        a == 10 && (b == ROUTED_NET || b == PORTCULLIS_NET)
+    };
+    ip.is_loopback()
+        || (IN_TOOL_NETNS.load(Relaxed) && matches!(ip, IpAddr::V4(v) if in_tool_net(v)))
+}
+
+/// The tool's only way to dial: loopback, or its own namespaces, nothing else.
+async fn connect_local(addr: SocketAddr) -> io::Result<TcpStream> {
     assert!(
-        addr.ip().is_loopback(),
-        "load traffic stays on loopback: {addr}"
+        dial_allowed(addr.ip()),
+        "load traffic stays on loopback and in the tool's namespaces: {addr}"
     );
     #[allow(clippy::disallowed_methods)] // a benchmark client, not the proxy's egress
     TcpStream::connect(addr).await
@@ -405,14 +448,14 @@ fn first_line(head: &[u8]) -> String {
 async fn open(via: Via, dest: SocketAddr) -> Result<(TcpStream, Vec<u8>), String> {
     match via {
         Via::Direct => {
-            let s = connect_loopback(dest)
+            let s = connect_local(dest)
                 .await
                 .map_err(io_err("connect upstream"))?;
             let _ = s.set_nodelay(true);
             Ok((s, Vec::new()))
         }
         Via::Proxy(proxy) => {
-            let mut s = connect_loopback(proxy)
+            let mut s = connect_local(proxy)
                 .await
                 .map_err(io_err("connect proxy"))?;
             let _ = s.set_nodelay(true);
@@ -759,9 +802,7 @@ async fn http_load(via: Via, ups: Upstreams, conns: usize, s: &Settings) -> Resu
     };
     let mut streams = Vec::new();
     for _ in 0..conns {
-        let s = connect_loopback(connect_to)
-            .await
-            .map_err(io_err("connect"))?;
+        let s = connect_local(connect_to).await.map_err(io_err("connect"))?;
         let _ = s.set_nodelay(true);
         streams.push(tokio::sync::Mutex::new((s, Vec::with_capacity(4096))));
     }
@@ -883,10 +924,15 @@ impl Proc {
     }
 
     fn tail(&self, file: &str) -> String {
-        let text = fs::read_to_string(self.dir.path().join(file)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(8)..].join("\n")
+        tail(&self.dir.path().join(file))
     }
+}
+
+/// The last lines of a log file.
+fn tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(8)..].join("\n")
 }
 
 /// A running proxy: where it listens and its process.
@@ -1179,6 +1225,714 @@ fn raise_nofile() -> Option<u64> {
 }
 
 // ---------------------------------------------------------------------------
+// Transparent path: network namespaces (root only)
+//
+//   client ns            gateway ns (one per path)          server ns
+//   eth0 10.231.1.2 ── toc 10.231.1.1 [routed] tos 10.231.2.1 ── eth0 10.231.2.2
+//   eth1 10.232.1.2 ── toc 10.232.1.1 [portc.] tos 10.232.2.1 ── eth1 10.232.2.2
+//
+// Both gateways forward (ip_forward=1); the portcullis one also runs
+// `portcullis run` behind the ruleset `portcullis render nftables` printed,
+// so the client's TCP to 10.232.2.2 is redirected to its transparent
+// listener. The client reaches the servers through either gateway only by
+// choosing the destination address, so the two paths interleave without any
+// reconfiguration. The server and the client are this tool re-executed
+// under `ip netns exec` (`--ns-role server|client`); the client takes one
+// job per stdin line and answers one line on stdout.
+
+/// Whether this process runs with effective uid 0.
+fn is_root() -> bool {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Runs a set-up command to completion; its stderr is the error.
+fn must(cmd: &mut Command) -> Result<Vec<u8>, String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn tool_works(program: &str, arg: &str) -> bool {
+    Command::new(program)
+        .arg(arg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Deletes a namespace and its `/etc/netns` directory (best effort).
+fn delete_netns(name: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let _ = fs::remove_dir_all(Path::new("/etc/netns").join(name));
+}
+
+/// Deletes namespaces an earlier run left when it was killed (named
+/// [`NS_PREFIX`], a pid that no longer runs, and one letter), after killing
+/// the processes it had started in them (`ip netns pids`).
+fn remove_stale_netns() {
+    let Ok(entries) = fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+            continue;
+        };
+        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if !pid.is_empty() && rest.len() == pid.len() + 1 && !Path::new("/proc").join(&pid).exists()
+        {
+            eprintln!("load: removing namespace {name} left by a killed run");
+            let pids = must(Command::new("ip").args(["netns", "pids", &name])).unwrap_or_default();
+            for pid in String::from_utf8_lossy(&pids).split_whitespace() {
+                if pid.parse::<u32>().is_ok() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            delete_netns(&name);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Ns {
+    Client,
+    Routed,
+    Gateway,
+    Server,
+}
+
+/// A process started in a namespace: its stdin (kept open: the roles end at
+/// EOF), its stdout lines, and the file its stderr goes to.
+struct Role {
+    stdin: std::process::ChildStdin,
+    lines: mpsc::Receiver<String>,
+    log: PathBuf,
+}
+
+impl Role {
+    /// Waits up to `limit` for a stdout line `pred` accepts; `pred` sees
+    /// every line before it.
+    fn wait_line(
+        &self,
+        limit: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Result<String, String> {
+        let deadline = Instant::now() + limit;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if pred(&line) {
+                return Ok(line);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        Err(format!(
+            "no answer within {limit:?}; its stderr ends:\n{}",
+            tail(&self.log)
+        ))
+    }
+}
+
+/// The four namespaces and every process started in them. Dropping it (also
+/// on an error or a panic) kills the processes, then deletes the namespaces
+/// (their veth pairs go with them) and their `/etc/netns` directories.
+struct Netns {
+    base: String,
+    /// Namespaces made so far (all of them deleted on drop, even after a
+    /// partial set-up).
+    created: Vec<String>,
+    children: Vec<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Netns {
+    fn name(&self, ns: Ns) -> String {
+        let letter = match ns {
+            Ns::Client => 'c',
+            Ns::Routed => 'r',
+            Ns::Gateway => 'p',
+            Ns::Server => 's',
+        };
+        format!("{}{letter}", self.base)
+    }
+
+    /// `ip netns exec NS PROGRAM`; add the arguments.
+    fn exec(&self, ns: Ns, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec"]).arg(self.name(ns)).arg(program);
+        cmd
+    }
+
+    /// `ip -n NS ARGS` (arguments split on spaces).
+    fn ip(&self, ns: Ns, args: &str) -> Result<(), String> {
+        must(
+            Command::new("ip")
+                .arg("-n")
+                .arg(self.name(ns))
+                .args(args.split_whitespace()),
+        )
+        .map(drop)
+    }
+
+    fn sysctl(&self, ns: Ns, setting: &str) -> Result<(), String> {
+        must(self.exec(ns, "sysctl").args(["-qw", setting])).map(drop)
+    }
+
+    fn create() -> Result<Netns, String> {
+        remove_stale_netns();
+        let mut n = Netns {
+            base: format!("{NS_PREFIX}{}", std::process::id()),
+            created: Vec::new(),
+            children: Vec::new(),
+            dir: tempfile::tempdir().map_err(io_err("tempdir"))?,
+        };
+        for ns in [Ns::Client, Ns::Routed, Ns::Gateway, Ns::Server] {
+            let name = n.name(ns);
+            must(Command::new("ip").args(["netns", "add", &name]))?;
+            n.created.push(name.clone());
+            // Nothing resolves inside: no real DNS, ever.
+            let etc = Path::new("/etc/netns").join(&name);
+            fs::create_dir_all(&etc)
+                .and_then(|()| fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n"))
+                .map_err(io_err("/etc/netns/NAME/resolv.conf"))?;
+            n.ip(ns, "link set lo up")?;
+        }
+        let (c, s) = (n.name(Ns::Client), n.name(Ns::Server));
+        for (gw, net, dev) in [
+            (Ns::Routed, ROUTED_NET, "eth0"),
+            (Ns::Gateway, PORTCULLIS_NET, "eth1"),
+        ] {
+            let g = n.name(gw);
+            must(Command::new("ip").args([
+                "-n", &c, "link", "add", dev, "type", "veth", "peer", "name", "toc", "netns", &g,
+            ]))?;
+            must(Command::new("ip").args([
+                "-n", &s, "link", "add", dev, "type", "veth", "peer", "name", "tos", "netns", &g,
+            ]))?;
+            n.ip(Ns::Client, &format!("addr add 10.{net}.1.2/24 dev {dev}"))?;
+            n.ip(gw, &format!("addr add 10.{net}.1.1/24 dev toc"))?;
+            n.ip(gw, &format!("addr add 10.{net}.2.1/24 dev tos"))?;
+            n.ip(Ns::Server, &format!("addr add 10.{net}.2.2/24 dev {dev}"))?;
+            for (ns, d) in [
+                (Ns::Client, dev),
+                (gw, "toc"),
+                (gw, "tos"),
+                (Ns::Server, dev),
+            ] {
+                n.ip(ns, &format!("link set {d} up"))?;
+            }
+            n.ip(
+                Ns::Client,
+                &format!("route add 10.{net}.2.0/24 via 10.{net}.1.1"),
+            )?;
+            n.ip(
+                Ns::Server,
+                &format!("route add 10.{net}.1.0/24 via 10.{net}.2.1"),
+            )?;
+            n.sysctl(gw, "net.ipv4.ip_forward=1")?;
+        }
+        // Tens of thousands of short connections from one address to one
+        // port: let the active closers (client, and portcullis upstream)
+        // reuse TIME_WAIT ports, as loopback does by default.
+        for ns in [Ns::Client, Ns::Gateway] {
+            n.sysctl(ns, "net.ipv4.tcp_tw_reuse=1")?;
+            n.sysctl(ns, "net.ipv4.ip_local_port_range=1024 65000")?;
+        }
+        Ok(n)
+    }
+
+    /// Starts `program args` in a namespace (stdin and stdout piped, stderr
+    /// to `DIR/log`); the process belongs to `self`.
+    fn spawn(
+        &mut self,
+        ns: Ns,
+        program: &Path,
+        args: &[&std::ffi::OsStr],
+        log: &str,
+    ) -> Result<Role, String> {
+        let log = self.dir.path().join(log);
+        let err = fs::File::create(&log).map_err(io_err("log file"))?;
+        let mut child = self
+            .exec(ns, program)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("cannot start {} in {ns:?}: {e}", program.display()))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("child without piped stdio".into());
+        };
+        self.children.push(child);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Drain to EOF (the child's exit), forwarding lines while anyone listens.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        Ok(Role {
+            stdin,
+            lines: rx,
+            log,
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+        }
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
+        for name in &self.created {
+            delete_netns(name);
+        }
+    }
+}
+
+fn transparent_config(ports: &[u16], level: &str) -> String {
+    let ports = ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let p = PORTCULLIS_NET;
+    format!(
+        r#"# Generated by benches/load.rs (transparent cases).
+[vars]
+region = "westus2"
+storage = "loadstore"
+vnet = "10.0.0.0/16"
+
+[listen]
+proxy = "127.0.0.1:0"
+transparent = "0.0.0.0:{TRANSPARENT_PORT}"
+admin = "127.0.0.1:0"
+
+[clients]
+allow = ["10.{p}.1.0/24"]
+
+[policy]
+profile = "azureml"
+
+[[rule]]
+name = "load-test-server"
+description = "10/8 is guarded: the load servers need an explicit address rule"
+cidrs = ["10.{p}.2.2/32"]
+ports = [{ports}]
+
+[limits]
+max_connections = 20000
+max_connections_per_client = 20000
+
+[log]
+level = "{level}"
+"#
+    )
+}
+
+/// One job for the client role: `WORK BULK ECHO HTTP BULK_MS BULK_BYTES
+/// TXN_MS TXN_MAX VERIFY`, with WORK `bulk:d|u:STREAMS` or `tunnels:CLIENTS`.
+fn job_line(work: Work, ups: Upstreams, s: &Settings) -> Result<String, String> {
+    let w = match work {
+        Work::Bulk { dir, streams } => {
+            format!(
+                "bulk:{}:{streams}",
+                if dir == Dir::Down { 'd' } else { 'u' }
+            )
+        }
+        Work::Tunnels { clients } => format!("tunnels:{clients}"),
+        Work::Http | Work::Idle => return Err(format!("{work:?} is not a transparent case")),
+    };
+    Ok(format!(
+        "{w} {} {} {} {} {} {} {} {}",
+        ups.bulk,
+        ups.echo,
+        ups.http,
+        s.bulk_time.as_millis(),
+        s.bulk_bytes,
+        s.txn_time.as_millis(),
+        s.txn_max,
+        u8::from(s.verify)
+    ))
+}
+
+fn parse_job(line: &str) -> Result<(Work, Upstreams, Settings), String> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let [
+        w,
+        bulk,
+        echo,
+        http,
+        bulk_ms,
+        bulk_bytes,
+        txn_ms,
+        txn_max,
+        verify,
+    ] = f[..]
+    else {
+        return Err(format!("bad job {line:?}"));
+    };
+    let bad = |what: &str| format!("bad {what} in job {line:?}");
+    let num = |v: &str, what: &str| v.parse::<u64>().map_err(|_| bad(what));
+    let addr = |v: &str| v.parse::<SocketAddr>().map_err(|_| bad("address"));
+    let work = match w.split(':').collect::<Vec<_>>()[..] {
+        ["bulk", d, n] => Work::Bulk {
+            dir: match d {
+                "d" => Dir::Down,
+                "u" => Dir::Up,
+                _ => return Err(bad("direction")),
+            },
+            streams: num(n, "streams")?.clamp(1, 64) as usize,
+        },
+        ["tunnels", n] => Work::Tunnels {
+            clients: num(n, "clients")?.clamp(1, 256) as usize,
+        },
+        _ => return Err(bad("work")),
+    };
+    let ups = Upstreams {
+        bulk: addr(bulk)?,
+        echo: addr(echo)?,
+        http: addr(http)?,
+    };
+    let s = Settings {
+        reps: 1,
+        bulk_time: Duration::from_millis(num(bulk_ms, "time")?.min(60_000)),
+        bulk_bytes: num(bulk_bytes, "size")?.max(1),
+        txn_time: Duration::from_millis(num(txn_ms, "time")?.min(60_000)),
+        txn_max: num(txn_max, "count")?.clamp(1, 1_000_000) as usize,
+        verify: verify == "1",
+        ..Settings::quick()
+    };
+    Ok((work, ups, s))
+}
+
+/// A sample as one line: `bulk BYTES SECS` or `txn SECS NS,NS,...`.
+fn sample_line(sample: &Sample) -> String {
+    match sample {
+        Sample::Bulk { bytes, secs } => format!("bulk {bytes} {secs}"),
+        Sample::Txn { secs, lat } => {
+            let lat: Vec<String> = lat.iter().map(|d| d.as_nanos().to_string()).collect();
+            format!("txn {secs} {}", lat.join(","))
+        }
+    }
+}
+
+fn parse_sample(line: &str) -> Result<Sample, String> {
+    let bad = || format!("bad answer from the client: {:?}", short_error(line));
+    let mut f = line.split_whitespace();
+    let (kind, a, b) = (f.next(), f.next(), f.next());
+    match (kind, a, b) {
+        (Some("error"), _, _) => Err(line.trim_start_matches("error").trim().to_string()),
+        (Some("bulk"), Some(bytes), Some(secs)) => Ok(Sample::Bulk {
+            bytes: bytes.parse().map_err(|_| bad())?,
+            secs: secs.parse().map_err(|_| bad())?,
+        }),
+        (Some("txn"), Some(secs), Some(lat)) => Ok(Sample::Txn {
+            secs: secs.parse().map_err(|_| bad())?,
+            lat: lat
+                .split(',')
+                .map(|n| n.parse().map(Duration::from_nanos))
+                .collect::<Result<_, _>>()
+                .map_err(|_| bad())?,
+        }),
+        _ => Err(bad()),
+    }
+}
+
+/// The client role, from the parent's side.
+struct NsClient {
+    role: Role,
+    /// Set once a job went unanswered: later answers would not match.
+    dead: Option<String>,
+}
+
+impl NsClient {
+    /// Runs one job in the client namespace (blocking).
+    fn run(&mut self, work: Work, ups: Upstreams, s: &Settings) -> Result<Sample, String> {
+        use std::io::Write as _;
+        if let Some(e) = &self.dead {
+            return Err(e.clone());
+        }
+        let job = job_line(work, ups, s)?;
+        if let Err(e) = writeln!(self.role.stdin, "{job}") {
+            let e = format!("client namespace process gone: {e}");
+            self.dead = Some(e.clone());
+            return Err(e);
+        }
+        match self
+            .role
+            .wait_line(RUN_LIMIT + Duration::from_secs(10), |_| true)
+        {
+            Ok(line) => parse_sample(&line),
+            Err(e) => {
+                self.dead = Some(format!("client stopped answering: {e}"));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Everything the transparent cases run on.
+struct Transparent {
+    client: NsClient,
+    /// The server role (its stdin keeps it up).
+    _server: Role,
+    portcullis: Role,
+    ports: [u16; 3],
+    /// Per column, why a path failed its verified check.
+    broken: [Option<String>; 3],
+    /// Last: dropping it ends every process and deletes the namespaces.
+    _netns: Netns,
+}
+
+impl Transparent {
+    /// Builds the namespaces, starts the server, portcullis (behind its
+    /// rendered ruleset) and the client, and checks both paths with verified
+    /// traffic. `Err` is a table cell: why nothing can be measured.
+    fn setup(bin: &Path, level: &str) -> Result<Transparent, String> {
+        if !is_root() {
+            return Err("skipped (needs root)".into());
+        }
+        for (tool, arg) in [("ip", "-V"), ("nft", "--version"), ("sysctl", "--version")] {
+            if !tool_works(tool, arg) {
+                return Err(format!("skipped ({tool} not found)"));
+            }
+        }
+        let fail = |e: String| {
+            eprintln!("load: transparent set-up: {e}");
+            short_error(&e)
+        };
+        let exe = std::env::current_exe().map_err(|e| fail(format!("current_exe: {e}")))?;
+        let mut netns = Netns::create().map_err(fail)?;
+
+        let server = netns
+            .spawn(
+                Ns::Server,
+                &exe,
+                &["--ns-role".as_ref(), "server".as_ref()],
+                "server.log",
+            )
+            .map_err(fail)?;
+        let ready = server
+            .wait_line(READY_LIMIT, |l| l.starts_with("ready "))
+            .map_err(|e| fail(format!("server: {e}")))?;
+        let ports: Vec<u16> = ready
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        let [bulk, echo, http] = ports[..] else {
+            return Err(fail(format!("server said {ready:?}")));
+        };
+
+        let config = netns.dir.path().join("portcullis.toml");
+        fs::write(&config, transparent_config(&[bulk, echo, http], level))
+            .map_err(|e| fail(format!("write config: {e}")))?;
+        let ruleset = must(
+            Command::new(bin)
+                .args(["render", "nftables", "-c"])
+                .arg(&config),
+        )
+        .map_err(fail)?;
+        let nft = netns.dir.path().join("portcullis.nft");
+        fs::write(&nft, ruleset).map_err(|e| fail(format!("write ruleset: {e}")))?;
+        must(netns.exec(Ns::Gateway, "nft").arg("-c").arg("-f").arg(&nft)).map_err(fail)?;
+        must(netns.exec(Ns::Gateway, "nft").arg("-f").arg(&nft)).map_err(fail)?;
+        // Closed connections leave conntrack entries for 120 s by default:
+        // keep the gateway's table small over tens of thousands of them.
+        if let Err(e) = netns.sysctl(
+            Ns::Gateway,
+            "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
+        ) {
+            eprintln!("load: note: {e}");
+        }
+
+        let gw = netns
+            .spawn(
+                Ns::Gateway,
+                bin,
+                &["run".as_ref(), "-c".as_ref(), config.as_os_str()],
+                "portcullis.log",
+            )
+            .map_err(fail)?;
+        let mut listening = None;
+        gw.wait_line(READY_LIMIT, |l| {
+            if let Some(a) = l.strip_prefix("listening transparent ") {
+                listening = a.trim().parse::<SocketAddr>().ok();
+            }
+            l == "ready"
+        })
+        .map_err(|e| fail(format!("portcullis: {e}")))?;
+        if listening.map(|a| a.port()) != Some(TRANSPARENT_PORT) {
+            return Err(fail(format!(
+                "portcullis listens transparent on {listening:?}, not port {TRANSPARENT_PORT}"
+            )));
+        }
+
+        let client = netns
+            .spawn(
+                Ns::Client,
+                &exe,
+                &["--ns-role".as_ref(), "client".as_ref()],
+                "client.log",
+            )
+            .map_err(fail)?;
+        client
+            .wait_line(READY_LIMIT, |l| l == "ready")
+            .map_err(|e| fail(format!("client: {e}")))?;
+
+        let mut t = Transparent {
+            client: NsClient {
+                role: client,
+                dead: None,
+            },
+            _server: server,
+            portcullis: gw,
+            ports: [bulk, echo, http],
+            broken: Default::default(),
+            _netns: netns,
+        };
+        // Gate: both paths carry bytes intact before anything is measured,
+        // and the portcullis path's connections show in portcullis's access
+        // log (unbuffered stderr to a file).
+        let check = check_settings();
+        for col in [DIRECT, PORTCULLIS] {
+            let ups = t.upstreams(col);
+            let r = [
+                Work::Bulk {
+                    dir: Dir::Down,
+                    streams: 1,
+                },
+                Work::Bulk {
+                    dir: Dir::Up,
+                    streams: 1,
+                },
+                Work::Tunnels { clients: 4 },
+            ]
+            .into_iter()
+            .try_for_each(|w| t.client.run(w, ups, &check).map(drop))
+            .and_then(|()| {
+                let server = ups.echo.ip().to_string();
+                let logged = fs::read_to_string(&t.portcullis.log).unwrap_or_default();
+                if col == PORTCULLIS && !logged.contains(&server) {
+                    return Err(format!("no access line for {server} in portcullis's log"));
+                }
+                Ok(())
+            });
+            if let Err(e) = r {
+                eprintln!("load: transparent path check failed for column {col}: {e}");
+                t.broken[col] = Some(short_error(&format!("broken: {e}")));
+            }
+        }
+        Ok(t)
+    }
+
+    /// The servers as the client sees them: through the routed gateway for
+    /// the direct column, through the portcullis gateway otherwise.
+    fn upstreams(&self, col: usize) -> Upstreams {
+        let net = if col == DIRECT {
+            ROUTED_NET
+        } else {
+            PORTCULLIS_NET
+        };
+        let at = |port| SocketAddr::from(([10, net, 2, 2], port));
+        Upstreams {
+            bulk: at(self.ports[0]),
+            echo: at(self.ports[1]),
+            http: at(self.ports[2]),
+        }
+    }
+}
+
+/// `--ns-role server`: the three servers on every address of the server
+/// namespace, until the tool closes stdin (it ended) or [`ROLE_LIMIT`].
+async fn role_server() -> Result<(), String> {
+    let ups = start_upstreams(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        .await
+        .map_err(io_err("upstreams"))?;
+    let [b, e, h] = ups.ports();
+    println!("ready {b} {e} {h}");
+    let mut stdin = tokio::io::stdin();
+    let mut sink = [0u8; 64];
+    let _ = tokio::time::timeout(ROLE_LIMIT, async {
+        while let Ok(n) = stdin.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    Ok(())
+}
+
+/// `--ns-role client`: runs one job per stdin line, answers one line each,
+/// until EOF, [`ROLE_MAX_JOBS`] or [`ROLE_LIMIT`].
+async fn role_client() -> Result<(), String> {
+    use std::io::Write as _;
+    use tokio::io::AsyncBufReadExt;
+    IN_TOOL_NETNS.store(true, Relaxed);
+    println!("ready");
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let deadline = Instant::now() + ROLE_LIMIT;
+    for _ in 0..ROLE_MAX_JOBS {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = tokio::time::timeout(left, lines.next_line()).await else {
+            return Err("client role: lifetime over".into());
+        };
+        let Some(line) = line.map_err(io_err("stdin"))? else {
+            return Ok(());
+        };
+        let answer = match parse_job(&line) {
+            Ok((work, ups, s)) => {
+                match bounded(RUN_LIMIT, run_work(work, Via::Direct, ups, &s)).await {
+                    Ok(sample) => sample_line(&sample),
+                    Err(e) => format!("error {}", e.lines().next().unwrap_or_default()),
+                }
+            }
+            Err(e) => format!("error {e}"),
+        };
+        if writeln!(io::stdout(), "{answer}").is_err() {
+            return Ok(()); // the tool is gone
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
 // Cases and the table
 
 #[derive(Clone, Copy, Debug)]
@@ -1194,6 +1948,8 @@ struct Case {
     work: Work,
     /// Measure the portcullis instance at `[log] level = "warn"` (no access lines).
     quiet_log: bool,
+    /// Through the namespaces: routed gateway (direct column) vs portcullis gateway.
+    transparent: bool,
 }
 
 const CASES: &[Case] = &[
@@ -1204,6 +1960,7 @@ const CASES: &[Case] = &[
             streams: 1,
         },
         quiet_log: false,
+        transparent: false,
     },
     Case {
         name: "bulk-up",
@@ -1212,6 +1969,7 @@ const CASES: &[Case] = &[
             streams: 1,
         },
         quiet_log: false,
+        transparent: false,
     },
     Case {
         name: "bulk-down-8",
@@ -1220,6 +1978,7 @@ const CASES: &[Case] = &[
             streams: 8,
         },
         quiet_log: false,
+        transparent: false,
     },
     Case {
         name: "bulk-up-8",
@@ -1228,36 +1987,67 @@ const CASES: &[Case] = &[
             streams: 8,
         },
         quiet_log: false,
+        transparent: false,
     },
     Case {
         name: "tunnels-1",
         work: Work::Tunnels { clients: 1 },
         quiet_log: false,
+        transparent: false,
     },
     Case {
         name: "tunnels-32",
         work: Work::Tunnels { clients: 32 },
         quiet_log: false,
+        transparent: false,
     },
     Case {
         name: "tunnels-32-warn",
         work: Work::Tunnels { clients: 32 },
         quiet_log: true,
+        transparent: false,
     },
     Case {
         name: "http",
         work: Work::Http,
         quiet_log: false,
+        transparent: false,
     },
     Case {
         name: "http-warn",
         work: Work::Http,
         quiet_log: true,
+        transparent: false,
     },
     Case {
         name: "idle",
         work: Work::Idle,
         quiet_log: false,
+        transparent: false,
+    },
+    Case {
+        name: "transparent-bulk-down",
+        work: Work::Bulk {
+            dir: Dir::Down,
+            streams: 1,
+        },
+        quiet_log: false,
+        transparent: true,
+    },
+    Case {
+        name: "transparent-bulk-up",
+        work: Work::Bulk {
+            dir: Dir::Up,
+            streams: 1,
+        },
+        quiet_log: false,
+        transparent: true,
+    },
+    Case {
+        name: "transparent-conns-32",
+        work: Work::Tunnels { clients: 32 },
+        quiet_log: false,
+        transparent: true,
     },
 ];
 
@@ -1279,6 +2069,37 @@ fn rows(case: &Case, s: &Settings) -> Vec<(String, Kind)> {
     } else {
         ""
     };
+    if case.transparent {
+        // The direct column of these rows is the routed gateway.
+        return match case.work {
+            Work::Bulk { dir, .. } => {
+                let what = if dir == Dir::Down {
+                    "download"
+                } else {
+                    "upload"
+                };
+                vec![(
+                    format!("transparent: 1 connection {what}, MiB/s (direct = routed)"),
+                    Kind::Rate,
+                )]
+            }
+            Work::Tunnels { clients } => vec![
+                (
+                    format!("transparent: new connections/s, {clients} clients (direct = routed)"),
+                    Kind::Rate,
+                ),
+                (
+                    format!("transparent: new connection p50, {clients} clients, µs"),
+                    Kind::Latency,
+                ),
+                (
+                    format!("transparent: new connection p99, {clients} clients, µs"),
+                    Kind::Latency,
+                ),
+            ],
+            Work::Http | Work::Idle => Vec::new(),
+        };
+    }
     match case.work {
         Work::Bulk { dir, streams } => {
             let what = if dir == Dir::Down {
@@ -1468,7 +2289,18 @@ fn short_error(e: &str) -> String {
 /// One verified pass of every kind of traffic: nothing is measured through a
 /// path that loses or changes bytes.
 async fn check_path(via: Via, ups: Upstreams) -> Result<(), String> {
-    let check = Settings {
+    let check = check_settings();
+    for (dir, streams) in [(Dir::Down, 1), (Dir::Up, 1), (Dir::Down, 3), (Dir::Up, 3)] {
+        bulk(via, ups, dir, streams, &check).await?;
+    }
+    tunnels(via, ups, 4, &check).await?;
+    http_load(via, ups, 2, &check).await?;
+    Ok(())
+}
+
+/// Small sizes, every byte checked: the gate before measuring a path.
+fn check_settings() -> Settings {
+    Settings {
         reps: 1,
         bulk_time: Duration::from_secs(10),
         bulk_bytes: 3 << 20,
@@ -1481,13 +2313,7 @@ async fn check_path(via: Via, ups: Upstreams) -> Result<(), String> {
         verify: true,
         only: Vec::new(),
         quick: true,
-    };
-    for (dir, streams) in [(Dir::Down, 1), (Dir::Up, 1), (Dir::Down, 3), (Dir::Up, 3)] {
-        bulk(via, ups, dir, streams, &check).await?;
     }
-    tunnels(via, ups, 4, &check).await?;
-    http_load(via, ups, 2, &check).await?;
-    Ok(())
 }
 
 async fn bounded<T>(
@@ -1497,6 +2323,52 @@ async fn bounded<T>(
     tokio::time::timeout(limit, f)
         .await
         .unwrap_or_else(|_| Err(format!("timed out after {limit:?}")))
+}
+
+/// Runs `reps` repetitions, each cut into `slices` short slices that visit
+/// the `active` columns in turn, so a burst of other work on the machine hits
+/// all of them alike. A column whose run fails is marked missing. Returns
+/// each column's values per repetition (its slices pooled).
+async fn interleave(
+    reps: usize,
+    slices: usize,
+    active: [bool; 3],
+    missing: &mut [Option<String>; 3],
+    mut run: impl AsyncFnMut(usize) -> Result<Sample, String>,
+) -> [Vec<Vec<f64>>; 3] {
+    let mut samples: [Vec<Vec<f64>>; 3] = Default::default();
+    for rep in 0..reps {
+        let mut acc: [Option<Sample>; 3] = Default::default();
+        for _ in 0..slices {
+            for (col, on) in active.into_iter().enumerate() {
+                if !on || missing[col].is_some() {
+                    continue;
+                }
+                match run(col).await {
+                    Ok(v) => {
+                        acc[col] = Some(match acc[col].take() {
+                            Some(a) => a.merge(v),
+                            None => v,
+                        });
+                    }
+                    Err(e) => {
+                        eprintln!("  rep {rep} column {col}: {e}");
+                        missing[col] = Some(short_error(&e));
+                    }
+                }
+            }
+        }
+        for (col, a) in acc.into_iter().enumerate() {
+            if let Some(a) = a
+                && missing[col].is_none()
+            {
+                let v = a.values();
+                eprintln!("  rep {rep} column {col}: {v:.1?}");
+                samples[col].push(v);
+            }
+        }
+    }
+    samples
 }
 
 /// The full measurement; prints the markdown report to stdout.
@@ -1529,7 +2401,9 @@ async fn bench(s: Settings) -> Result<(), String> {
         idle_tunnels: idle_n,
         ..s
     };
-    let ups = start_upstreams().await.map_err(io_err("upstreams"))?;
+    let ups = start_upstreams(LOOPBACK)
+        .await
+        .map_err(io_err("upstreams"))?;
     let ports = ups.ports();
     let squid_bin = squid_binary();
     let squid_ver = squid_bin.as_deref().map(squid_version);
@@ -1574,11 +2448,45 @@ async fn bench(s: Settings) -> Result<(), String> {
     }
 
     let mut all_rows = Vec::new();
+    // Built at the first transparent case, torn down after the last case.
+    let mut transparent: Option<Result<Transparent, String>> = None;
     for case in &selected {
         eprintln!("load: {} ({} rep(s))", case.name, s.reps);
         let labels = rows(case, &s);
         let mut samples: [Vec<Vec<f64>>; 3] = Default::default();
         let mut missing: [Option<String>; 3] = Default::default();
+        if case.transparent {
+            let t = transparent.get_or_insert_with(|| {
+                eprintln!("load: building the transparent namespaces");
+                tokio::task::block_in_place(|| Transparent::setup(&bin, "info"))
+            });
+            missing[SQUID] = Some("n/a".into());
+            let samples = match t {
+                Err(e) => {
+                    missing[DIRECT] = Some(e.clone());
+                    missing[PORTCULLIS] = Some(e.clone());
+                    Default::default()
+                }
+                Ok(t) => {
+                    for col in [DIRECT, PORTCULLIS] {
+                        missing[col] = missing[col].take().or_else(|| t.broken[col].clone());
+                    }
+                    let slices = match case.work {
+                        Work::Bulk { .. } => s.bulk_slices,
+                        _ => s.txn_slices,
+                    };
+                    let slice = s.sliced(slices);
+                    let active = [true, true, false];
+                    interleave(s.reps, slices, active, &mut missing, async |col| {
+                        let ups = t.upstreams(col);
+                        tokio::task::block_in_place(|| t.client.run(case.work, ups, &slice))
+                    })
+                    .await
+                }
+            };
+            all_rows.extend(to_rows(labels, &samples, &missing));
+            continue;
+        }
         if let Work::Idle = case.work {
             for rep in 0..s.reps {
                 for t in [PORTCULLIS, SQUID] {
@@ -1647,48 +2555,26 @@ async fn bench(s: Settings) -> Result<(), String> {
                 missing[col] = squid.as_ref().err().cloned();
             }
         }
-        // Each repetition is cut into short slices that visit the targets in
-        // turn, so a burst of other work on the machine hits all of them.
         let slices = match case.work {
             Work::Bulk { .. } => s.bulk_slices,
             _ => s.txn_slices,
         };
         let slice = s.sliced(slices);
-        for rep in 0..s.reps {
-            let mut acc: [Option<Sample>; 3] = Default::default();
-            for _ in 0..slices {
-                for (col, _, via) in vias {
-                    let Some(via) = via else { continue };
-                    if missing[col].is_some() {
-                        continue;
-                    }
-                    match bounded(RUN_LIMIT, run_work(case.work, via, ups, &slice)).await {
-                        Ok(v) => {
-                            acc[col] = Some(match acc[col].take() {
-                                Some(a) => a.merge(v),
-                                None => v,
-                            });
-                        }
-                        Err(e) => {
-                            eprintln!("  rep {rep} column {col}: {e}");
-                            missing[col] = Some(short_error(&e));
-                        }
-                    }
-                }
-            }
-            for (col, a) in acc.into_iter().enumerate() {
-                if let Some(a) = a
-                    && missing[col].is_none()
-                {
-                    let v = a.values();
-                    eprintln!("  rep {rep} column {col}: {v:.1?}");
-                    samples[col].push(v);
-                }
-            }
-        }
+        let active = vias.map(|(_, _, via)| via.is_some());
+        let samples = interleave(
+            s.reps,
+            slices,
+            active,
+            &mut missing,
+            async |col| match vias[col].2 {
+                Some(via) => bounded(RUN_LIMIT, run_work(case.work, via, ups, &slice)).await,
+                None => Err("no target for this column".into()),
+            },
+        )
+        .await;
         all_rows.extend(to_rows(labels, &samples, &missing));
     }
-    drop((portcullis, quiet, squid));
+    drop((portcullis, quiet, squid, transparent.take()));
 
     let commit = command_line("git", &["rev-parse", "--short", "HEAD"]).unwrap_or("?".into());
     let dirty = command_line("git", &["status", "--porcelain", "--untracked-files=no"])
@@ -1718,6 +2604,14 @@ async fn bench(s: Settings) -> Result<(), String> {
             None => "not installed".into(),
         }
     );
+    if selected.iter().any(|c| c.transparent) {
+        let _ = writeln!(
+            report,
+            "transparent rows: client and servers in network namespaces of their own, through a \
+             gateway namespace that only routes (direct column) or one running portcullis \
+             (`[log] level = \"info\"`) behind the `render nftables` ruleset; squid n/a.\n"
+        );
+    }
     report.push_str(&table(&all_rows));
     for n in notes {
         let _ = writeln!(report, "\nnote: {n}");
@@ -1739,7 +2633,9 @@ async fn smoke() -> Result<bool, String> {
     let p = pattern();
     assert!(pattern_matches(250, &[250, 0, 1]) && pattern_matches(7, &p[7..PATTERN_LEN]));
     assert!(!pattern_matches(0, &p[1..10]) && !pattern_matches(3, &[3, 4, 6]));
-    let ups = start_upstreams().await.map_err(io_err("upstreams"))?;
+    let ups = start_upstreams(LOOPBACK)
+        .await
+        .map_err(io_err("upstreams"))?;
     let proxy = start_portcullis(&bin, &ups.ports(), "info")?;
     let s = Settings {
         reps: 1,
@@ -1782,7 +2678,39 @@ async fn smoke() -> Result<bool, String> {
     }
     let rss = rss_kib(proxy.proc.pid())?;
     assert!(rss > 0.0);
+    transparent_smoke(&bin)?;
     Ok(true)
+}
+
+/// The transparent paths with verified traffic (the set-up's own gate):
+/// skipped without root, or (outside CI) without `ip`/`nft`.
+fn transparent_smoke(bin: &Path) -> Result<(), String> {
+    let started = Instant::now();
+    let t = match tokio::task::block_in_place(|| Transparent::setup(bin, "info")) {
+        Ok(t) => t,
+        Err(why) if why == "skipped (needs root)" => {
+            println!("SKIPPED: load smoke: transparent path needs root (network namespaces)");
+            return Ok(());
+        }
+        Err(why)
+            if why.starts_with("skipped") && !std::env::var("CI").is_ok_and(|v| v == "true") =>
+        {
+            println!("SKIPPED: load smoke: transparent path {why}");
+            return Ok(());
+        }
+        Err(e) => return Err(format!("transparent set-up: {e}")),
+    };
+    for (col, what) in [(DIRECT, "routed"), (PORTCULLIS, "portcullis")] {
+        if let Some(e) = &t.broken[col] {
+            return Err(format!("transparent {what} path: {e}"));
+        }
+    }
+    drop(t);
+    println!(
+        "load smoke: transparent routed and portcullis paths carry bulk and echo intact ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn main() {
@@ -1793,7 +2721,18 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let result = if bench_mode {
+    let role = match args.as_slice() {
+        [flag, role] if flag == "--ns-role" => Some(role.as_str()),
+        _ => None,
+    };
+    let result = if let Some(role) = role {
+        // Re-executed by the tool inside one of its namespaces.
+        match role {
+            "server" => rt.block_on(role_server()),
+            "client" => rt.block_on(role_client()),
+            other => Err(format!("unknown --ns-role {other:?}")),
+        }
+    } else if bench_mode {
         rt.block_on(bench(Settings::from_args(&args)))
     } else {
         rt.block_on(smoke()).map(|ran| {
