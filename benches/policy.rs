@@ -567,6 +567,7 @@ fn bench_decide(c: &mut Criterion, label: &str, policy: &Policy, u: &Universe) {
         );
 
         let dests = s.dests.as_slice();
+        paired(&id, dests, policy, &naive);
         run(c, "decide", &id, dests, |h, p| {
             black_box(policy.decide(&dest(h, p)));
         });
@@ -577,6 +578,51 @@ fn bench_decide(c: &mut Criterion, label: &str, policy: &Policy, u: &Universe) {
             black_box(ac.allows(h, p));
         });
     }
+}
+
+/// Rounds of the paired comparison (a few in `cargo test` mode).
+fn paired_rounds() -> usize {
+    if std::env::args().any(|a| a == "--bench") {
+        400
+    } else {
+        3
+    }
+}
+
+/// `decide` and the naive reference on the same stream in alternating
+/// rounds, so both see the same machine: the shared 2-core host drifts by
+/// tens of percent between criterion's back-to-back groups. Prints, per
+/// decision, the fastest round (the least disturbed) and the median round
+/// of each, and their ratios.
+fn paired(id: &str, dests: &[(String, u16)], policy: &Policy, naive: &Naive) {
+    let rounds = paired_rounds();
+    let per = |start: Instant| start.elapsed().as_secs_f64() * 1e9 / dests.len() as f64;
+    let (mut ours, mut theirs) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    for _ in 0..rounds {
+        let start = Instant::now();
+        for (h, p) in black_box(dests) {
+            black_box(policy.decide(&dest(h, *p)));
+        }
+        ours.push(per(start));
+        let start = Instant::now();
+        for (h, p) in black_box(dests) {
+            black_box(naive.allows(h, *p));
+        }
+        theirs.push(per(start));
+    }
+    ours.sort_by(f64::total_cmp);
+    theirs.sort_by(f64::total_cmp);
+    let (min, med) = (|v: &[f64]| v[0], |v: &[f64]| v[v.len() / 2]);
+    println!(
+        "paired {id}: decide {:.1} ns (median {:.1}), naive {:.1} ns (median {:.1}): {:.1}x (median {:.1}x), {:.1} M decisions/s/core",
+        min(&ours),
+        med(&ours),
+        min(&theirs),
+        med(&theirs),
+        min(&theirs) / min(&ours),
+        med(&theirs) / med(&ours),
+        1e3 / med(&ours),
+    );
 }
 
 /// One bench: `f` on every destination of the stream per iteration.

@@ -256,17 +256,53 @@ impl Grant {
     }
 }
 
-/// What the host table keeps beside a key: every grant a name whose most
-/// specific key this is meets, folded at compile time (the grants of the
+/// A name decision in 8 bytes (names are allowed exactly when the reason is
+/// `RuleMatched`, before audit mode), so two fit in a host-table slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Packed {
+    /// `u32::MAX`: no rule.
+    rule: u32,
+    reason: Reason,
+}
+
+impl Packed {
+    fn pack(d: Decision) -> Packed {
+        Packed {
+            rule: d.rule.map_or(u32::MAX, |r| r.0),
+            reason: d.reason,
+        }
+    }
+
+    #[inline(always)]
+    fn unpack(self) -> Decision {
+        Decision {
+            verdict: if self.reason == Reason::RuleMatched {
+                Verdict::Allow
+            } else {
+                Verdict::Deny
+            },
+            rule: (self.rule != u32::MAX).then_some(RuleId(self.rule)),
+            reason: self.reason,
+        }
+    }
+}
+
+/// What the host table keeps beside a key. The grants a name whose most
+/// specific key this is meets are folded at compile time (those of the
 /// wildcard keys that are suffixes of this one, least specific first, then
-/// its own, each key's in rule order). The first is kept in the slot, so the
-/// common one-rule key is decided from the cache line that matched it; the
-/// rest are `Inner::grants[rest_start..rest_end]`.
+/// its own, each key's in rule order): `Inner::key_lists[list]`. For TCP
+/// their answer is a function of the port that is constant between the
+/// grants' port bounds; when it takes one value inside `lo..=hi` and another
+/// outside (nearly every key), both are precomputed here, so a decision is
+/// one comparison in the cache line that matched the name. `lo > hi`: not
+/// that shape; the grants are evaluated.
 #[derive(Debug, Clone, Copy)]
-struct KeyGrants {
-    first: Grant,
-    rest_start: u32,
-    rest_end: u32,
+struct KeyAnswer {
+    lo: u16,
+    hi: u16,
+    inside: Packed,
+    outside: Packed,
+    list: u32,
 }
 
 /// Running state of one decision over the grants it meets.
@@ -413,7 +449,8 @@ pub struct Policy {
 struct Inner {
     rules: Vec<Rule>,
     grants: Vec<Grant>,
-    hosts: HostTable<KeyGrants>,
+    hosts: HostTable<KeyAnswer>,
+    key_lists: Vec<(u32, u32)>,
     nets: NetTable,
     mode: Mode,
     upstream: UpstreamMode,
@@ -463,7 +500,7 @@ impl Policy {
             Target::Name(name) => self.decide_name(name.as_bytes(), dest.port, dest.proto),
             Target::Ip(ip) => self.decide_ip(ip, dest.port, dest.proto),
         };
-        if decision.verdict == Verdict::Deny && self.inner.mode == Mode::Audit {
+        if self.inner.mode == Mode::Audit && decision.verdict == Verdict::Deny {
             decision.verdict = Verdict::AuditDeny;
         }
         decision
@@ -477,25 +514,12 @@ impl Policy {
             Ok(None) => return Decision::deny(None, Reason::NoRule),
             Err(_) => return Decision::deny(None, Reason::MalformedHost),
         };
-        let mut m = Matcher::default();
-        m.observe(&key.first, port, proto, false);
-        if key.rest_start == key.rest_end {
-            return m.name_decision(None);
+        if proto == Protocol::Tcp && key.lo <= key.hi {
+            let inside = key.lo <= port && port <= key.hi;
+            return if inside { key.inside } else { key.outside }.unpack();
         }
-        // A more specific key's allow replaces a less specific one's; within
-        // one key the first rule in order keeps it; the first deny met wins.
-        let mut allow_before = None;
-        for g in &inner.grants[key.rest_start as usize..key.rest_end as usize] {
-            if m.deny.is_some() {
-                break;
-            }
-            if g.more_specific {
-                allow_before = m.allow.or(allow_before);
-                m.allow = None;
-            }
-            m.observe(g, port, proto, false);
-        }
-        m.name_decision(allow_before)
+        let (start, end) = inner.key_lists[key.list as usize];
+        evaluate(&inner.grants[start as usize..end as usize], port, proto)
     }
 
     fn ip_matcher(&self, ip: IpAddr, port: u16, proto: Protocol) -> Matcher {
@@ -1070,6 +1094,7 @@ impl Policy {
             by_key[i].1.push(grant);
         }
         let mut grants = Vec::new();
+        let mut key_lists = Vec::new();
         let mut table_keys = Vec::new();
         for (key, _) in &by_key {
             let mut folded = Vec::new();
@@ -1078,20 +1103,12 @@ impl Policy {
                     push_group(&mut folded, &by_key[i].1);
                 }
             }
-            let own = key_index[key];
-            push_group(&mut folded, &by_key[own].1);
-            let rest_start = grants.len() as u32;
-            grants.extend(&folded[1..]);
-            let rest_end = grants.len() as u32;
-            let first = folded[0];
-            table_keys.push((
-                key.clone(),
-                KeyGrants {
-                    first,
-                    rest_start,
-                    rest_end,
-                },
-            ));
+            push_group(&mut folded, &by_key[key_index[key]].1);
+            let list = key_lists.len() as u32;
+            let start = grants.len() as u32;
+            grants.extend(&folded);
+            key_lists.push((start, grants.len() as u32));
+            table_keys.push((key.clone(), key_answer(&folded, list)));
         }
         let mut net_entries = Vec::new();
         for (net, grant) in netted {
@@ -1104,6 +1121,7 @@ impl Policy {
                 rules,
                 grants,
                 hosts: HostTable::build(&table_keys),
+                key_lists,
                 nets: NetTable::build(&net_entries),
                 mode: config.policy.mode,
                 upstream: config.policy.upstream,
@@ -1318,6 +1336,59 @@ fn compile_rule(
         keys,
         nets,
     ))
+}
+
+/// The decision on a name from its key's folded grants. A more specific
+/// key's allow replaces a less specific one's; within one key the first rule
+/// in order keeps it; the first deny met wins.
+fn evaluate(grants: &[Grant], port: u16, proto: Protocol) -> Decision {
+    let mut m = Matcher::default();
+    let mut allow_before = None;
+    for g in grants {
+        if m.deny.is_some() {
+            break;
+        }
+        if g.more_specific {
+            allow_before = m.allow.or(allow_before);
+            m.allow = None;
+        }
+        m.observe(g, port, proto, false);
+    }
+    m.name_decision(allow_before)
+}
+
+/// A key's [`KeyAnswer`]: the TCP answer on every run of ports between the
+/// grants' bounds, reduced to one inside/outside pair where it has that shape.
+fn key_answer(grants: &[Grant], list: u32) -> KeyAnswer {
+    let mut starts: Vec<u32> = vec![0];
+    for g in grants {
+        starts.extend([u32::from(g.lo), u32::from(g.hi) + 1]);
+    }
+    starts.retain(|&p| p <= u32::from(u16::MAX));
+    starts.sort_unstable();
+    starts.dedup();
+    // (first port, answer) of each run, equal neighbours merged.
+    let mut runs: Vec<(u16, Packed)> = Vec::new();
+    for p in starts {
+        let p = p as u16;
+        let answer = Packed::pack(evaluate(grants, p, Protocol::Tcp));
+        if runs.last().is_none_or(|&(_, a)| a != answer) {
+            runs.push((p, answer));
+        }
+    }
+    let (lo, hi, inside, outside) = match runs.as_slice() {
+        [(_, a)] => (0, u16::MAX, *a, *a),
+        [(_, out), (p, a)] => (*p, u16::MAX, *a, *out),
+        [(_, out), (p, a), (q, out2)] if out == out2 => (*p, q - 1, *a, *out),
+        _ => (1, 0, runs[0].1, runs[0].1),
+    };
+    KeyAnswer {
+        lo,
+        hi,
+        inside,
+        outside,
+        list,
+    }
 }
 
 /// The wildcard keys that match every name `key` matches, least specific

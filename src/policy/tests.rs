@@ -476,3 +476,74 @@ fn static_resolve_is_normalised() {
         Some(&["127.0.0.1".parse().unwrap()][..])
     );
 }
+
+/// The precomputed TCP answer of every key equals evaluating its folded
+/// grants, on every port bound and a spread of other ports, for the
+/// embedded profile with every scenario on and for overlapping rules.
+#[test]
+fn precomputed_key_answers_agree_with_the_grants() {
+    let overlapping = r#"
+        [policy]
+        profile = "none"
+        [[rule]]
+        name = "wide"
+        hosts = ["*.com"]
+        ports = ["1000-2000"]
+        [[rule]]
+        name = "narrow"
+        hosts = ["*.a.com", "x.a.com"]
+        ports = [443, 8443]
+        [[rule]]
+        name = "udp"
+        hosts = ["x.a.com"]
+        ports = [53]
+        protocol = "udp"
+        [[rule]]
+        name = "no"
+        action = "deny"
+        hosts = ["bad.a.com"]
+        ports = [443]
+    "#;
+    let all_scenarios = "[policy]\nprofile = \"azureml\"\nscenarios = [\"basic\", \"python-packages\", \"rstudio\", \"storage-firewall\", \"hbi-workspace\", \"kubernetes\", \"vscode\", \"monitoring\"]\n[vars]\nregion = \"westus2\"\nstorage = \"st\"\nacr = \"cr\"\nworkspace_id = \"ws\"\nvnet = \"10.0.0.0/16\"\n";
+    for text in [overlapping, all_scenarios] {
+        let p = policy(text);
+        let inner = &*p.inner;
+        let mut ports: Vec<u16> = (0..=u16::MAX).step_by(251).chain([u16::MAX]).collect();
+        for r in p.rules() {
+            for &(lo, hi) in &r.ports {
+                ports.extend([lo, hi, lo.saturating_sub(1), hi.saturating_add(1)]);
+            }
+        }
+        let mut checked = 0;
+        for r in p.rules() {
+            for host in &r.hosts {
+                let name = host.replace("*.", "x1.");
+                let Ok(Some(key)) = inner.hosts.most_specific(name.as_bytes()) else {
+                    continue;
+                };
+                let (start, end) = inner.key_lists[key.list as usize];
+                let grants = &inner.grants[start as usize..end as usize];
+                for &port in &ports {
+                    let want = evaluate(grants, port, Protocol::Tcp);
+                    let got = p.decide_name(name.as_bytes(), port, Protocol::Tcp);
+                    assert_eq!(got, want, "{name}:{port}");
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 1000, "only {checked} answers checked");
+    }
+    // The overlapping policy decides as the rules say.
+    let p = policy(overlapping);
+    let d = |h: &str, port| p.decide_name(h.as_bytes(), port, Protocol::Tcp);
+    assert_eq!(d("x.a.com", 443).reason, Reason::RuleMatched);
+    assert_eq!(d("x.a.com", 1500).reason, Reason::RuleMatched);
+    assert_eq!(d("y.a.com", 1500).reason, Reason::RuleMatched);
+    assert_eq!(d("bad.a.com", 443).reason, Reason::DenyRule);
+    assert_eq!(d("bad.a.com", 1500).reason, Reason::RuleMatched);
+    assert_eq!(d("x.a.com", 22).reason, Reason::PortNotAllowed);
+    assert_eq!(
+        p.decide_name(b"x.a.com", 53, Protocol::Udp).reason,
+        Reason::RuleMatched
+    );
+}
