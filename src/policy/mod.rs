@@ -1360,6 +1360,19 @@ fn evaluate(grants: &[Grant], port: u16, proto: Protocol) -> Decision {
 /// A key's [`KeyAnswer`]: the TCP answer on every run of ports between the
 /// grants' bounds, reduced to one inside/outside pair where it has that shape.
 fn key_answer(grants: &[Grant], list: u32) -> KeyAnswer {
+    // Evaluating every run costs runs x grants; a key with this many folded
+    // grants (many port entries on a broad wildcard) is evaluated per decision.
+    const MAX_PRECOMPUTED: usize = 32;
+    if grants.len() > MAX_PRECOMPUTED {
+        let none = Packed::pack(Decision::deny(None, Reason::NoRule));
+        return KeyAnswer {
+            lo: 1,
+            hi: 0,
+            inside: none,
+            outside: none,
+            list,
+        };
+    }
     let mut starts: Vec<u32> = vec![0];
     for g in grants {
         starts.extend([u32::from(g.lo), u32::from(g.hi) + 1]);

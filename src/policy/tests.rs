@@ -505,7 +505,13 @@ fn precomputed_key_answers_agree_with_the_grants() {
         ports = [443]
     "#;
     let all_scenarios = "[policy]\nprofile = \"azureml\"\nscenarios = [\"basic\", \"python-packages\", \"rstudio\", \"storage-firewall\", \"hbi-workspace\", \"kubernetes\", \"vscode\", \"monitoring\"]\n[vars]\nregion = \"westus2\"\nstorage = \"st\"\nacr = \"cr\"\nworkspace_id = \"ws\"\nvnet = \"10.0.0.0/16\"\n";
-    for text in [overlapping, all_scenarios] {
+    // Over the precomputation bound: 40 port entries folded into `x.a.com`.
+    let ports: Vec<String> = (1..=40).map(|i| (i * 100).to_string()).collect();
+    let many = format!(
+        "{overlapping}\n[[rule]]\nname = \"many\"\nhosts = [\"*.a.com\"]\nports = [{}]\n",
+        ports.join(", ")
+    );
+    for text in [overlapping, all_scenarios, many.as_str()] {
         let p = policy(text);
         let inner = &*p.inner;
         let mut ports: Vec<u16> = (0..=u16::MAX).step_by(251).chain([u16::MAX]).collect();
@@ -546,4 +552,10 @@ fn precomputed_key_answers_agree_with_the_grants() {
         p.decide_name(b"x.a.com", 53, Protocol::Udp).reason,
         Reason::RuleMatched
     );
+    let p = policy(&many);
+    let key = p.inner.hosts.most_specific(b"x.a.com").unwrap().unwrap();
+    assert!(key.lo > key.hi, "40 folded grants are evaluated, not precomputed");
+    let d = |h: &str, port| p.decide_name(h.as_bytes(), port, Protocol::Tcp);
+    assert_eq!(d("x.a.com", 3900).reason, Reason::RuleMatched);
+    assert_eq!(d("x.a.com", 3901).reason, Reason::PortNotAllowed);
 }
