@@ -12,15 +12,17 @@
 //! Eyeballs (RFC 8305): families interleaved, a new attempt every 250 ms or as
 //! soon as one fails, the first success wins, all under one timeout.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use hickory_resolver::TokioResolver;
 use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
-use tokio::task::JoinSet;
 
 use crate::config::Protocol;
 use crate::metrics::Metrics;
@@ -34,6 +36,9 @@ const MIN_TTL: Duration = Duration::from_secs(5);
 const MAX_TTL: Duration = Duration::from_secs(300);
 /// Negative answers (NXDOMAIN, no records) are cached this long.
 const NEGATIVE_TTL: Duration = Duration::from_secs(5);
+
+/// One Happy Eyeballs connection attempt in flight.
+type Attempt = Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send>>;
 
 /// Why no upstream connection was made. Each variant has one RFC 9209 error token.
 #[derive(Debug, thiserror::Error)]
@@ -302,30 +307,42 @@ impl Upstream {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        // The attempts are polled here, in the connection's task: a spawned
+        // task per attempt would cost a wake-up on another worker and back on
+        // every tunnel's critical path.
         let attempt = async {
-            let mut set = JoinSet::new();
+            let mut pending: Vec<(SocketAddr, Attempt)> = Vec::with_capacity(1);
             let mut next = order.iter();
             let mut last_err: Option<(SocketAddr, std::io::Error)> = None;
             loop {
                 if let Some(ip) = next.next() {
                     let sa = SocketAddr::new(*ip, port);
                     #[allow(clippy::disallowed_methods)] // the one place egress sockets are opened
-                    set.spawn(async move { (sa, TcpStream::connect(sa).await) });
-                } else if set.is_empty() {
+                    pending.push((sa, Box::pin(TcpStream::connect(sa))));
+                } else if pending.is_empty() {
                     break;
                 }
-                let wait = if next.len() > 0 {
-                    ATTEMPT_DELAY
+                let finished = std::future::poll_fn(|cx| {
+                    for (i, (_, fut)) in pending.iter_mut().enumerate() {
+                        if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+                            return Poll::Ready((i, r));
+                        }
+                    }
+                    Poll::Pending
+                });
+                // With addresses left, the next attempt starts after
+                // ATTEMPT_DELAY or as soon as one fails.
+                let done = if next.len() > 0 {
+                    tokio::time::timeout(ATTEMPT_DELAY, finished).await.ok()
                 } else {
-                    Duration::MAX
+                    Some(finished.await)
                 };
-                tokio::select! {
-                    joined = set.join_next(), if !set.is_empty() => match joined {
-                        Some(Ok((sa, Ok(stream)))) => return Ok((stream, sa)),
-                        Some(Ok((sa, Err(e)))) => last_err = Some((sa, e)),
-                        Some(Err(_)) | None => {}
-                    },
-                    () = tokio::time::sleep(wait) => {}
+                if let Some((i, r)) = done {
+                    let (sa, _) = pending.swap_remove(i);
+                    match r {
+                        Ok(stream) => return Ok((stream, sa)),
+                        Err(e) => last_err = Some((sa, e)),
+                    }
                 }
             }
             Err(last_err)
