@@ -1488,6 +1488,43 @@ fn tunnel_carries_a_1mib_upload_unchanged() {
     assert!(rest.is_empty(), "bytes after the response: {}", rest.len());
 }
 
+#[test]
+fn connect_in_pieces_or_after_a_request_takes_the_general_path() {
+    // Whole CONNECT heads are served without hyper; these two shapes are
+    // not, and must tunnel all the same: a head split across two writes,
+    // and a CONNECT on a connection that already carried a forwarded request.
+    let Some(env) = setup(Opts::default()) else {
+        return;
+    };
+    let proxy = env.proxy.addr();
+    let hp = env.up.http_port();
+    let host = format!("allowed.test:{hp}");
+
+    let mut s = connect(proxy).unwrap();
+    s.set_nodelay(true).unwrap();
+    write!(s, "CONNECT {host} HTTP/1.1\r\nHo").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    write!(s, "st: {host}\r\n\r\n").unwrap();
+    let head = read_head(&mut s).unwrap();
+    assert_eq!(head.status, 200, "split CONNECT head: {head:?}");
+    let resp = get_through(s, &host, "/hello.txt");
+    assert_eq!((resp.status, resp.body.as_slice()), (200, HELLO));
+
+    let mut s = connect(proxy).unwrap();
+    write!(
+        s,
+        "GET http://{host}/hello.txt HTTP/1.1\r\nHost: {host}\r\n\r\n"
+    )
+    .unwrap();
+    let resp = read_response(&mut s).unwrap();
+    assert_eq!((resp.status, resp.body.as_slice()), (200, HELLO));
+    write!(s, "CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n\r\n").unwrap();
+    let head = read_head(&mut s).unwrap();
+    assert_eq!(head.status, 200, "CONNECT after a request: {head:?}");
+    let resp = get_through(s, &host, "/hello.txt");
+    assert_eq!((resp.status, resp.body.as_slice()), (200, HELLO));
+}
+
 /// A one-shot WebSocket-style server on 127.0.0.2: answers the upgrade with
 /// 101, then echoes every byte until the peer closes. Returns its port.
 fn upgrade_echo_server() -> (u16, std::thread::JoinHandle<String>) {

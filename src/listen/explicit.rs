@@ -25,7 +25,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::{AccessLog, Conn, Gateway, Refusal, log_denial, pool, raw_response};
@@ -170,7 +170,21 @@ fn canonical_host(raw: &str) -> String {
 }
 
 /// Serves one client connection until it closes, or drains.
+///
+/// A connection whose first bytes are a whole `CONNECT` head (what every
+/// client sends) is served by [`connect_fast`] in this task; anything else,
+/// including a CONNECT head that arrives in pieces, goes to hyper, which sees
+/// the stream from its first byte (the fast path only peeks).
 pub async fn serve(stream: TcpStream, cx: Arc<Conn>, gw: Arc<Gateway>) {
+    let Some(stream) = connect_fast(stream, &cx, &gw).await else {
+        return;
+    };
+    // Boxed: the fast path's tunnel runs in this task, so its future stays
+    // small while idle instead of reserving room for hyper's connection.
+    Box::pin(serve_http(stream, cx, gw)).await;
+}
+
+async fn serve_http(stream: TcpStream, cx: Arc<Conn>, gw: Arc<Gateway>) {
     let svc = {
         let (cx, gw) = (cx.clone(), gw.clone());
         service_fn(move |req| {
@@ -197,6 +211,132 @@ pub async fn serve(stream: TcpStream, cx: Arc<Conn>, gw: Arc<Gateway>) {
             let _ = conn.await;
         }
     }
+}
+
+/// Bytes peeked for a CONNECT head; a larger head goes through hyper.
+const FAST_HEAD_BYTES: usize = 4096;
+
+/// The CONNECT fast path: hyper's per-connection machinery, its upgrade
+/// hand-off and a second task cost more than the rest of a short tunnel.
+///
+/// Peeks the first bytes (under `head_timeout_ms`). A complete, well-formed
+/// `CONNECT host:port` head without framing headers is consumed, decided,
+/// answered and tunnelled here, and `None` is returned; so is `None` when the
+/// client sends nothing in time, closes, or draining starts. Everything else
+/// is handed back untouched (`Some`), for hyper to answer exactly as it would
+/// have: errors in the head get hyper's and [`handle`]'s answers.
+async fn connect_fast(stream: TcpStream, cx: &Arc<Conn>, gw: &Arc<Gateway>) -> Option<TcpStream> {
+    let mut peeked = vec![0u8; FAST_HEAD_BYTES];
+    let head_timeout = Duration::from_millis(gw.limits.head_timeout_ms);
+    let n = tokio::select! {
+        r = tokio::time::timeout(head_timeout, stream.peek(&mut peeked)) => match r {
+            Ok(Ok(n)) if n > 0 => n,
+            // EOF, an error, or nothing within the head timeout (what hyper's
+            // header_read_timeout does too): close.
+            _ => return None,
+        },
+        () = gw.shutdown.draining() => return None,
+    };
+    let Some((raw_host, port, head_len)) =
+        fast_connect_head(&peeked[..n], gw.limits.max_head_bytes)
+    else {
+        return Some(stream);
+    };
+    let mut client = stream;
+    // The head is in the socket buffer: one read. What follows it (a
+    // pipelined ClientHello) stays there for the SNI check.
+    if client.read_exact(&mut peeked[..head_len]).await.is_err() {
+        return None;
+    }
+    drop(peeked);
+    match open(cx, gw, &raw_host, port).await {
+        Ok(open) => {
+            if client
+                .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                .await
+                .is_ok()
+            {
+                tunnel(gw, cx, client, open, BytesMut::new()).await;
+            }
+        }
+        Err(resp) => write_and_close(client, resp).await,
+    }
+    None
+}
+
+/// `(host, port, head length)` of a head the fast path serves: complete,
+/// `CONNECT` with an authority-form target that [`authority`] accepts, within
+/// `max_head_bytes`, and without `Content-Length` or `Transfer-Encoding`
+/// (whose meaning on CONNECT is left to hyper).
+fn fast_connect_head(buf: &[u8], max_head_bytes: usize) -> Option<(String, u16, usize)> {
+    let head = classify::parse_http_head(buf).ok()??;
+    if head.method != "CONNECT" || head.head_len > max_head_bytes {
+        return None;
+    }
+    let framing = buf[..head.head_len]
+        .split(|&b| b == b'\n')
+        .skip(1)
+        .any(|line| {
+            let name = line.split(|&b| b == b':').next().unwrap_or_default();
+            name.eq_ignore_ascii_case(b"content-length")
+                || name.eq_ignore_ascii_case(b"transfer-encoding")
+        });
+    if framing {
+        return None;
+    }
+    let uri = head.target.parse::<Uri>().ok()?;
+    if uri.scheme().is_some() {
+        return None;
+    }
+    let (host, port) = authority(&uri, None).ok()?;
+    Some((host, port, head.head_len))
+}
+
+/// Writes a complete response outside hyper, closes the write side, and
+/// reads briefly what the client still sends (closing with unread bytes
+/// would reset the connection and could destroy the answer before the
+/// client reads it).
+async fn write_and_close(mut stream: TcpStream, resp: Response<Body>) {
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(256 + body.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(
+        format!(
+            "content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(&body);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match stream.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 /// Answers a connection that was not admitted, without reading its request.
@@ -281,28 +421,9 @@ async fn connect_inner(req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) 
         Ok(x) => x,
         Err(msg) => return bad_request(msg),
     };
-    let host = canonical_host(&raw_host);
-    let what = format!("CONNECT {raw_host}:{port}");
-    let target = Target::parse(&host);
-    let d = decide(&gw, &cx, Via::Connect, &host, port);
-    if d.verdict == Verdict::Deny {
-        AccessLog::new(&cx, "CONNECT", &host, port, Some(&d), "denied").emit();
-        return denied(&cx, &what, &d, matches!(target, Target::Ip(_)));
-    }
-    let (upstream, addr) = match gw
-        .upstream
-        .connect(&cx.policy, target, port, &gw.metrics)
-        .await
-    {
-        Ok(x) => x,
-        Err(err) => {
-            gw.metrics
-                .upstream_errors
-                .with_label_values(&[err.as_str()])
-                .inc();
-            AccessLog::new(&cx, "CONNECT", &host, port, Some(&d), err.as_str()).emit();
-            return upstream_failed(&what, &err);
-        }
+    let open = match open(&cx, &gw, &raw_host, port).await {
+        Ok(open) => open,
+        Err(resp) => return resp,
     };
     tokio::spawn(async move {
         let upgraded = match hyper::upgrade::on(req).await {
@@ -316,31 +437,79 @@ async fn connect_inner(req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) 
             tracing::error!("CONNECT upgrade is not a TcpStream: this is a bug");
             return;
         };
-        let mut client = parts.io.into_inner();
         // Copy what hyper read past the CONNECT head, and let go of its read
         // buffer (a slice of it would pin the whole buffer for the tunnel's life).
-        let mut prefix = BytesMut::from(&parts.read_buf[..]);
+        let prefix = BytesMut::from(&parts.read_buf[..]);
         drop(parts.read_buf);
-        let mut log = AccessLog::new(&cx, "CONNECT", &host, port, Some(&d), "");
-        log.upstream = Some(addr);
-        if let Some(mismatch) = check_sni(
-            &gw,
-            &cx,
-            &mut client,
-            &upstream,
-            &mut prefix,
-            &host,
-            &mut log,
-        )
-        .await
-        {
-            log.close = mismatch;
-            log.emit();
-            return;
-        }
-        super::relay_and_log(&gw, &client, &upstream, prefix, log).await;
+        tunnel(&gw, &cx, parts.io.into_inner(), open, prefix).await;
     });
     Response::new(full(Bytes::new()))
+}
+
+/// An allowed CONNECT whose upstream is connected.
+struct Open {
+    host: String,
+    port: u16,
+    decision: Decision,
+    upstream: TcpStream,
+    addr: std::net::SocketAddr,
+}
+
+/// Decides a CONNECT to `raw_host:port` and dials it; `Err` is the answer
+/// to send instead of `200` (denied, or the upstream failed), already
+/// counted and logged.
+async fn open(cx: &Conn, gw: &Gateway, raw_host: &str, port: u16) -> Result<Open, Response<Body>> {
+    let host = canonical_host(raw_host);
+    let target = Target::parse(&host);
+    let what = || format!("CONNECT {raw_host}:{port}");
+    let d = decide(gw, cx, Via::Connect, &host, port);
+    if d.verdict == Verdict::Deny {
+        AccessLog::new(cx, "CONNECT", &host, port, Some(&d), "denied").emit();
+        return Err(denied(cx, &what(), &d, matches!(target, Target::Ip(_))));
+    }
+    match gw
+        .upstream
+        .connect(&cx.policy, target, port, &gw.metrics)
+        .await
+    {
+        Ok((upstream, addr)) => Ok(Open {
+            host,
+            port,
+            decision: d,
+            upstream,
+            addr,
+        }),
+        Err(err) => {
+            gw.metrics
+                .upstream_errors
+                .with_label_values(&[err.as_str()])
+                .inc();
+            AccessLog::new(cx, "CONNECT", &host, port, Some(&d), err.as_str()).emit();
+            Err(upstream_failed(&what(), &err))
+        }
+    }
+}
+
+/// Runs an answered CONNECT's tunnel: the SNI check, then the relay and its
+/// log line. `prefix` is what was already read from the client.
+async fn tunnel(gw: &Gateway, cx: &Conn, mut client: TcpStream, open: Open, mut prefix: BytesMut) {
+    let Open {
+        host,
+        port,
+        decision,
+        upstream,
+        addr,
+    } = open;
+    let mut log = AccessLog::new(cx, "CONNECT", &host, port, Some(&decision), "");
+    log.upstream = Some(addr);
+    if let Some(mismatch) =
+        check_sni(gw, cx, &mut client, &upstream, &mut prefix, &host, &mut log).await
+    {
+        log.close = mismatch;
+        log.emit();
+        return;
+    }
+    super::relay_and_log(gw, &client, &upstream, prefix, log).await;
 }
 
 /// Reads the tunnel's first client bytes when the client speaks first, and
