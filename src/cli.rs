@@ -161,7 +161,10 @@ fn run_gateway(loaded: Loaded, common: &Common) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("failed to start the async runtime")?;
-    runtime.block_on(serve(loaded, reloader))
+    let result = runtime.block_on(serve(loaded, reloader));
+    // Every log line handed over is on stderr before the process exits.
+    crate::logwriter::flush();
+    result
 }
 
 fn init_tracing(log: &LogConfig) -> Result<()> {
@@ -171,7 +174,7 @@ fn init_tracing(log: &LogConfig) -> Result<()> {
         .with_context(|| format!("[log] level '{}' is not a valid filter", log.level))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(crate::logwriter::MakeWriter);
     let result = match log.format {
         LogFormat::Json => builder
             .json()
@@ -181,7 +184,8 @@ fn init_tracing(log: &LogConfig) -> Result<()> {
             .try_init(),
         LogFormat::Text => builder.try_init(),
     };
-    result.map_err(|e| anyhow::anyhow!("cannot initialise logging: {e}"))
+    result.map_err(|e| anyhow::anyhow!("cannot initialise logging: {e}"))?;
+    crate::logwriter::start().context("cannot start the log writer thread")
 }
 
 async fn bind(what: &str, addr: Option<SocketAddr>) -> Result<Option<TcpListener>> {

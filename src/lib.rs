@@ -3,7 +3,8 @@
 //! ```text
 //! config ─compile─▶ Policy (immutable Arc, swapped whole on reload)
 //! listen ─▶ classify (CONNECT/SNI/Host) ─▶ policy.decide ─▶ upstream.connect ─▶ tunnel
-//! side channels: &Metrics (counters) and tracing (one event per connection at close)
+//! side channels: &Metrics (counters) and tracing (one event per connection at close),
+//! written to stderr by one log-writer thread
 //! ```
 //!
 //! Modules are listed in the order data flows through them.
@@ -21,6 +22,7 @@ pub mod upstream;
 pub mod tunnel;
 pub mod admin;
 pub mod metrics;
+pub mod logwriter;
 pub mod shutdown;
 pub mod render;
 pub mod cli;

@@ -1,13 +1,13 @@
 //! Access log: the one line each connection (or forwarded request) writes when it closes.
 //!
 //! In: what a listener learnt about a connection. Out: a JSON line on stderr
-//! (`[log] format = "json"`, the default) or a tracing event (`text`). The
+//! (`[log] format = "json"`, the default) or a tracing event (`text`), both
+//! through [`crate::logwriter`], so a connection never waits on a write. The
 //! JSON line is built here by hand, with the same fields and shape as the
 //! tracing JSON layer's, because that formatter costs microseconds per line
 //! and this is written for every connection (`benches/path.rs`).
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
@@ -83,7 +83,7 @@ impl<'a> AccessLog<'a> {
         if self.json {
             let mut line = self.json_line(SystemTime::now());
             line.push('\n');
-            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            crate::logwriter::write(line.as_bytes());
             return;
         }
         let policy = self.policy;

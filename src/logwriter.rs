@@ -1,0 +1,286 @@
+//! Log writer: one thread writes every log line to stderr, in batches.
+//!
+//! In: whole lines (access lines, tracing events) from any thread. Out: the
+//! same bytes on stderr, in the order they were handed over, each line
+//! intact. A connection never waits on `write(2)`: a line is appended to a
+//! shared buffer under a lock held for a copy, and the writer thread swaps
+//! the buffer out and writes it with one system call. When the sink is
+//! slower than the traffic for long (journald throttling, a full pipe), at
+//! most [`MAX_PENDING`] bytes wait and further writers block until there is
+//! room again: memory stays bounded and no line is dropped. [`flush`] waits
+//! until everything handed over has been written; `run` calls it before the
+//! process exits. Until [`start`] (and in `check`/`explain`) lines go to
+//! stderr directly.
+
+use std::io::{self, Write};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
+
+/// Bytes that may wait for the writer before writers block.
+pub const MAX_PENDING: usize = 4 << 20;
+
+/// A buffer this large is not kept after a burst.
+const KEEP_CAPACITY: usize = 256 << 10;
+
+static GLOBAL: OnceLock<&'static Sink> = OnceLock::new();
+
+/// Starts the stderr writer thread; later calls do nothing.
+///
+/// # Errors
+/// The thread could not be spawned.
+pub fn start() -> io::Result<()> {
+    if GLOBAL.get().is_some() {
+        return Ok(());
+    }
+    let sink: &'static Sink = Box::leak(Box::new(Sink::new(MAX_PENDING)));
+    sink.spawn(Box::new(io::stderr()))?;
+    let _ = GLOBAL.set(sink);
+    Ok(())
+}
+
+/// Hands `line` (one or more whole lines) to the writer, or writes it to
+/// stderr when no writer was started.
+pub fn write(line: &[u8]) {
+    match GLOBAL.get() {
+        Some(sink) => sink.push(line),
+        None => {
+            let _ = io::stderr().lock().write_all(line);
+        }
+    }
+}
+
+/// Waits until every line handed over so far is written.
+pub fn flush() {
+    if let Some(sink) = GLOBAL.get() {
+        sink.flush();
+    }
+}
+
+/// A `tracing_subscriber` writer that sends formatted events through [`write`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MakeWriter;
+
+/// One event's writer (the fmt layer writes a whole event in one call).
+#[derive(Debug)]
+pub struct EventWriter;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for MakeWriter {
+    type Writer = EventWriter;
+
+    fn make_writer(&'a self) -> EventWriter {
+        EventWriter
+    }
+}
+
+impl Write for EventWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        write(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The shared buffer and its writer thread.
+pub struct Sink {
+    state: Mutex<State>,
+    /// The writer waits here for lines.
+    wake: Condvar,
+    /// Blocked writers and [`Sink::flush`] wait here for the writer.
+    written: Condvar,
+    max_pending: usize,
+}
+
+#[derive(Default)]
+struct State {
+    pending: Vec<u8>,
+    /// The writer is waiting on `wake`.
+    idle: bool,
+    /// The writer holds a batch it has not finished writing.
+    writing: bool,
+}
+
+impl Sink {
+    /// A sink that lets at most `max_pending` bytes wait (a single larger
+    /// line is still taken whole).
+    pub fn new(max_pending: usize) -> Sink {
+        Sink {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            written: Condvar::new(),
+            max_pending,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts the thread that writes to `out`.
+    ///
+    /// # Errors
+    /// The thread could not be spawned.
+    pub fn spawn(&'static self, out: Box<dyn Write + Send>) -> io::Result<()> {
+        std::thread::Builder::new()
+            .name("portcullis-log".into())
+            .spawn(move || self.run(out))
+            .map(drop)
+    }
+
+    /// Appends `line`, waiting while the sink is full.
+    pub fn push(&self, line: &[u8]) {
+        let mut st = self.lock();
+        while !st.pending.is_empty() && st.pending.len() + line.len() > self.max_pending {
+            st = self
+                .written
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        st.pending.extend_from_slice(line);
+        if st.idle {
+            st.idle = false;
+            self.wake.notify_one();
+        }
+    }
+
+    /// Waits until every line pushed so far is written.
+    pub fn flush(&self) {
+        let mut st = self.lock();
+        while !st.pending.is_empty() || st.writing {
+            st = self
+                .written
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn run(&self, mut out: Box<dyn Write + Send>) {
+        let mut batch = Vec::new();
+        loop {
+            {
+                let mut st = self.lock();
+                while st.pending.is_empty() {
+                    st.idle = true;
+                    st = self.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
+                }
+                std::mem::swap(&mut st.pending, &mut batch);
+                st.writing = true;
+                // Writers blocked on a full buffer may go on now.
+                self.written.notify_all();
+            }
+            // A closed or failing stderr cannot be reported anywhere: the
+            // lines are dropped rather than stopping the proxy.
+            let _ = out.write_all(&batch).and_then(|()| out.flush());
+            batch.clear();
+            if batch.capacity() > KEEP_CAPACITY {
+                batch = Vec::new();
+            }
+            self.lock().writing = false;
+            self.written.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// Collects what the writer thread writes; optionally slow, and records
+    /// the largest batch it was handed.
+    #[derive(Clone, Default)]
+    struct Capture {
+        bytes: Arc<Mutex<Vec<u8>>>,
+        largest: Arc<AtomicUsize>,
+        delay: Option<Duration>,
+    }
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if let Some(d) = self.delay {
+                std::thread::sleep(d);
+            }
+            self.largest.fetch_max(buf.len(), Ordering::Relaxed);
+            self.bytes.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn sink(max: usize, out: &Capture) -> &'static Sink {
+        let sink: &'static Sink = Box::leak(Box::new(Sink::new(max)));
+        sink.spawn(Box::new(out.clone())).unwrap();
+        sink
+    }
+
+    #[test]
+    fn every_line_arrives_whole_and_in_order_per_thread() {
+        let out = Capture::default();
+        let sink = sink(MAX_PENDING, &out);
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    for i in 0..5_000 {
+                        sink.push(
+                            format!("thread={t} line={i} {}\n", "x".repeat(i % 90)).as_bytes(),
+                        );
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        sink.flush();
+        let text = String::from_utf8(out.bytes.lock().unwrap().clone()).unwrap();
+        let mut next = [0usize; 4];
+        for line in text.lines() {
+            let mut words = line.split(' ');
+            let t: usize = words.next().unwrap()["thread=".len()..].parse().unwrap();
+            let i: usize = words.next().unwrap()["line=".len()..].parse().unwrap();
+            assert_eq!(i, next[t], "thread {t} out of order or torn: {line:?}");
+            assert_eq!(words.next().unwrap_or(""), "x".repeat(i % 90), "{line:?}");
+            next[t] += 1;
+        }
+        assert_eq!(next, [5_000; 4], "lines lost");
+    }
+
+    #[test]
+    fn a_slow_sink_blocks_writers_instead_of_growing_or_dropping() {
+        let out = Capture {
+            delay: Some(Duration::from_millis(2)),
+            ..Capture::default()
+        };
+        let max = 4096;
+        let sink = sink(max, &out);
+        let line = [b'y'; 100];
+        for _ in 0..2_000 {
+            sink.push(&line);
+        }
+        sink.flush();
+        assert_eq!(out.bytes.lock().unwrap().len(), 2_000 * line.len());
+        let largest = out.largest.load(Ordering::Relaxed);
+        assert!(
+            largest <= max,
+            "a batch of {largest} bytes: over the bound {max}"
+        );
+    }
+
+    #[test]
+    fn flush_waits_for_the_batch_being_written() {
+        let out = Capture {
+            delay: Some(Duration::from_millis(50)),
+            ..Capture::default()
+        };
+        let sink = sink(MAX_PENDING, &out);
+        sink.push(b"one\n");
+        sink.flush();
+        assert_eq!(out.bytes.lock().unwrap().as_slice(), b"one\n");
+    }
+}
