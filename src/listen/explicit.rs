@@ -624,19 +624,26 @@ async fn forward(mut req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) ->
     };
     let host = canonical_host(&raw_host);
     let method = req.method().clone();
-    let what = format!("{method} {}", req.uri());
+    // Only answers other than the upstream's need it: made on demand.
+    let uri = req.uri().clone();
+    let what = || format!("{method} {uri}");
     // Names must agree: one Host, naming the URI's host and port.
     let hosts: Vec<&HeaderValue> = req.headers().get_all(header::HOST).iter().collect();
     if hosts.len() > 1 {
         return bad_request("more than one Host header");
     }
     if let Some(h) = hosts.first() {
-        let agrees = h
-            .to_str()
-            .ok()
-            .and_then(|h| format!("http://{h}/").parse::<Uri>().ok())
-            .and_then(|u| authority(&u, Some(80)).ok())
-            .is_some_and(|(hh, hp)| canonical_host(&hh) == host && hp == port);
+        // Nearly always the Host header is the URI's authority as sent.
+        let same_text = req
+            .uri()
+            .authority()
+            .is_some_and(|a| a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()));
+        let agrees = same_text
+            || h.to_str()
+                .ok()
+                .and_then(|h| format!("http://{h}/").parse::<Uri>().ok())
+                .and_then(|u| authority(&u, Some(80)).ok())
+                .is_some_and(|(hh, hp)| canonical_host(&hh) == host && hp == port);
         if !agrees {
             gw.metrics
                 .tls_name_mismatch
@@ -647,7 +654,8 @@ async fn forward(mut req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) ->
                 Some("http_request_denied"),
                 "host_mismatch",
                 format!(
-                    "portcullis: denied {what} — the Host header names another host than the URL\n"
+                    "portcullis: denied {} — the Host header names another host than the URL\n",
+                    what()
                 ),
             );
         }
@@ -656,7 +664,7 @@ async fn forward(mut req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) ->
     let d = decide(&gw, &cx, Via::Http, &host, port);
     if d.verdict == Verdict::Deny {
         AccessLog::new(&cx, method.as_str(), &host, port, Some(&d), "denied").emit();
-        return denied(&cx, &what, &d, matches!(target, Target::Ip(_)));
+        return denied(&cx, &what(), &d, matches!(target, Target::Ip(_)));
     }
 
     let upgrade = is_upgrade(req.headers());
@@ -672,14 +680,17 @@ async fn forward(mut req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) ->
         Ok(r) => r,
         Err(err) => {
             let (token, resp) = match pool::connect_error(&err) {
-                Some(ce) => (ce.as_str(), upstream_failed(&what, ce)),
+                Some(ce) => (ce.as_str(), upstream_failed(&what(), ce)),
                 None => (
                     "http_protocol_error",
                     status_response(
                         StatusCode::BAD_GATEWAY,
                         Some("http_protocol_error"),
                         "upstream response",
-                        format!("portcullis: {what} failed — upstream answered badly: {err}\n"),
+                        format!(
+                            "portcullis: {} failed — upstream answered badly: {err}\n",
+                            what()
+                        ),
                     ),
                 ),
             };
