@@ -1828,7 +1828,7 @@ impl Transparent {
         };
         // Gate: both paths carry bytes intact before anything is measured,
         // and the portcullis path's connections show in portcullis's access
-        // log (unbuffered stderr to a file).
+        // log (stderr to a file, through its log thread).
         let check = check_settings();
         for col in [DIRECT, PORTCULLIS] {
             let ups = t.upstreams(col);
@@ -1847,7 +1847,16 @@ impl Transparent {
             .try_for_each(|w| t.client.run(w, ups, &check).map(drop))
             .and_then(|()| {
                 let server = ups.echo.ip().to_string();
-                let logged = fs::read_to_string(&t.portcullis.log).unwrap_or_default();
+                // Lines reach the file a few milliseconds after the
+                // connection closes (portcullis's log thread gathers them).
+                let deadline = Instant::now() + Duration::from_secs(3);
+                let logged = loop {
+                    let logged = fs::read_to_string(&t.portcullis.log).unwrap_or_default();
+                    if col != PORTCULLIS || logged.contains(&server) || Instant::now() >= deadline {
+                        break logged;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                };
                 if col == PORTCULLIS && !logged.contains(&server) {
                     return Err(format!("no access line for {server} in portcullis's log"));
                 }
