@@ -768,6 +768,52 @@ mod tests {
     }
 
     #[test]
+    fn only_whole_plain_connect_heads_take_the_fast_path() {
+        let fast = |head: &str| fast_connect_head(head.as_bytes(), 65536);
+        let h = "CONNECT pypi.org:443 HTTP/1.1\r\nHost: pypi.org:443\r\n\r\n";
+        assert_eq!(fast(h), Some(("pypi.org".into(), 443, h.len())));
+        // Bytes after the head (a pipelined ClientHello) are not the head's.
+        assert_eq!(
+            fast(&format!("{h}\x16\x03\x01")),
+            Some(("pypi.org".into(), 443, h.len()))
+        );
+        let v6 = "CONNECT [::1]:8443 HTTP/1.0\r\n\r\n";
+        assert_eq!(fast(v6), Some(("[::1]".into(), 8443, v6.len())));
+        for (what, head) in [
+            ("partial head", "CONNECT pypi.org:443 HTTP/1.1\r\nHost: py"),
+            (
+                "not CONNECT",
+                "GET http://pypi.org/ HTTP/1.1\r\nHost: pypi.org\r\n\r\n",
+            ),
+            ("no port", "CONNECT pypi.org HTTP/1.1\r\n\r\n"),
+            ("port 0", "CONNECT pypi.org:0 HTTP/1.1\r\n\r\n"),
+            ("userinfo", "CONNECT u:p@pypi.org:443 HTTP/1.1\r\n\r\n"),
+            (
+                "absolute URI",
+                "CONNECT http://pypi.org:443/ HTTP/1.1\r\n\r\n",
+            ),
+            (
+                "Content-Length",
+                "CONNECT pypi.org:443 HTTP/1.1\r\ncontent-LENGTH: 5\r\n\r\n",
+            ),
+            (
+                "Transfer-Encoding",
+                "CONNECT pypi.org:443 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            ),
+            (
+                "two Hosts",
+                "CONNECT a.org:443 HTTP/1.1\r\nHost: a.org\r\nHost: b.org\r\n\r\n",
+            ),
+            ("HTTP/2 line", "CONNECT pypi.org:443 HTTP/2.0\r\n\r\n"),
+            ("TLS record", "\x16\x03\x01\x02\x00\x01\x00\x01\x7c\x03\x03"),
+        ] {
+            assert_eq!(fast(head), None, "{what} must go to hyper");
+        }
+        // Over max_head_bytes: hyper answers 431.
+        assert_eq!(fast_connect_head(h.as_bytes(), h.len() - 1), None);
+    }
+
+    #[test]
     fn hop_by_hop_headers_go() {
         let mut h = HeaderMap::new();
         h.insert(
