@@ -715,14 +715,8 @@ async fn forward(mut req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) ->
                     r = tokio::io::copy_bidirectional(&mut c, &mut u) => r.unwrap_or((0, 0)),
                     () = gw2.shutdown.cutting() => (0, 0),
                 };
-                gw2.metrics
-                    .bytes
-                    .with_label_values(&["upload"])
-                    .inc_by(copied.0);
-                gw2.metrics
-                    .bytes
-                    .with_label_values(&["download"])
-                    .inc_by(copied.1);
+                gw2.counters().upload.inc_by(copied.0);
+                gw2.counters().download.inc_by(copied.1);
                 let mut log = AccessLog::new(&cx2, "UPGRADE", "", 0, None, "upgrade_closed");
                 log.upload = copied.0;
                 log.download = copied.1;

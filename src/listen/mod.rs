@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use ipnet::IpNet;
-use prometheus::IntGauge;
+use prometheus::{IntCounter, IntGauge};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -55,6 +55,11 @@ pub struct Gateway {
     /// Keep-alive upstream connections for forwarded plain-HTTP requests (built on first use).
     pub http_client: std::sync::OnceLock<pool::HttpClient>,
     per_client: DashMap<IpAddr, usize>,
+    /// Series every connection touches, resolved once (a label lookup is a
+    /// hash and a lock): bytes each way, and per listener (proxy,
+    /// transparent) the active gauge and total counter.
+    bytes: Counters,
+    listeners: [(IntGauge, IntCounter); 2],
 }
 
 impl Gateway {
@@ -62,6 +67,16 @@ impl Gateway {
     pub fn new(policy: Policy, limits: Limits, own_addrs: Vec<SocketAddr>) -> Gateway {
         let metrics = Metrics::new(limits.max_denied_hosts);
         metrics.policy_loaded(&policy);
+        let bytes = Counters {
+            upload: metrics.bytes.with_label_values(&["upload"]),
+            download: metrics.bytes.with_label_values(&["download"]),
+        };
+        let listeners = [Listener::Proxy, Listener::Transparent].map(|l| {
+            (
+                metrics.connections_active.with_label_values(&[l.as_str()]),
+                metrics.connections_total.with_label_values(&[l.as_str()]),
+            )
+        });
         Gateway {
             policy: ArcSwap::from_pointee(policy),
             upstream: Upstream::new(
@@ -76,14 +91,21 @@ impl Gateway {
             json_log: true,
             http_client: std::sync::OnceLock::new(),
             per_client: DashMap::new(),
+            bytes,
+            listeners,
         }
     }
 
-    /// Byte counters for a tunnel, resolved once.
-    pub fn counters(&self) -> Counters {
-        Counters {
-            upload: self.metrics.bytes.with_label_values(&["upload"]),
-            download: self.metrics.bytes.with_label_values(&["download"]),
+    /// The byte counters tunnels count into.
+    pub fn counters(&self) -> &Counters {
+        &self.bytes
+    }
+
+    /// A listener's active-connections gauge and total counter.
+    fn listener_series(&self, listener: Listener) -> &(IntGauge, IntCounter) {
+        match listener {
+            Listener::Proxy => &self.listeners[0],
+            Listener::Transparent => &self.listeners[1],
         }
     }
 
@@ -179,15 +201,10 @@ fn admit(
         }
         *n += 1;
     }
-    let active = gw
-        .metrics
-        .connections_active
-        .with_label_values(&[listener.as_str()]);
+    let (active, total) = gw.listener_series(listener);
     active.inc();
-    gw.metrics
-        .connections_total
-        .with_label_values(&[listener.as_str()])
-        .inc();
+    total.inc();
+    let active = active.clone();
     Ok(Conn {
         peer,
         client_subnet: subnet,
@@ -278,10 +295,7 @@ pub async fn relay_and_log(
             log.emit();
             return;
         }
-        gw.metrics
-            .bytes
-            .with_label_values(&["upload"])
-            .inc_by(replayed);
+        gw.counters().upload.inc_by(replayed);
     }
     drop(prefix);
     let stats = crate::tunnel::relay(
@@ -289,7 +303,7 @@ pub async fn relay_and_log(
         upstream,
         b"",
         Duration::from_millis(gw.limits.idle_timeout_ms),
-        &gw.counters(),
+        gw.counters(),
         gw.shutdown.cutting(),
     )
     .await;
