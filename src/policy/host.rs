@@ -159,20 +159,23 @@ fn key_words(bytes: &[u8]) -> Vec<u64> {
             let w = bytes[start..end]
                 .iter()
                 .rev()
-                .fold(0u64, |w, &b| w << 8 | u64::from(b));
+                .fold(0u64, |w, &b| w << 8 | u64::from(b | 0x20));
             w << (8 * (8 - (end - start)))
         })
         .collect()
 }
 
-/// Hash of the last `len` bytes of a string, from its words and the running
-/// hashes `chain[k]` of its words `0..=k`.
+/// Hash of the last `len` bytes of a string, from the running hashes
+/// `chain[k]` of its words `0..=k` and `partial`: its word `len / 8` masked
+/// to the suffix (`partial_mask(len % 8)`; 0 when `len` is a multiple of 8).
 #[inline(always)]
-fn suffix_hash(words: &[u64], chain: &[u64], len: usize) -> u64 {
-    let (q, r) = (len / 8, len % 8);
-    let h = if q == 0 { HASH_K } else { chain[q - 1] };
+fn suffix_hash(chain: &[u64], partial: u64, len: usize) -> u64 {
+    let q = len / 8;
+    // Read unconditionally, then selected: a branch here would mispredict.
+    let before = chain[q.wrapping_sub(1) % chain.len()];
+    let h = if q == 0 { HASH_K } else { before };
     // The partial word is mixed in even when empty: one branch fewer.
-    finish(mix(h, words[q % words.len()] & partial_mask(r)), len)
+    finish(mix(h, partial), len)
 }
 
 fn key_hash(words: &[u64], len: usize) -> u64 {
@@ -183,7 +186,11 @@ fn key_hash(words: &[u64], len: usize) -> u64 {
             Some(*h)
         })
         .collect();
-    suffix_hash(words, &chain, len)
+    suffix_hash(
+        &chain,
+        words.get(len / 8).map_or(0, |&w| w & partial_mask(len % 8)),
+        len,
+    )
 }
 
 /// 16 bytes lowercased, with 1 in each lane of `not_ok` that is not a letter,
@@ -199,11 +206,42 @@ fn classify16(bytes: &[u8; 16]) -> ([u8; 16], [u8; 16], [u8; 16]) {
             | (l.wrapping_sub(b'0') < 10)
             | (l.wrapping_sub(b'-') < 2)
             | (l == b'_');
-        lower[i] = l;
+        // Bit 5 set: `_` becomes 0x7f, like every word compared or hashed.
+        lower[i] = l | 0x20;
         not_ok[i] = u8::from(!ok);
         dot[i] = u8::from(l == b'.');
     }
     (lower, not_ok, dot)
+}
+
+/// Bit 5 of every lane. ORed into a valid name's bytes it lowercases the
+/// letters and leaves digits, `-` and `.` alone (`_` becomes 0x7f, which no
+/// other valid byte does), so names and keys are hashed and compared folded.
+const BIT5: u64 = 0x2020_2020_2020_2020;
+
+/// The 8 bytes of `name` from `at`, little endian.
+#[inline(always)]
+fn load8(name: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(name[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// ORs into `bad`, lane by lane, a value that is 0 exactly when the byte is
+/// a letter, digit, `-`, `.` or `_`, and returns 1 in each lane that is a
+/// dot. Saturating subtractions and minimums, so the compiler turns it into
+/// a dozen SSE2 instructions.
+#[inline(always)]
+fn classify_direct(bad: &mut [u8; 16], bytes: &[u8; 16]) -> [u8; 16] {
+    let mut dot = [0u8; 16];
+    for i in 0..16 {
+        let x = bytes[i];
+        let letter = (x | 0x20).wrapping_sub(b'a').saturating_sub(25);
+        let digit = x.wrapping_sub(b'0').saturating_sub(9);
+        let dash_dot = x.wrapping_sub(b'-').saturating_sub(1);
+        let underscore = x ^ b'_';
+        bad[i] |= letter.min(digit).min(dash_dot).min(underscore);
+        dot[i] = u8::from(x == b'.');
+    }
+    dot
 }
 
 /// A name lowercased and validated into words, with where its dots are.
@@ -262,6 +300,46 @@ impl<const W: usize> Scan<W> {
             }
         }
         bad == 0 && self.labels_ok(n)
+    }
+
+    /// Scans `name` (8..=8*W bytes) straight from the slice, nothing copied
+    /// (so no load waits on a store): word `k` is the 8-byte load ending
+    /// `8k` bytes before the end, clamped to start at 0. Those loads cover
+    /// the name (overlapping where it is not a multiple of 8 bytes long),
+    /// which is all validation and the dot bitmap need; a word that is not
+    /// whole (below `n / 8`) is never read: the caller supplies the partial
+    /// word of each suffix. False as for `fill`.
+    #[inline(always)]
+    fn fill_direct(&mut self, name: &[u8]) -> bool {
+        let n = name.len();
+        debug_assert!((8..=8 * W).contains(&n) && W <= 8 && W.is_multiple_of(2));
+        let mut h = HASH_K;
+        let mut dots = 0u64;
+        let mut bad = [0u8; 16];
+        for j in 0..W / 2 {
+            // Word 2j is the block's high half, word 2j+1 its low half.
+            let hi = (n - 8).saturating_sub(16 * j);
+            let lo = (n - 8).saturating_sub(16 * j + 8);
+            let mut block = [0u8; 16];
+            block[..8].copy_from_slice(&name[lo..lo + 8]);
+            block[8..].copy_from_slice(&name[hi..hi + 8]);
+            let dot = classify_direct(&mut bad, &block);
+            for (i, at) in [(1, hi), (0, lo)] {
+                let half = |a: &[u8; 16]| {
+                    u64::from_le_bytes(a[8 * i..8 * i + 8].try_into().expect("8 bytes"))
+                };
+                // Lane l (byte at + l) starts the suffix of n - at - l bytes: bit n - 1 - at - l.
+                let reversed = half(&dot).wrapping_mul(0x8040_2010_0804_0201) >> 56;
+                dots |= reversed << (n - 8 - at);
+                let word = half(&block) | BIT5;
+                let k = 2 * j + 1 - i;
+                self.words[k] = word;
+                h = mix(h, word);
+                self.chain[k] = h;
+            }
+        }
+        self.dots[0] = dots;
+        u128::from_le_bytes(bad) == 0 && self.labels_ok(n)
     }
 
     /// No empty label and none over 63 bytes, from the dot bitmap.
@@ -488,13 +566,14 @@ impl<V: Copy> HostTable<V> {
         table
     }
 
-    /// The value of the key equal to the last `len` bytes of the scanned name.
+    /// The value of the key equal to the last `len` bytes of the scanned
+    /// name, whose word `len / 8` masked to the suffix is `partial`.
     #[inline(always)]
-    fn find<const W: usize>(&self, scan: &Scan<W>, len: usize) -> Option<&V> {
+    fn find<const W: usize>(&self, scan: &Scan<W>, partial: u64, len: usize) -> Option<&V> {
         if self.slots.is_empty() {
             return None;
         }
-        let hash = suffix_hash(&scan.words, &scan.chain, len);
+        let hash = suffix_hash(&scan.chain, partial, len);
         let tag = tag_of(hash);
         let mut i = hash as usize & self.mask;
         loop {
@@ -504,7 +583,7 @@ impl<V: Copy> HostTable<V> {
             }
             if t == tag {
                 let slot = &self.slots[i];
-                if usize::from(slot.len) == len && self.same(slot, scan, len) {
+                if usize::from(slot.len) == len && self.same(slot, scan, partial, len) {
                     return Some(&slot.value);
                 }
             }
@@ -514,20 +593,25 @@ impl<V: Copy> HostTable<V> {
 
     /// Whether the slot's key is the last `len` bytes of the scanned name:
     /// the inline words compared all at once (unused key words are 0), then
-    /// any spilled ones.
+    /// any spilled ones. Only the name's words below `len / 8` are read.
     #[inline(always)]
-    fn same<const W: usize>(&self, slot: &Slot<V>, scan: &Scan<W>, len: usize) -> bool {
-        let (q, r) = (len / 8, len % 8);
-        let partial = partial_mask(r);
+    fn same<const W: usize>(
+        &self,
+        slot: &Slot<V>,
+        scan: &Scan<W>,
+        partial: u64,
+        len: usize,
+    ) -> bool {
+        let q = len / 8;
         // Arithmetic, not a match: its branches would mispredict.
-        let mask =
-            |k: usize| u64::from(k < q).wrapping_neg() | u64::from(k == q).wrapping_neg() & partial;
-        let diff = (0..INLINE_WORDS.min(W))
-            .fold(0, |d, k| d | ((scan.words[k] & mask(k)) ^ slot.words[k]));
+        let word = |k: usize| {
+            scan.words[k % W] & u64::from(k < q).wrapping_neg()
+                | partial & u64::from(k == q).wrapping_neg()
+        };
+        let diff = (0..INLINE_WORDS.min(W)).fold(0, |d, k| d | (word(k) ^ slot.words[k]));
         diff == 0
-            && (INLINE_WORDS..len.div_ceil(8)).all(|k| {
-                scan.words[k % W] & mask(k) == self.spill[slot.spill as usize + k - INLINE_WORDS]
-            })
+            && (INLINE_WORDS..len.div_ceil(8))
+                .all(|k| word(k) == self.spill[slot.spill as usize + k - INLINE_WORDS])
     }
 
     /// The value of the most specific key matching `name` (the exact name,
@@ -546,24 +630,59 @@ impl<V: Copy> HostTable<V> {
         let name = name.strip_suffix(b".").unwrap_or(name);
         match name.len() {
             0 => Err(NameError::Empty),
-            1..=32 => self.lookup::<4, 32>(name),
-            33..=64 => self.lookup::<8, 64>(name),
+            8..=32 => self.lookup_direct::<4>(name),
+            33..=64 => self.lookup_direct::<8>(name),
+            1..=7 => self.lookup::<4, 32>(name),
             65..=MAX_NAME_LEN => self.lookup::<32, 256>(name),
             _ => Err(NameError::TooLong),
         }
     }
 
     #[inline(always)]
-    fn lookup<const W: usize, const B: usize>(&self, name: &[u8]) -> Result<Option<&V>, NameError> {
+    fn lookup_direct<const W: usize>(&self, name: &[u8]) -> Result<Option<&V>, NameError> {
         let n = name.len();
+        let mut scan = Scan::<W>::zeroed();
+        if !scan.fill_direct(name) {
+            return Err(name_error(name));
+        }
+        // The suffix of `len` bytes starts at `n - len`; its first `len % 8`
+        // bytes, as the high lanes of its word `len / 8`, from one load (for
+        // suffixes under 8 bytes, the load ending with the name).
+        let partial = |len: usize| {
+            let start = n - len;
+            let at = start.min(n - 8);
+            let lanes = 8 - len % 8 - (start - at);
+            (load8(name, at) | BIT5).wrapping_shl(8 * lanes as u32) & partial_mask(len % 8)
+        };
+        Ok(self.probe(&scan, n, partial))
+    }
+
+    #[inline(always)]
+    fn lookup<const W: usize, const B: usize>(&self, name: &[u8]) -> Result<Option<&V>, NameError> {
         let mut scan = Scan::<W>::zeroed();
         if !scan.fill::<B>(name) {
             return Err(name_error(name));
         }
+        let words = scan.words;
+        let partial = |len: usize| words[(len / 8) % W] & partial_mask(len % 8);
+        Ok(self.probe(&scan, name.len(), partial))
+    }
+
+    /// The most specific key for a scanned name of `n` bytes: the exact
+    /// name if some exact key is that long, then each suffix `.rest` as long
+    /// as some wildcard key, longest first. `partial(len)`: the suffix's
+    /// word `len / 8`, masked.
+    #[inline(always)]
+    fn probe<const W: usize>(
+        &self,
+        scan: &Scan<W>,
+        n: usize,
+        partial: impl Fn(usize) -> u64,
+    ) -> Option<&V> {
         if has_len(&self.exact_lens, n)
-            && let Some(v) = self.find(&scan, n)
+            && let Some(v) = self.find(scan, partial(n), n)
         {
-            return Ok(Some(v));
+            return Some(v);
         }
         // Suffixes `.rest` as long as some wildcard key, longest first.
         for i in (0..Scan::<W>::DOT_WORDS).rev() {
@@ -571,12 +690,13 @@ impl<V: Copy> HostTable<V> {
             while lens != 0 {
                 let top = 63 - lens.leading_zeros() as usize;
                 lens ^= 1 << top;
-                if let Some(v) = self.find(&scan, i * 64 + top + 1) {
-                    return Ok(Some(v));
+                let len = i * 64 + top + 1;
+                if let Some(v) = self.find(scan, partial(len), len) {
+                    return Some(v);
                 }
             }
         }
-        Ok(None)
+        None
     }
 }
 
@@ -774,6 +894,110 @@ mod tests {
         }
         wild.sort();
         Ok(exact.or(wild.last().map(|&(_, i)| i)))
+    }
+
+    /// A valid name of exactly `n` bytes (`n` >= 1): labels of 1 to 9
+    /// letters and digits, as the seed picks.
+    fn name_of_len(n: usize, rng: &mut Rng) -> String {
+        let mut name = String::new();
+        while name.len() < n {
+            if !name.is_empty() {
+                name.push('.');
+            }
+            let left = n - name.len();
+            let label = if left <= 10 { left } else { 1 + rng.below(9) };
+            for _ in 0..label {
+                name.push(b"abcxyz0189-_"[rng.below(12)].into());
+            }
+            // A label may not start or end with `.`, and `-`/`_` are fine anywhere.
+        }
+        assert_eq!(name.len(), n);
+        name
+    }
+
+    /// Every length at the edges of the scan's words and blocks (1, 7, 8, 15,
+    /// 16, 31, 32, 33, 63, 64, 65, 253 ...), with keys on every suffix: the
+    /// exact name, upper case, a trailing dot, and every byte value at every
+    /// position, against the plain semantics.
+    #[test]
+    fn every_length_and_byte_position_agrees_with_the_plain_semantics() {
+        let mut rng = Rng(0x0b0e_5eed_0000_0001);
+        let lens = [
+            1, 2, 3, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 39, 40, 41, 47, 48, 49, 55, 56,
+            57, 63, 64, 65, 66, 96, 127, 128, 129, 200, 252, 253,
+        ];
+        for &n in &lens {
+            for _ in 0..4 {
+                let name = name_of_len(n, &mut rng);
+                // Keys: each suffix after a dot as a wildcard or an exact name, and the name.
+                let mut keys = vec![HostKey::Exact(name.clone())];
+                for (i, _) in name.match_indices('.') {
+                    let rest = name[i + 1..].to_string();
+                    keys.push(match rng.below(3) {
+                        0 => HostKey::Exact(rest),
+                        _ => HostKey::Wildcard(rest),
+                    });
+                }
+                keys.dedup();
+                if rng.below(2) == 0 {
+                    keys.remove(0);
+                }
+                let t = HostTable::build(
+                    &keys
+                        .iter()
+                        .cloned()
+                        .enumerate()
+                        .map(|(i, k)| (k, i as u32))
+                        .collect::<Vec<_>>(),
+                );
+                let mut probes = vec![
+                    name.clone(),
+                    name.to_ascii_uppercase(),
+                    format!("{name}."),
+                    format!("x.{name}"),
+                    format!("x{name}"),
+                    name[1..].to_string(),
+                ];
+                for (i, _) in name.match_indices('.') {
+                    probes.push(name[i + 1..].to_string());
+                    probes.push(format!("q{}", &name[i..]));
+                }
+                for probe in &probes {
+                    assert_eq!(
+                        matches(&t, probe),
+                        reference(&keys, probe),
+                        "{probe:?} {keys:?}"
+                    );
+                }
+                // Every byte value at every position (a sample of positions for long names).
+                let step = if n > 70 { 7 } else { 1 };
+                for at in (0..n).step_by(step) {
+                    for b in 0..=255u8 {
+                        let mut bytes = name.clone().into_bytes();
+                        bytes[at] = b;
+                        let got = t.most_specific(&bytes).map(Option::<&u32>::copied);
+                        match std::str::from_utf8(&bytes) {
+                            Ok(s) => assert_eq!(got, reference(&keys, s), "{s:?} {keys:?}"),
+                            Err(_) => assert_eq!(got, Err(NameError::BadByte(b)), "{bytes:?}"),
+                        }
+                    }
+                }
+            }
+        }
+        // Labels at the 63-byte limit, and one byte over, in every tier.
+        let t = table(&["*.b", "b"]);
+        let keys = [HostKey::Wildcard("b".into()), HostKey::Exact("b".into())];
+        for label in [7, 8, 30, 31, 32, 62, 63, 64, 65] {
+            let a = "a".repeat(label);
+            for name in [
+                a.clone(),
+                format!("{a}.b"),
+                format!("b.{a}"),
+                format!("b.{a}.b"),
+            ] {
+                assert_eq!(matches(&t, &name), reference(&keys, &name), "{name}");
+            }
+        }
     }
 
     #[test]

@@ -554,7 +554,10 @@ fn precomputed_key_answers_agree_with_the_grants() {
     );
     let p = policy(&many);
     let key = p.inner.hosts.most_specific(b"x.a.com").unwrap().unwrap();
-    assert!(key.lo > key.hi, "40 folded grants are evaluated, not precomputed");
+    assert!(
+        key.lo > key.hi,
+        "40 folded grants are evaluated, not precomputed"
+    );
     let d = |h: &str, port| p.decide_name(h.as_bytes(), port, Protocol::Tcp);
     assert_eq!(d("x.a.com", 3900).reason, Reason::RuleMatched);
     assert_eq!(d("x.a.com", 3901).reason, Reason::PortNotAllowed);
