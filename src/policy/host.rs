@@ -576,24 +576,55 @@ impl<V: Copy> HostTable<V> {
         let hash = suffix_hash(&scan.chain, partial, len);
         let tag = tag_of(hash);
         let mut i = hash as usize & self.mask;
+        // The tags first; the key is compared after the loop, so the
+        // compiler does not prepare that on every probe.
         loop {
+            let t = self.tags[i];
+            if t == tag {
+                break;
+            }
+            if t == 0 {
+                return None;
+            }
+            i = (i + 1) & self.mask;
+        }
+        let slot = &self.slots[i];
+        if usize::from(slot.len) == len && self.same(slot, scan, partial, len) {
+            Some(&slot.value)
+        } else {
+            self.find_after(scan, partial, len, tag, i)
+        }
+    }
+
+    /// [`Self::find`] on from after slot `i`, whose tag matched but not its
+    /// key (two keys with one tag: rare).
+    #[cold]
+    #[inline(never)]
+    fn find_after<const W: usize>(
+        &self,
+        scan: &Scan<W>,
+        partial: u64,
+        len: usize,
+        tag: u16,
+        mut i: usize,
+    ) -> Option<&V> {
+        loop {
+            i = (i + 1) & self.mask;
             let t = self.tags[i];
             if t == 0 {
                 return None;
             }
-            if t == tag {
-                let slot = &self.slots[i];
-                if usize::from(slot.len) == len && self.same(slot, scan, partial, len) {
-                    return Some(&slot.value);
-                }
+            let slot = &self.slots[i];
+            if t == tag && usize::from(slot.len) == len && self.same(slot, scan, partial, len) {
+                return Some(&slot.value);
             }
-            i = (i + 1) & self.mask;
         }
     }
 
-    /// Whether the slot's key is the last `len` bytes of the scanned name:
-    /// the inline words compared all at once (unused key words are 0), then
-    /// any spilled ones. Only the name's words below `len / 8` are read.
+    /// Whether the slot's key, known to be `len` bytes long, is the last
+    /// `len` bytes of the scanned name: its whole words below `len / 8`
+    /// (inline ones all at once, masked arithmetically, then any spilled),
+    /// and the partial word. Key words past that are 0 and need no look.
     #[inline(always)]
     fn same<const W: usize>(
         &self,
@@ -603,15 +634,24 @@ impl<V: Copy> HostTable<V> {
         len: usize,
     ) -> bool {
         let q = len / 8;
-        // Arithmetic, not a match: its branches would mispredict.
-        let word = |k: usize| {
-            scan.words[k % W] & u64::from(k < q).wrapping_neg()
-                | partial & u64::from(k == q).wrapping_neg()
+        let key_word = |k: usize| {
+            if k < INLINE_WORDS {
+                slot.words[k]
+            } else {
+                self.spill
+                    .get(slot.spill as usize + k - INLINE_WORDS)
+                    .copied()
+                    .unwrap_or(0)
+            }
         };
-        let diff = (0..INLINE_WORDS.min(W)).fold(0, |d, k| d | (word(k) ^ slot.words[k]));
+        // Arithmetic, not a match: its branches would mispredict.
+        let diff = (0..INLINE_WORDS.min(W)).fold(0, |d, k| {
+            d | (scan.words[k] ^ slot.words[k]) & u64::from(k < q).wrapping_neg()
+        });
         diff == 0
-            && (INLINE_WORDS..len.div_ceil(8))
-                .all(|k| word(k) == self.spill[slot.spill as usize + k - INLINE_WORDS])
+            // Masked: with no partial word, `key_word(q)` may be another key's.
+            && partial == key_word(q) & partial_mask(len % 8)
+            && (INLINE_WORDS..q).all(|k| scan.words[k % W] == key_word(k))
     }
 
     /// The value of the most specific key matching `name` (the exact name,
