@@ -978,8 +978,9 @@ mod tests {
 
     /// Every length at the edges of the scan's words and blocks (1, 7, 8, 15,
     /// 16, 31, 32, 33, 63, 64, 65, 253 ...), with keys on every suffix: the
-    /// exact name, upper case, a trailing dot, and every byte value at every
-    /// position, against the plain semantics.
+    /// exact name, upper case, a trailing dot, suffixes and look-alikes, and
+    /// bytes at the classifier's edges at every position, against the plain
+    /// semantics.
     #[test]
     fn every_length_and_byte_position_agrees_with_the_plain_semantics() {
         let mut rng = Rng(0x0b0e_5eed_0000_0001);
@@ -1030,10 +1031,25 @@ mod tests {
                         "{probe:?} {keys:?}"
                     );
                 }
-                // Every byte value at every position (a sample of positions for long names).
+                // Bytes at and around every edge of the classifier's ranges
+                // (and those that bit 5 turns into `-`, `.` or a digit) at
+                // every position (a sample of positions for long names).
+                const EDGES: [u8; 40] = [
+                    0x00, 0x0d, 0x0e, 0x0f, 0x10, 0x19, 0x1a, 0x20, 0x2c, 0x2d, 0x2e, 0x2f, 0x30,
+                    0x39, 0x3a, 0x40, 0x41, 0x4d, 0x5a, 0x5b, 0x5e, 0x5f, 0x60, 0x61, 0x7a, 0x7b,
+                    0x7e, 0x7f, 0x80, 0xad, 0xae, 0xb0, 0xc1, 0xda, 0xdf, 0xe1, 0xed, 0xfa, 0xfe,
+                    0xff,
+                ];
                 let step = if n > 70 { 7 } else { 1 };
+                let every: Vec<u8> = (0..=255).collect();
                 for at in (0..n).step_by(step) {
-                    for b in 0..=255u8 {
+                    // All 256 values at the ends and the middle.
+                    let values = if at == 0 || at == n / 2 || at == n - 1 {
+                        &every[..]
+                    } else {
+                        &EDGES[..]
+                    };
+                    for &b in values {
                         let mut bytes = name.clone().into_bytes();
                         bytes[at] = b;
                         let got = t.most_specific(&bytes).map(Option::<&u32>::copied);
