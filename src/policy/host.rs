@@ -14,20 +14,30 @@
 //!   so `policy` folds them into K's value when it compiles, and a lookup
 //!   stops at the first (most specific) key it finds.
 //!
-//! How: the name is copied right-aligned into a stack buffer, and 16 bytes
-//! at a time are lowercased, validated and searched for dots by lane-wise
-//! code the compiler turns into SIMD. The name is then seen as 8-byte words
-//! from its end, so every suffix is whole words plus the high lanes of one
-//! more: one pass gives the running hashes of all suffixes, and keys (stored
-//! as the same words) are compared a word at a time. The exact name is
-//! probed if some exact key has its length, then each suffix `.rest` that
-//! some wildcard key is as long as (a bitset ANDed with the dot bitmap),
-//! longest first. One open-addressing table holds both kinds (wildcard keys
-//! keep their leading dot, so they never equal an exact key); a probe reads a
-//! 16-bit tag array first and the 64-byte slot (key words and value) only on
-//! a tag match. Nothing is allocated per lookup. The bench
-//! `benches/policy.rs` compares this with aho-corasick and a `HashSet` walk
-//! on the same streams.
+//! How: names of 8 to 64 bytes (nearly all) are read straight from the
+//! slice, nothing copied: 8-byte loads that end 8, 16, 24... bytes before
+//! the end of the name, the first clamped to start at 0, so they overlap
+//! where the length is not a multiple of 8 and never read past the name.
+//! Pairs of them are validated 16 bytes at a time by saturating-subtract /
+//! minimum lane code the compiler turns into a dozen SSE2 instructions (no
+//! `unsafe`, no intrinsics), and their dots become a bitmap by one multiply
+//! per 8 bytes. ORing bit 5 into every byte folds a valid name's case (`_`
+//! becomes 0x7f, which no other valid byte does); keys are stored folded
+//! the same way. The loads, seen as 8-byte words from the end of the name,
+//! are whole words of every suffix; one pass gives the running hashes of
+//! all of them, and the first `len % 8` bytes of a suffix (its partial
+//! word) come from one more load when it is probed. Names under 8 or over
+//! 64 bytes take an out-of-line path that copies the name right-aligned
+//! into a stack buffer and builds the same words. The exact name is probed
+//! if some exact key has its length, then each suffix `.rest` that some
+//! wildcard key is as long as (a bitset ANDed with the dot bitmap), longest
+//! first. One open-addressing table holds both kinds (wildcard keys keep
+//! their leading dot, so they never equal an exact key); a probe walks a
+//! 16-bit tag array and compares the 64-byte slot (key words and value)
+//! only once a tag matches, whole words below `len / 8` plus the partial
+//! word, with no branch per word. Nothing is allocated per lookup. The
+//! bench `benches/policy.rs` compares this with aho-corasick and a
+//! `HashSet` walk on the same streams.
 
 /// Longest name accepted, in bytes, without the trailing dot (RFC 1035 §2.3.4).
 pub const MAX_NAME_LEN: usize = 253;
@@ -123,10 +133,11 @@ fn validate(name: &[u8]) -> Result<(), NameError> {
 // Words: a name seen 8 bytes at a time from its end.
 //
 // Word `k` of a string of `n` bytes holds bytes `n-8k-8 .. n-8k` (little
-// endian); the last word holds the first `n % 8` bytes in its high lanes and
-// zeros below. Every suffix of the string is then a run of whole words from
-// word 0 plus the high lanes of one more word, so the hashes of all suffixes
-// come from one pass, and keys are compared a word at a time.
+// endian, bit 5 of every byte set); the last word holds the first `n % 8`
+// bytes in its high lanes and zeros below. Every suffix of the string is then
+// a run of whole words from word 0 plus the high lanes of one more word (its
+// partial word), so the hashes of all suffixes come from one pass, and keys
+// are compared a word at a time.
 
 const HASH_K: u64 = 0x9e37_79b9_7f4a_7c15;
 /// Words kept inside a slot; longer keys keep the rest in the spill area.
@@ -159,20 +170,23 @@ fn key_words(bytes: &[u8]) -> Vec<u64> {
             let w = bytes[start..end]
                 .iter()
                 .rev()
-                .fold(0u64, |w, &b| w << 8 | u64::from(b));
+                .fold(0u64, |w, &b| w << 8 | u64::from(b | 0x20));
             w << (8 * (8 - (end - start)))
         })
         .collect()
 }
 
-/// Hash of the last `len` bytes of a string, from its words and the running
-/// hashes `chain[k]` of its words `0..=k`.
+/// Hash of the last `len` bytes of a string, from the running hashes
+/// `chain[k]` of its words `0..=k` and `partial`: its word `len / 8` masked
+/// to the suffix (`partial_mask(len % 8)`; 0 when `len` is a multiple of 8).
 #[inline(always)]
-fn suffix_hash(words: &[u64], chain: &[u64], len: usize) -> u64 {
-    let (q, r) = (len / 8, len % 8);
-    let h = if q == 0 { HASH_K } else { chain[q - 1] };
+fn suffix_hash(chain: &[u64], partial: u64, len: usize) -> u64 {
+    let q = len / 8;
+    // Read unconditionally, then selected: a branch here would mispredict.
+    let before = chain[q.wrapping_sub(1) % chain.len()];
+    let h = if q == 0 { HASH_K } else { before };
     // The partial word is mixed in even when empty: one branch fewer.
-    finish(mix(h, words[q % words.len()] & partial_mask(r)), len)
+    finish(mix(h, partial), len)
 }
 
 fn key_hash(words: &[u64], len: usize) -> u64 {
@@ -183,7 +197,11 @@ fn key_hash(words: &[u64], len: usize) -> u64 {
             Some(*h)
         })
         .collect();
-    suffix_hash(words, &chain, len)
+    suffix_hash(
+        &chain,
+        words.get(len / 8).map_or(0, |&w| w & partial_mask(len % 8)),
+        len,
+    )
 }
 
 /// 16 bytes lowercased, with 1 in each lane of `not_ok` that is not a letter,
@@ -199,11 +217,42 @@ fn classify16(bytes: &[u8; 16]) -> ([u8; 16], [u8; 16], [u8; 16]) {
             | (l.wrapping_sub(b'0') < 10)
             | (l.wrapping_sub(b'-') < 2)
             | (l == b'_');
-        lower[i] = l;
+        // Bit 5 set: `_` becomes 0x7f, like every word compared or hashed.
+        lower[i] = l | 0x20;
         not_ok[i] = u8::from(!ok);
         dot[i] = u8::from(l == b'.');
     }
     (lower, not_ok, dot)
+}
+
+/// Bit 5 of every lane. ORed into a valid name's bytes it lowercases the
+/// letters and leaves digits, `-` and `.` alone (`_` becomes 0x7f, which no
+/// other valid byte does), so names and keys are hashed and compared folded.
+const BIT5: u64 = 0x2020_2020_2020_2020;
+
+/// The 8 bytes of `name` from `at`, little endian.
+#[inline(always)]
+fn load8(name: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(name[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// ORs into `bad`, lane by lane, a value that is 0 exactly when the byte is
+/// a letter, digit, `-`, `.` or `_`, and returns 1 in each lane that is a
+/// dot. Saturating subtractions and minimums, so the compiler turns it into
+/// a dozen SSE2 instructions.
+#[inline(always)]
+fn classify_direct(bad: &mut [u8; 16], bytes: &[u8; 16]) -> [u8; 16] {
+    let mut dot = [0u8; 16];
+    for i in 0..16 {
+        let x = bytes[i];
+        let letter = (x | 0x20).wrapping_sub(b'a').saturating_sub(25);
+        let digit = x.wrapping_sub(b'0').saturating_sub(9);
+        let dash_dot = x.wrapping_sub(b'-').saturating_sub(1);
+        let underscore = x ^ b'_';
+        bad[i] |= letter.min(digit).min(dash_dot).min(underscore);
+        dot[i] = u8::from(x == b'.');
+    }
+    dot
 }
 
 /// A name lowercased and validated into words, with where its dots are.
@@ -262,6 +311,46 @@ impl<const W: usize> Scan<W> {
             }
         }
         bad == 0 && self.labels_ok(n)
+    }
+
+    /// Scans `name` (8..=8*W bytes) straight from the slice, nothing copied
+    /// (so no load waits on a store): word `k` is the 8-byte load ending
+    /// `8k` bytes before the end, clamped to start at 0. Those loads cover
+    /// the name (overlapping where it is not a multiple of 8 bytes long),
+    /// which is all validation and the dot bitmap need; a word that is not
+    /// whole (below `n / 8`) is never read: the caller supplies the partial
+    /// word of each suffix. False as for `fill`.
+    #[inline(always)]
+    fn fill_direct(&mut self, name: &[u8]) -> bool {
+        let n = name.len();
+        debug_assert!((8..=8 * W).contains(&n) && W <= 8 && W.is_multiple_of(2));
+        let mut h = HASH_K;
+        let mut dots = 0u64;
+        let mut bad = [0u8; 16];
+        for j in 0..W / 2 {
+            // Word 2j is the block's high half, word 2j+1 its low half.
+            let hi = (n - 8).saturating_sub(16 * j);
+            let lo = (n - 8).saturating_sub(16 * j + 8);
+            let mut block = [0u8; 16];
+            block[..8].copy_from_slice(&name[lo..lo + 8]);
+            block[8..].copy_from_slice(&name[hi..hi + 8]);
+            let dot = classify_direct(&mut bad, &block);
+            for (i, at) in [(1, hi), (0, lo)] {
+                let half = |a: &[u8; 16]| {
+                    u64::from_le_bytes(a[8 * i..8 * i + 8].try_into().expect("8 bytes"))
+                };
+                // Lane l (byte at + l) starts the suffix of n - at - l bytes: bit n - 1 - at - l.
+                let reversed = half(&dot).wrapping_mul(0x8040_2010_0804_0201) >> 56;
+                dots |= reversed << (n - 8 - at);
+                let word = half(&block) | BIT5;
+                let k = 2 * j + 1 - i;
+                self.words[k] = word;
+                h = mix(h, word);
+                self.chain[k] = h;
+            }
+        }
+        self.dots[0] = dots;
+        u128::from_le_bytes(bad) == 0 && self.labels_ok(n)
     }
 
     /// No empty label and none over 63 bytes, from the dot bitmap.
@@ -488,46 +577,92 @@ impl<V: Copy> HostTable<V> {
         table
     }
 
-    /// The value of the key equal to the last `len` bytes of the scanned name.
+    /// The value of the key equal to the last `len` bytes of the scanned
+    /// name, whose word `len / 8` masked to the suffix is `partial`.
     #[inline(always)]
-    fn find<const W: usize>(&self, scan: &Scan<W>, len: usize) -> Option<&V> {
+    fn find<const W: usize>(&self, scan: &Scan<W>, partial: u64, len: usize) -> Option<&V> {
         if self.slots.is_empty() {
             return None;
         }
-        let hash = suffix_hash(&scan.words, &scan.chain, len);
+        let hash = suffix_hash(&scan.chain, partial, len);
         let tag = tag_of(hash);
         let mut i = hash as usize & self.mask;
+        // The tags first; the key is compared after the loop, so the
+        // compiler does not prepare that on every probe.
         loop {
+            let t = self.tags[i];
+            if t == tag {
+                break;
+            }
+            if t == 0 {
+                return None;
+            }
+            i = (i + 1) & self.mask;
+        }
+        let slot = &self.slots[i];
+        if usize::from(slot.len) == len && self.same(slot, scan, partial, len) {
+            Some(&slot.value)
+        } else {
+            self.find_after(scan, partial, len, tag, i)
+        }
+    }
+
+    /// [`Self::find`] on from after slot `i`, whose tag matched but not its
+    /// key (two keys with one tag: rare).
+    #[cold]
+    #[inline(never)]
+    fn find_after<const W: usize>(
+        &self,
+        scan: &Scan<W>,
+        partial: u64,
+        len: usize,
+        tag: u16,
+        mut i: usize,
+    ) -> Option<&V> {
+        loop {
+            i = (i + 1) & self.mask;
             let t = self.tags[i];
             if t == 0 {
                 return None;
             }
-            if t == tag {
-                let slot = &self.slots[i];
-                if usize::from(slot.len) == len && self.same(slot, scan, len) {
-                    return Some(&slot.value);
-                }
+            let slot = &self.slots[i];
+            if t == tag && usize::from(slot.len) == len && self.same(slot, scan, partial, len) {
+                return Some(&slot.value);
             }
-            i = (i + 1) & self.mask;
         }
     }
 
-    /// Whether the slot's key is the last `len` bytes of the scanned name:
-    /// the inline words compared all at once (unused key words are 0), then
-    /// any spilled ones.
+    /// Whether the slot's key, known to be `len` bytes long, is the last
+    /// `len` bytes of the scanned name: its whole words below `len / 8`
+    /// (inline ones all at once, masked arithmetically, then any spilled),
+    /// and the partial word. Key words past that are 0 and need no look.
     #[inline(always)]
-    fn same<const W: usize>(&self, slot: &Slot<V>, scan: &Scan<W>, len: usize) -> bool {
-        let (q, r) = (len / 8, len % 8);
-        let partial = partial_mask(r);
+    fn same<const W: usize>(
+        &self,
+        slot: &Slot<V>,
+        scan: &Scan<W>,
+        partial: u64,
+        len: usize,
+    ) -> bool {
+        let q = len / 8;
+        let key_word = |k: usize| {
+            if k < INLINE_WORDS {
+                slot.words[k]
+            } else {
+                self.spill
+                    .get(slot.spill as usize + k - INLINE_WORDS)
+                    .copied()
+                    .unwrap_or(0)
+            }
+        };
         // Arithmetic, not a match: its branches would mispredict.
-        let mask =
-            |k: usize| u64::from(k < q).wrapping_neg() | u64::from(k == q).wrapping_neg() & partial;
-        let diff = (0..INLINE_WORDS.min(W))
-            .fold(0, |d, k| d | ((scan.words[k] & mask(k)) ^ slot.words[k]));
+        let diff = (0..INLINE_WORDS.min(W)).fold(0, |d, k| {
+            d | (scan.words[k] ^ slot.words[k]) & u64::from(k < q).wrapping_neg()
+        });
         diff == 0
-            && (INLINE_WORDS..len.div_ceil(8)).all(|k| {
-                scan.words[k % W] & mask(k) == self.spill[slot.spill as usize + k - INLINE_WORDS]
-            })
+            // Masked: with no partial word, `key_word(q)` may be another key's.
+            && partial == key_word(q) & partial_mask(len % 8)
+            && (INLINE_WORDS..q).all(|k| scan.words[k % W] == key_word(k))
     }
 
     /// The value of the most specific key matching `name` (the exact name,
@@ -546,24 +681,69 @@ impl<V: Copy> HostTable<V> {
         let name = name.strip_suffix(b".").unwrap_or(name);
         match name.len() {
             0 => Err(NameError::Empty),
-            1..=32 => self.lookup::<4, 32>(name),
-            33..=64 => self.lookup::<8, 64>(name),
-            65..=MAX_NAME_LEN => self.lookup::<32, 256>(name),
+            8..=32 => self.lookup_direct::<4>(name),
+            33..=64 => self.lookup_direct::<8>(name),
+            1..=7 | 65..=MAX_NAME_LEN => self.lookup_rare(name),
             _ => Err(NameError::TooLong),
         }
     }
 
     #[inline(always)]
-    fn lookup<const W: usize, const B: usize>(&self, name: &[u8]) -> Result<Option<&V>, NameError> {
+    fn lookup_direct<const W: usize>(&self, name: &[u8]) -> Result<Option<&V>, NameError> {
         let n = name.len();
+        let mut scan = Scan::<W>::zeroed();
+        if !scan.fill_direct(name) {
+            return Err(name_error(name));
+        }
+        // The suffix of `len` bytes starts at `n - len`; its first `len % 8`
+        // bytes, as the high lanes of its word `len / 8`, from one load (for
+        // suffixes under 8 bytes, the load ending with the name).
+        let partial = |len: usize| {
+            let start = n - len;
+            let at = start.min(n - 8);
+            let lanes = 8 - len % 8 - (start - at);
+            (load8(name, at) | BIT5).wrapping_shl(8 * lanes as u32) & partial_mask(len % 8)
+        };
+        Ok(self.probe(&scan, n, partial))
+    }
+
+    /// Names under 8 or over 64 bytes (rare): through a right-aligned copy,
+    /// out of line so the common path keeps a small stack frame.
+    #[inline(never)]
+    fn lookup_rare(&self, name: &[u8]) -> Result<Option<&V>, NameError> {
+        if name.len() < 8 {
+            self.lookup::<4, 32>(name)
+        } else {
+            self.lookup::<32, 256>(name)
+        }
+    }
+
+    #[inline(always)]
+    fn lookup<const W: usize, const B: usize>(&self, name: &[u8]) -> Result<Option<&V>, NameError> {
         let mut scan = Scan::<W>::zeroed();
         if !scan.fill::<B>(name) {
             return Err(name_error(name));
         }
+        let words = scan.words;
+        let partial = |len: usize| words[(len / 8) % W] & partial_mask(len % 8);
+        Ok(self.probe(&scan, name.len(), partial))
+    }
+
+    /// The most specific key for a scanned name of `n` bytes: the exact
+    /// name if some exact key is that long, then each suffix `.rest` as long
+    /// as some wildcard key, longest first. `partial(len)`: the suffix's
+    /// word `len / 8`, masked.
+    #[inline(always)]
+    fn probe<const W: usize>(
+        &self,
+        scan: &Scan<W>,
+        n: usize,
+        partial: impl Fn(usize) -> u64,
+    ) -> Option<&V> {
         if has_len(&self.exact_lens, n)
-            && let Some(v) = self.find(&scan, n)
+            && let Some(v) = self.find(scan, partial(n), n)
         {
-            return Ok(Some(v));
+            return Some(v);
         }
         // Suffixes `.rest` as long as some wildcard key, longest first.
         for i in (0..Scan::<W>::DOT_WORDS).rev() {
@@ -571,12 +751,13 @@ impl<V: Copy> HostTable<V> {
             while lens != 0 {
                 let top = 63 - lens.leading_zeros() as usize;
                 lens ^= 1 << top;
-                if let Some(v) = self.find(&scan, i * 64 + top + 1) {
-                    return Ok(Some(v));
+                let len = i * 64 + top + 1;
+                if let Some(v) = self.find(scan, partial(len), len) {
+                    return Some(v);
                 }
             }
         }
-        Ok(None)
+        None
     }
 }
 
@@ -774,6 +955,126 @@ mod tests {
         }
         wild.sort();
         Ok(exact.or(wild.last().map(|&(_, i)| i)))
+    }
+
+    /// A valid name of exactly `n` bytes (`n` >= 1): labels of 1 to 9
+    /// letters and digits, as the seed picks.
+    fn name_of_len(n: usize, rng: &mut Rng) -> String {
+        let mut name = String::new();
+        while name.len() < n {
+            if !name.is_empty() {
+                name.push('.');
+            }
+            let left = n - name.len();
+            let label = if left <= 10 { left } else { 1 + rng.below(9) };
+            for _ in 0..label {
+                name.push(b"abcxyz0189-_"[rng.below(12)].into());
+            }
+            // A label may not start or end with `.`, and `-`/`_` are fine anywhere.
+        }
+        assert_eq!(name.len(), n);
+        name
+    }
+
+    /// Every length at the edges of the scan's words and blocks (1, 7, 8, 15,
+    /// 16, 31, 32, 33, 63, 64, 65, 253 ...), with keys on every suffix: the
+    /// exact name, upper case, a trailing dot, suffixes and look-alikes, and
+    /// bytes at the classifier's edges at every position, against the plain
+    /// semantics.
+    #[test]
+    fn every_length_and_byte_position_agrees_with_the_plain_semantics() {
+        let mut rng = Rng(0x0b0e_5eed_0000_0001);
+        let lens = [
+            1, 2, 3, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 39, 40, 41, 47, 48, 49, 55, 56,
+            57, 63, 64, 65, 66, 96, 127, 128, 129, 200, 252, 253,
+        ];
+        for &n in &lens {
+            for _ in 0..4 {
+                let name = name_of_len(n, &mut rng);
+                // Keys: each suffix after a dot as a wildcard or an exact name, and the name.
+                let mut keys = vec![HostKey::Exact(name.clone())];
+                for (i, _) in name.match_indices('.') {
+                    let rest = name[i + 1..].to_string();
+                    keys.push(match rng.below(3) {
+                        0 => HostKey::Exact(rest),
+                        _ => HostKey::Wildcard(rest),
+                    });
+                }
+                keys.dedup();
+                if rng.below(2) == 0 {
+                    keys.remove(0);
+                }
+                let t = HostTable::build(
+                    &keys
+                        .iter()
+                        .cloned()
+                        .enumerate()
+                        .map(|(i, k)| (k, i as u32))
+                        .collect::<Vec<_>>(),
+                );
+                let mut probes = vec![
+                    name.clone(),
+                    name.to_ascii_uppercase(),
+                    format!("{name}."),
+                    format!("x.{name}"),
+                    format!("x{name}"),
+                    name[1..].to_string(),
+                ];
+                for (i, _) in name.match_indices('.') {
+                    probes.push(name[i + 1..].to_string());
+                    probes.push(format!("q{}", &name[i..]));
+                }
+                for probe in &probes {
+                    assert_eq!(
+                        matches(&t, probe),
+                        reference(&keys, probe),
+                        "{probe:?} {keys:?}"
+                    );
+                }
+                // Bytes at and around every edge of the classifier's ranges
+                // (and those that bit 5 turns into `-`, `.` or a digit) at
+                // every position (a sample of positions for long names).
+                const EDGES: [u8; 40] = [
+                    0x00, 0x0d, 0x0e, 0x0f, 0x10, 0x19, 0x1a, 0x20, 0x2c, 0x2d, 0x2e, 0x2f, 0x30,
+                    0x39, 0x3a, 0x40, 0x41, 0x4d, 0x5a, 0x5b, 0x5e, 0x5f, 0x60, 0x61, 0x7a, 0x7b,
+                    0x7e, 0x7f, 0x80, 0xad, 0xae, 0xb0, 0xc1, 0xda, 0xdf, 0xe1, 0xed, 0xfa, 0xfe,
+                    0xff,
+                ];
+                let step = if n > 70 { 7 } else { 1 };
+                let every: Vec<u8> = (0..=255).collect();
+                for at in (0..n).step_by(step) {
+                    // All 256 values at the ends and the middle.
+                    let values = if at == 0 || at == n / 2 || at == n - 1 {
+                        &every[..]
+                    } else {
+                        &EDGES[..]
+                    };
+                    for &b in values {
+                        let mut bytes = name.clone().into_bytes();
+                        bytes[at] = b;
+                        let got = t.most_specific(&bytes).map(Option::<&u32>::copied);
+                        match std::str::from_utf8(&bytes) {
+                            Ok(s) => assert_eq!(got, reference(&keys, s), "{s:?} {keys:?}"),
+                            Err(_) => assert_eq!(got, Err(NameError::BadByte(b)), "{bytes:?}"),
+                        }
+                    }
+                }
+            }
+        }
+        // Labels at the 63-byte limit, and one byte over, in every tier.
+        let t = table(&["*.b", "b"]);
+        let keys = [HostKey::Wildcard("b".into()), HostKey::Exact("b".into())];
+        for label in [7, 8, 30, 31, 32, 62, 63, 64, 65] {
+            let a = "a".repeat(label);
+            for name in [
+                a.clone(),
+                format!("{a}.b"),
+                format!("b.{a}"),
+                format!("b.{a}.b"),
+            ] {
+                assert_eq!(matches(&t, &name), reference(&keys, &name), "{name}");
+            }
+        }
     }
 
     #[test]
