@@ -765,6 +765,12 @@ impl<V: Copy> HostTable<V> {
 mod tests {
     use super::*;
 
+    /// A table whose value for each key is its index in `keys`.
+    fn numbered_table(keys: &[HostKey]) -> HostTable<u32> {
+        let numbered: Vec<_> = keys.iter().cloned().zip(0u32..).collect();
+        HostTable::build(&numbered)
+    }
+
     fn table(patterns: &[&str]) -> HostTable<u32> {
         let keys: Vec<_> = patterns
             .iter()
@@ -1004,14 +1010,7 @@ mod tests {
                 if rng.below(2) == 0 {
                     keys.remove(0);
                 }
-                let t = HostTable::build(
-                    &keys
-                        .iter()
-                        .cloned()
-                        .enumerate()
-                        .map(|(i, k)| (k, i as u32))
-                        .collect::<Vec<_>>(),
-                );
+                let t = numbered_table(&keys);
                 let mut probes = vec![
                     name.clone(),
                     name.to_ascii_uppercase(),
@@ -1105,14 +1104,7 @@ mod tests {
                     keys.push(key);
                 }
             }
-            let t = HostTable::build(
-                &keys
-                    .iter()
-                    .cloned()
-                    .enumerate()
-                    .map(|(i, k)| (k, i as u32))
-                    .collect::<Vec<_>>(),
-            );
+            let t = numbered_table(&keys);
             for _ in 0..500 {
                 let mut name = match rng.below(3) {
                     // Under a key, so most names match something.
