@@ -225,7 +225,7 @@ const FAST_HEAD_BYTES: usize = 4096;
 /// client sends nothing in time, closes, or draining starts. Everything else
 /// is handed back untouched (`Some`), for hyper to answer exactly as it would
 /// have: errors in the head get hyper's and [`handle`]'s answers.
-async fn connect_fast(stream: TcpStream, cx: &Arc<Conn>, gw: &Arc<Gateway>) -> Option<TcpStream> {
+async fn connect_fast(stream: TcpStream, cx: &Conn, gw: &Gateway) -> Option<TcpStream> {
     let mut peeked = vec![0u8; FAST_HEAD_BYTES];
     let head_timeout = Duration::from_millis(gw.limits.head_timeout_ms);
     let n = tokio::select! {
@@ -259,7 +259,7 @@ async fn connect_fast(stream: TcpStream, cx: &Arc<Conn>, gw: &Arc<Gateway>) -> O
                 tunnel(gw, cx, client, open, BytesMut::new()).await;
             }
         }
-        Err(resp) => write_and_close(client, resp).await,
+        Err(resp) => write_and_close(client, &response_bytes(resp).await).await,
     }
     None
 }
@@ -292,11 +292,8 @@ fn fast_connect_head(buf: &[u8], max_head_bytes: usize) -> Option<(String, u16, 
     Some((host, port, head.head_len))
 }
 
-/// Writes a complete response outside hyper, closes the write side, and
-/// reads briefly what the client still sends (closing with unread bytes
-/// would reset the connection and could destroy the answer before the
-/// client reads it).
-async fn write_and_close(mut stream: TcpStream, resp: Response<Body>) {
+/// `resp` serialised for [`write_and_close`] (answers outside hyper).
+async fn response_bytes(resp: Response<Body>) -> Vec<u8> {
     let (parts, body) = resp.into_parts();
     let body = body
         .collect()
@@ -323,8 +320,16 @@ async fn write_and_close(mut stream: TcpStream, resp: Response<Body>) {
         .as_bytes(),
     );
     out.extend_from_slice(&body);
+    out
+}
+
+/// Writes a complete answer, closes the write side, and reads out what the
+/// client still sends (up to 64 KiB), all within 5 s: closing with unread
+/// bytes would reset the connection and could destroy the answer before
+/// the client reads it.
+async fn write_and_close(mut stream: TcpStream, answer: &[u8]) {
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        stream.write_all(&out).await?;
+        stream.write_all(answer).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 1024];
         let mut left: usize = 64 * 1024;
@@ -339,8 +344,8 @@ async fn write_and_close(mut stream: TcpStream, resp: Response<Body>) {
     .await;
 }
 
-/// Answers a connection that was not admitted, without reading its request.
-pub async fn refuse(mut stream: TcpStream, why: Refusal) {
+/// Answers a connection that was not admitted, without parsing its request.
+pub async fn refuse(stream: TcpStream, why: Refusal) {
     let (status, text) = match why {
         Refusal::ClientNotAllowed => (
             "403 Forbidden",
@@ -356,11 +361,7 @@ pub async fn refuse(mut stream: TcpStream, why: Refusal) {
         Refusal::Limit => "proxy_internal_response",
     };
     let resp = raw_response(status, error, why.as_str(), text);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = stream.write_all(resp.as_bytes()).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
+    write_and_close(stream, resp.as_bytes()).await;
 }
 
 async fn handle(req: Request<Incoming>, cx: Arc<Conn>, gw: Arc<Gateway>) -> Response<Body> {
