@@ -1491,8 +1491,9 @@ fn tunnel_carries_a_1mib_upload_unchanged() {
 #[test]
 fn connect_in_pieces_or_after_a_request_takes_the_general_path() {
     // Whole CONNECT heads are served without hyper; these two shapes are
-    // not, and must tunnel all the same: a head split across two writes,
-    // and a CONNECT on a connection that already carried a forwarded request.
+    // not, and must tunnel all the same: a head split across two writes
+    // (the pause makes the proxy see the first part alone), and a CONNECT on
+    // a connection that already carried a forwarded request (always hyper's).
     let Some(env) = setup(Opts::default()) else {
         return;
     };
