@@ -199,6 +199,9 @@ pub struct HttpHead<'a> {
     /// The single `Host` field value, trimmed of OWS (RFC 9112 §3.2); may carry
     /// `:port` and may be empty; `None` when absent.
     pub host: Option<&'a str>,
+    /// A `Content-Length` or `Transfer-Encoding` field is present (the
+    /// message declares a body).
+    pub framed: bool,
     /// Length of the head including the final CRLFCRLF; the body (if any)
     /// starts at this offset.
     pub head_len: usize,
@@ -945,6 +948,7 @@ struct HeadScan {
     scanned: usize,
     request: Option<RequestLine>,
     host: Option<(usize, usize)>,
+    framed: bool,
 }
 
 /// Bytes never allowed anywhere in a head line's content: CTLs other than
@@ -1063,6 +1067,11 @@ impl HeadScan {
         }
         // field-value bytes are VCHAR / obs-text / SP / HTAB (RFC 9110 §5.5):
         // exactly the bytes `step` already let through.
+        if name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(b"transfer-encoding")
+        {
+            self.framed = true;
+        }
         if !name.eq_ignore_ascii_case(b"host") {
             return Ok(());
         }
@@ -1096,6 +1105,7 @@ impl HeadScan {
             target: ascii_at(buf, request.target)?,
             version_minor: request.minor,
             host,
+            framed: self.framed,
             head_len,
         })
     }

@@ -238,6 +238,16 @@ mod tests {
         }
     }
 
+    impl Capture {
+        /// A capture that takes `ms` milliseconds per write.
+        fn slow(ms: u64) -> Capture {
+            Capture {
+                delay: Some(Duration::from_millis(ms)),
+                ..Capture::default()
+            }
+        }
+    }
+
     fn sink(max: usize, out: &Capture) -> &'static Sink {
         let sink: &'static Sink = Box::leak(Box::new(Sink::new(max)));
         sink.spawn(Box::new(out.clone())).unwrap();
@@ -278,10 +288,7 @@ mod tests {
 
     #[test]
     fn a_slow_sink_blocks_writers_instead_of_growing_or_dropping() {
-        let out = Capture {
-            delay: Some(Duration::from_millis(2)),
-            ..Capture::default()
-        };
+        let out = Capture::slow(2);
         let max = 4096;
         let sink = sink(max, &out);
         let line = [b'y'; 100];
@@ -300,10 +307,7 @@ mod tests {
     #[test]
     fn lines_are_written_in_batches() {
         // While one batch is being written (slowly), the rest gather.
-        let out = Capture {
-            delay: Some(Duration::from_millis(20)),
-            ..Capture::default()
-        };
+        let out = Capture::slow(20);
         let sink = sink(MAX_PENDING, &out);
         for i in 0..1_000 {
             sink.push(format!("line {i}\n").as_bytes());
@@ -317,10 +321,7 @@ mod tests {
 
     #[test]
     fn flush_waits_for_the_batch_being_written() {
-        let out = Capture {
-            delay: Some(Duration::from_millis(50)),
-            ..Capture::default()
-        };
+        let out = Capture::slow(50);
         let sink = sink(MAX_PENDING, &out);
         sink.push(b"one\n");
         sink.flush();

@@ -1038,10 +1038,16 @@ fn http_head_details() {
             target: "/x",
             version_minor: 1,
             host: Some("h:1"),
+            framed: false,
             head_len: req.len() - 4,
         }
     );
     assert_eq!(&req[head.head_len..], b"BODY");
+    for field in ["Content-Length: 4", "transfer-ENCODING: chunked"] {
+        let req = format!("POST /x HTTP/1.1\r\nHost: h\r\n{field}\r\n\r\n");
+        let head = parse_http_head(req.as_bytes()).unwrap().unwrap();
+        assert!(head.framed, "{field}");
+    }
     assert_eq!(
         parse_http_head(b"GET / HTTP/1.0\r\n\r\n")
             .unwrap()

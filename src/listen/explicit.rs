@@ -270,18 +270,7 @@ async fn connect_fast(stream: TcpStream, cx: &Conn, gw: &Gateway) -> Option<TcpS
 /// (whose meaning on CONNECT is left to hyper).
 fn fast_connect_head(buf: &[u8], max_head_bytes: usize) -> Option<(String, u16, usize)> {
     let head = classify::parse_http_head(buf).ok()??;
-    if head.method != "CONNECT" || head.head_len > max_head_bytes {
-        return None;
-    }
-    let framing = buf[..head.head_len]
-        .split(|&b| b == b'\n')
-        .skip(1)
-        .any(|line| {
-            let name = line.split(|&b| b == b':').next().unwrap_or_default();
-            name.eq_ignore_ascii_case(b"content-length")
-                || name.eq_ignore_ascii_case(b"transfer-encoding")
-        });
-    if framing {
+    if head.method != "CONNECT" || head.head_len > max_head_bytes || head.framed {
         return None;
     }
     let uri = head.target.parse::<Uri>().ok()?;

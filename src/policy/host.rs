@@ -529,8 +529,7 @@ pub struct HostTable<V> {
 /// only in their middle bytes share a sketch; the probe tells them apart.
 #[inline(always)]
 fn sketch(first: u64, last: u64, len: usize) -> u64 {
-    let p = u128::from(first ^ last.rotate_left(29) ^ (len as u64) << 56)
-        * u128::from(0xd6e8_feb8_6659_fd93u64);
+    let p = u128::from(first ^ last.rotate_left(29) ^ (len as u64) << 56) * u128::from(HASH_K);
     (p as u64) ^ (p >> 64) as u64
 }
 
@@ -544,6 +543,7 @@ impl<V: Copy> HostTable<V> {
     /// Builds the table. Keys must be distinct.
     pub fn build(keys: &[(HostKey, V)]) -> HostTable<V> {
         let cap = (keys.len() * 2).next_power_of_two().max(16);
+        let filter_bits = (keys.len() * 32).next_power_of_two().max(1024);
         let mut slots: Vec<Option<Slot<V>>> = vec![None; cap];
         let mut table = HostTable {
             tags: vec![0; cap],
@@ -552,12 +552,9 @@ impl<V: Copy> HostTable<V> {
             spill: Vec::new(),
             wild_lens: [0; 4],
             exact_lens: [0; 4],
-            filter: Vec::new(),
-            filter_shift: 0,
+            filter: vec![0; filter_bits / 64],
+            filter_shift: 64 - filter_bits.trailing_zeros(),
         };
-        let filter_bits = (keys.len() * 32).next_power_of_two().max(1024);
-        table.filter = vec![0; filter_bits / 64];
-        table.filter_shift = 64 - filter_bits.trailing_zeros();
         for (key, value) in keys {
             let bytes = key.table_bytes();
             let n = bytes.len();
@@ -569,15 +566,11 @@ impl<V: Copy> HostTable<V> {
             set[(n - 1) / 64] |= 1 << ((n - 1) % 64);
             let words = key_words(&bytes);
             let hash = key_hash(&words, n);
-            let folded = |b: &[u8]| {
-                b.iter()
-                    .rev()
-                    .fold(0u64, |w, &x| w << 8 | u64::from(x | 0x20))
-            };
+            // Word 0 is the last 8 bytes (high lanes when shorter); the first
+            // ones are the word of the key's head, shifted to the low lanes.
             let head = n.min(8);
-            let first = folded(&bytes[..head]);
-            let last = folded(&bytes[n - head..]) << (8 * (8 - head));
-            let bit = (sketch(first, last, n) >> table.filter_shift) as usize;
+            let first = key_words(&bytes[..head])[0] >> (8 * (8 - head));
+            let bit = (sketch(first, words[0], n) >> table.filter_shift) as usize;
             table.filter[bit / 64] |= 1 << (bit % 64);
             let mut inline = [0; INLINE_WORDS];
             let head = words.len().min(INLINE_WORDS);
@@ -747,7 +740,8 @@ impl<V: Copy> HostTable<V> {
             (load8(name, at) | BIT5).wrapping_shl(8 * lanes as u32) & partial_mask(len % 8)
         };
         // Whether the suffix of `len` bytes may be a key, from its sketch.
-        let last = load8(name, n - 8) | BIT5;
+        // Word 0 is the name's last 8 bytes, folded.
+        let last = scan.words[0];
         let maybe = |len: usize| {
             let (first, last) = if len >= 8 {
                 (load8(name, n - len) | BIT5, last)
