@@ -227,7 +227,7 @@ mod tests {
         let (policy, _) = Policy::compile(&config, &source, &CompileInput::default()).unwrap();
         let d = Decision {
             verdict: Verdict::Allow,
-            rule: Some(RuleId(0)),
+            rule: Some(RuleId::new(0)),
             reason: Reason::RuleMatched,
         };
         let log = AccessLog {

@@ -26,6 +26,7 @@ mod profile;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -40,9 +41,22 @@ use host::{HostKey, HostTable};
 use net::{Guard, NetTable};
 pub use profile::{Profile, Scenario};
 
-/// Index of a rule in [`Policy::rules`].
+/// Index of a rule in [`Policy::rules`], kept plus one so that an
+/// `Option<RuleId>` is 4 bytes and a [`Decision`] fits in a register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct RuleId(pub u32);
+pub struct RuleId(NonZeroU32);
+
+impl RuleId {
+    /// The id of the rule at `index`.
+    pub fn new(index: u32) -> RuleId {
+        RuleId(NonZeroU32::new(index.wrapping_add(1)).expect("fewer than 2^32 - 1 rules"))
+    }
+
+    /// Its index in [`Policy::rules`].
+    pub fn index(self) -> usize {
+        self.0.get() as usize - 1
+    }
+}
 
 /// The outcome of a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,11 +137,15 @@ pub struct Decision {
     pub reason: Reason,
 }
 
+// One register: a 12-byte decision is built on the stack and read back whole
+// by callers that keep it, a stalled store-to-load forward.
+const _: () = assert!(size_of::<Decision>() == 8);
+
 impl Decision {
     fn deny(rule: Option<u32>, reason: Reason) -> Decision {
         Decision {
             verdict: Verdict::Deny,
-            rule: rule.map(RuleId),
+            rule: rule.map(RuleId::new),
             reason,
         }
     }
@@ -256,33 +274,47 @@ impl Grant {
     }
 }
 
-/// A name decision in 8 bytes (names are allowed exactly when the reason is
-/// `RuleMatched`, before audit mode), so two fit in a host-table slot.
+/// A name decision in 4 bytes (names are allowed exactly when the reason is
+/// `RuleMatched`, before audit mode): the reason in the low 4 bits, the
+/// rule's [`RuleId`] (its index plus one) above them (0: no rule).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Packed {
-    /// `u32::MAX`: no rule.
-    rule: u32,
-    reason: Reason,
-}
+struct Packed(u32);
 
 impl Packed {
-    fn pack(d: Decision) -> Packed {
-        Packed {
-            rule: d.rule.map_or(u32::MAX, |r| r.0),
-            reason: d.reason,
-        }
+    /// Marks a key whose grants are evaluated per decision.
+    const EVALUATE: Packed = Packed(u32::MAX);
+
+    /// `None` for a rule id too large to pack (past 268 million rules).
+    fn pack(d: Decision) -> Option<Packed> {
+        let rule = match d.rule {
+            Some(RuleId(r)) => Some(r.get()).filter(|&r| r < 1 << 28)?,
+            None => 0,
+        };
+        Some(Packed(rule << 4 | d.reason as u32))
     }
 
     #[inline(always)]
     fn unpack(self) -> Decision {
+        // `pack` stores `reason as u32`: the declaration order.
+        let reason = match self.0 & 15 {
+            0 => Reason::RuleMatched,
+            1 => Reason::DenyRule,
+            3 => Reason::PortNotAllowed,
+            4 => Reason::ProtocolNotAllowed,
+            5 => Reason::ScenarioDisabled,
+            6 => Reason::MalformedHost,
+            7 => Reason::GuardedAddress,
+            8 => Reason::PlatformAddress,
+            _ => Reason::NoRule,
+        };
         Decision {
-            verdict: if self.reason == Reason::RuleMatched {
+            verdict: if reason == Reason::RuleMatched {
                 Verdict::Allow
             } else {
                 Verdict::Deny
             },
-            rule: (self.rule != u32::MAX).then_some(RuleId(self.rule)),
-            reason: self.reason,
+            rule: NonZeroU32::new(self.0 >> 4).map(RuleId),
+            reason,
         }
     }
 }
@@ -292,17 +324,37 @@ impl Packed {
 /// wildcard keys that are suffixes of this one, least specific first, then
 /// its own, each key's in rule order): `Inner::key_lists[list]`. For TCP
 /// their answer is a function of the port that is constant between the
-/// grants' port bounds; when it takes one value inside `lo..=hi` and another
-/// outside (nearly every key), both are precomputed here, so a decision is
-/// one comparison in the cache line that matched the name. `lo > hi`: not
-/// that shape; the grants are evaluated.
+/// grants' port bounds. When those runs of ports alternate between two
+/// answers and there are at most 7 of them (nearly every key: one port, a
+/// range, `80, 443`, `443, 8787, 18881`), the runs' last ports and both
+/// answers are kept here, so a decision is six comparisons in the cache
+/// line that matched the name, without a branch on the port. Otherwise both
+/// answers are [`Packed::EVALUATE`] and the grants are evaluated.
 #[derive(Debug, Clone, Copy)]
 struct KeyAnswer {
-    lo: u16,
-    hi: u16,
+    /// The last port of each run but the final one, ascending; `u16::MAX`
+    /// past the runs. A port's run is how many of these are below it.
+    ends: [u16; KeyAnswer::ENDS],
+    /// The answer of the odd runs.
     inside: Packed,
+    /// The answer of the even runs (run 0 starts at port 0).
     outside: Packed,
     list: u32,
+}
+
+impl KeyAnswer {
+    const ENDS: usize = 6;
+
+    #[inline(always)]
+    fn tcp(&self, port: u16) -> Packed {
+        // Counted without branches: the port's run is not predictable.
+        let run = self.ends.iter().fold(0, |n, &e| n + u32::from(port > e));
+        if run & 1 == 1 {
+            self.inside
+        } else {
+            self.outside
+        }
+    }
 }
 
 /// Running state of one decision over the grants it meets.
@@ -358,7 +410,7 @@ impl Matcher {
         match self.allow.or(allow_before) {
             Some(rule) => Decision {
                 verdict: Verdict::Allow,
-                rule: Some(RuleId(rule)),
+                rule: Some(RuleId::new(rule)),
                 reason: Reason::RuleMatched,
             },
             None => self.refusal(),
@@ -494,7 +546,7 @@ impl Policy {
     /// assert_eq!(policy.decide(&dest("pythonhosted.org", 443)).verdict, Verdict::Deny);
     /// assert_eq!(policy.decide(&dest("pypi.org", 80)).verdict, Verdict::Deny);
     /// ```
-    #[inline]
+    #[inline(always)]
     pub fn decide(&self, dest: &Dest<'_>) -> Decision {
         let mut decision = match dest.target {
             Target::Name(name) => self.decide_name(name.as_bytes(), dest.port, dest.proto),
@@ -514,9 +566,9 @@ impl Policy {
             Ok(None) => return Decision::deny(None, Reason::NoRule),
             Err(_) => return Decision::deny(None, Reason::MalformedHost),
         };
-        if proto == Protocol::Tcp && key.lo <= key.hi {
-            let inside = key.lo <= port && port <= key.hi;
-            return if inside { key.inside } else { key.outside }.unpack();
+        let answer = key.tcp(port);
+        if proto == Protocol::Tcp && answer != Packed::EVALUATE {
+            return answer.unpack();
         }
         let (start, end) = inner.key_lists[key.list as usize];
         evaluate(&inner.grants[start as usize..end as usize], port, proto)
@@ -548,7 +600,7 @@ impl Policy {
         match (allow, guard) {
             (Some(rule), _) => Decision {
                 verdict: Verdict::Allow,
-                rule: Some(RuleId(rule)),
+                rule: Some(RuleId::new(rule)),
                 reason: Reason::RuleMatched,
             },
             (None, Some(_)) => Decision::deny(m.allow, Reason::GuardedAddress),
@@ -618,7 +670,7 @@ impl Policy {
 
     /// A rule by id.
     pub fn rule(&self, id: RuleId) -> &Rule {
-        &self.inner.rules[id.0 as usize]
+        &self.inner.rules[id.index()]
     }
 
     /// Every rule, in order (profile rules first).
@@ -1358,20 +1410,19 @@ fn evaluate(grants: &[Grant], port: u16, proto: Protocol) -> Decision {
 }
 
 /// A key's [`KeyAnswer`]: the TCP answer on every run of ports between the
-/// grants' bounds, reduced to one inside/outside pair where it has that shape.
+/// grants' bounds, kept when it has the shape [`KeyAnswer`] holds.
 fn key_answer(grants: &[Grant], list: u32) -> KeyAnswer {
     // Evaluating every run costs runs x grants; a key with this many folded
     // grants (many port entries on a broad wildcard) is evaluated per decision.
     const MAX_PRECOMPUTED: usize = 32;
+    let evaluated = KeyAnswer {
+        ends: [u16::MAX; KeyAnswer::ENDS],
+        inside: Packed::EVALUATE,
+        outside: Packed::EVALUATE,
+        list,
+    };
     if grants.len() > MAX_PRECOMPUTED {
-        let none = Packed::pack(Decision::deny(None, Reason::NoRule));
-        return KeyAnswer {
-            lo: 1,
-            hi: 0,
-            inside: none,
-            outside: none,
-            list,
-        };
+        return evaluated;
     }
     let mut starts: Vec<u32> = vec![0];
     for g in grants {
@@ -1384,20 +1435,28 @@ fn key_answer(grants: &[Grant], list: u32) -> KeyAnswer {
     let mut runs: Vec<(u16, Packed)> = Vec::new();
     for p in starts {
         let p = p as u16;
-        let answer = Packed::pack(evaluate(grants, p, Protocol::Tcp));
+        let Some(answer) = Packed::pack(evaluate(grants, p, Protocol::Tcp)) else {
+            return evaluated;
+        };
         if runs.last().is_none_or(|&(_, a)| a != answer) {
             runs.push((p, answer));
         }
     }
-    let (lo, hi, inside, outside) = match runs.as_slice() {
-        [(_, a)] => (0, u16::MAX, *a, *a),
-        [(_, out), (p, a)] => (*p, u16::MAX, *a, *out),
-        [(_, out), (p, a), (q, out2)] if out == out2 => (*p, q - 1, *a, *out),
-        _ => (1, 0, runs[0].1, runs[0].1),
-    };
+    let outside = runs[0].1;
+    let inside = runs.get(1).map_or(outside, |r| r.1);
+    let alternating = runs
+        .iter()
+        .enumerate()
+        .all(|(i, r)| r.1 == if i % 2 == 1 { inside } else { outside });
+    if runs.len() > KeyAnswer::ENDS + 1 || !alternating {
+        return evaluated;
+    }
+    let mut ends = [u16::MAX; KeyAnswer::ENDS];
+    for (end, next) in ends.iter_mut().zip(&runs[1..]) {
+        *end = next.0 - 1;
+    }
     KeyAnswer {
-        lo,
-        hi,
+        ends,
         inside,
         outside,
         list,

@@ -554,11 +554,48 @@ fn precomputed_key_answers_agree_with_the_grants() {
     );
     let p = policy(&many);
     let key = p.inner.hosts.most_specific(b"x.a.com").unwrap().unwrap();
-    assert!(
-        key.lo > key.hi,
+    assert_eq!(
+        key.tcp(443),
+        Packed::EVALUATE,
         "40 folded grants are evaluated, not precomputed"
     );
     let d = |h: &str, port| p.decide_name(h.as_bytes(), port, Protocol::Tcp);
     assert_eq!(d("x.a.com", 3900).reason, Reason::RuleMatched);
     assert_eq!(d("x.a.com", 3901).reason, Reason::PortNotAllowed);
+}
+
+/// Every reason and the rule ids at the packing bound survive `Packed`;
+/// a rule id past it is not packed (its key is evaluated instead).
+#[test]
+fn packed_answers_round_trip() {
+    let reasons = [
+        Reason::RuleMatched,
+        Reason::DenyRule,
+        Reason::NoRule,
+        Reason::PortNotAllowed,
+        Reason::ProtocolNotAllowed,
+        Reason::ScenarioDisabled,
+        Reason::MalformedHost,
+        Reason::GuardedAddress,
+        Reason::PlatformAddress,
+    ];
+    for reason in reasons {
+        for rule in [None, Some(0), Some(7), Some((1 << 28) - 2)].map(|r| r.map(RuleId::new)) {
+            let verdict = if reason == Reason::RuleMatched {
+                Verdict::Allow
+            } else {
+                Verdict::Deny
+            };
+            let d = Decision {
+                verdict,
+                rule,
+                reason,
+            };
+            let packed = Packed::pack(d).expect("packable");
+            assert_ne!(packed, Packed::EVALUATE);
+            assert_eq!(packed.unpack(), d);
+        }
+    }
+    let big = Decision::deny(Some((1 << 28) - 1), Reason::PortNotAllowed);
+    assert_eq!(Packed::pack(big), None);
 }
