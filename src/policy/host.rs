@@ -500,6 +500,15 @@ fn tag_of(hash: u64) -> u16 {
     (hash >> 48) as u16 | 1
 }
 
+/// What [`HostTable::find_name`] found.
+#[derive(Debug, Clone, Copy)]
+pub struct Found<'a, V> {
+    /// The most specific key's value.
+    pub value: Option<&'a V>,
+    /// The name is not a valid host name (`value` is `None`).
+    pub malformed: bool,
+}
+
 /// A compiled set of host keys. Keys are normalised names (`a.com`) or
 /// wildcard suffixes with their leading dot (`.a.com` for `*.a.com`); each
 /// carries a caller-chosen value, stored beside it.
@@ -712,12 +721,42 @@ impl<V: Copy> HostTable<V> {
     ///
     /// # Errors
     /// [`NameError`] when `name` is not a valid host name.
+    pub fn most_specific(&self, name: &[u8]) -> Result<Option<&V>, NameError> {
+        self.lookup_name(name)
+    }
+
+    /// [`Self::most_specific`] for the decision path, which needs to know
+    /// only whether the name was malformed, not why: two scalars, which
+    /// come back in registers (the `Result` goes through memory, and the
+    /// decision waits for that round trip).
     // Out of line: inlined, its stack frame and saved registers are paid
     // by every caller's decision, including those on addresses (5-7%
     // slower in the paired bench).
     #[inline(never)]
-    pub fn most_specific(&self, name: &[u8]) -> Result<Option<&V>, NameError> {
-        let name = name.strip_suffix(b".").unwrap_or(name);
+    pub fn find_name(&self, name: &[u8]) -> Found<'_, V> {
+        match self.lookup_name(name) {
+            Ok(value) => Found {
+                value,
+                malformed: false,
+            },
+            Err(_) => Found {
+                value: None,
+                malformed: true,
+            },
+        }
+    }
+
+    #[inline(always)]
+    fn lookup_name(&self, name: &[u8]) -> Result<Option<&V>, NameError> {
+        // A branch, not a select: everything after waits on the length, and
+        // a trailing dot is rare (the select would add its latency to all).
+        let name = match name.split_last() {
+            Some((b'.', rest)) => {
+                std::hint::cold_path();
+                rest
+            }
+            _ => name,
+        };
         match name.len() {
             0 => Err(NameError::Empty),
             8..=32 => self.lookup_direct::<4>(name),

@@ -561,10 +561,14 @@ impl Policy {
     #[inline]
     fn decide_name(&self, name: &[u8], port: u16, proto: Protocol) -> Decision {
         let inner = &*self.inner;
-        let key = match inner.hosts.most_specific(name) {
-            Ok(Some(key)) => key,
-            Ok(None) => return Decision::deny(None, Reason::NoRule),
-            Err(_) => return Decision::deny(None, Reason::MalformedHost),
+        let found = inner.hosts.find_name(name);
+        let Some(key) = found.value else {
+            let reason = if found.malformed {
+                Reason::MalformedHost
+            } else {
+                Reason::NoRule
+            };
+            return Decision::deny(None, reason);
         };
         let answer = key.tcp(port);
         if proto == Protocol::Tcp && answer != Packed::EVALUATE {
