@@ -96,7 +96,7 @@ static FOLD: [u8; 256] = {
 
 /// Normalises a name for display and for rule patterns: IDN to A-labels, ASCII
 /// lowercase, one trailing dot removed, then validated. Allocates; the hot
-/// path uses [`HostTable::most_specific`] instead, which does the same for ASCII input.
+/// path uses [`HostTable::find_name`] instead, which does the same for ASCII input.
 ///
 /// # Errors
 /// The first [`NameError`] found.

@@ -43,8 +43,14 @@ pub use profile::{Profile, Scenario};
 
 /// Index of a rule in [`Policy::rules`], kept plus one so that an
 /// `Option<RuleId>` is 4 bytes and a [`Decision`] fits in a register.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RuleId(NonZeroU32);
+
+impl fmt::Debug for RuleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("RuleId").field(&self.index()).finish()
+    }
+}
 
 impl RuleId {
     /// The id of the rule at `index`.
@@ -109,6 +115,19 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, in declaration order (the order `Packed` encodes).
+    pub const ALL: [Reason; 9] = [
+        Reason::RuleMatched,
+        Reason::DenyRule,
+        Reason::NoRule,
+        Reason::PortNotAllowed,
+        Reason::ProtocolNotAllowed,
+        Reason::ScenarioDisabled,
+        Reason::MalformedHost,
+        Reason::GuardedAddress,
+        Reason::PlatformAddress,
+    ];
+
     /// Label form, used in metrics, logs and `Proxy-Status` details.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -137,9 +156,20 @@ pub struct Decision {
     pub reason: Reason,
 }
 
-// One register: a 12-byte decision is built on the stack and read back whole
-// by callers that keep it, a stalled store-to-load forward.
+// One register. At 12 bytes (a plain u32 rule id) a decision was built on
+// the stack and read back whole by callers that keep it: a stalled
+// store-to-load forward.
 const _: () = assert!(size_of::<Decision>() == 8);
+// `Packed` keeps a reason in 4 bits, and 15 with every rule bit set is
+// `Packed::EVALUATE`; `Reason::ALL` lists every variant in order.
+const _: () = {
+    assert!(Reason::ALL.len() < 15);
+    let mut i = 0;
+    while i < Reason::ALL.len() {
+        assert!(Reason::ALL[i] as usize == i);
+        i += 1;
+    }
+};
 
 impl Decision {
     fn deny(rule: Option<u32>, reason: Reason) -> Decision {
@@ -287,7 +317,8 @@ impl Packed {
     /// `None` for a rule id too large to pack (past 268 million rules).
     fn pack(d: Decision) -> Option<Packed> {
         let rule = match d.rule {
-            Some(RuleId(r)) => Some(r.get()).filter(|&r| r < 1 << 28)?,
+            Some(RuleId(r)) if r.get() < 1 << 28 => r.get(),
+            Some(_) => return None,
             None => 0,
         };
         Some(Packed(rule << 4 | d.reason as u32))
@@ -295,18 +326,11 @@ impl Packed {
 
     #[inline(always)]
     fn unpack(self) -> Decision {
-        // `pack` stores `reason as u32`: the declaration order.
-        let reason = match self.0 & 15 {
-            0 => Reason::RuleMatched,
-            1 => Reason::DenyRule,
-            3 => Reason::PortNotAllowed,
-            4 => Reason::ProtocolNotAllowed,
-            5 => Reason::ScenarioDisabled,
-            6 => Reason::MalformedHost,
-            7 => Reason::GuardedAddress,
-            8 => Reason::PlatformAddress,
-            _ => Reason::NoRule,
-        };
+        // `pack` stores `reason as u32`: the index in `Reason::ALL`.
+        let reason = Reason::ALL
+            .get((self.0 & 15) as usize)
+            .copied()
+            .unwrap_or(Reason::NoRule);
         Decision {
             verdict: if reason == Reason::RuleMatched {
                 Verdict::Allow
@@ -341,6 +365,10 @@ struct KeyAnswer {
     outside: Packed,
     list: u32,
 }
+
+// The slot's key part takes 40 of its 64 bytes: a larger answer would
+// double every slot.
+const _: () = assert!(size_of::<KeyAnswer>() <= 24);
 
 impl KeyAnswer {
     const ENDS: usize = 6;

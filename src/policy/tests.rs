@@ -564,22 +564,82 @@ fn precomputed_key_answers_agree_with_the_grants() {
     assert_eq!(d("x.a.com", 3901).reason, Reason::PortNotAllowed);
 }
 
+/// Keys whose ports make up to 7 runs alternating between two answers are
+/// answered from the slot; 9 runs, or a third answer, are evaluated, and
+/// every port still gets the walk's answer.
+#[test]
+fn multi_port_keys_are_precomputed_up_to_seven_runs() {
+    let text = r#"
+        [policy]
+        profile = "none"
+        [[rule]]
+        name = "web"
+        hosts = ["two.com"]
+        ports = [80, 443]
+        [[rule]]
+        name = "ci"
+        hosts = ["*.three.com"]
+        ports = [443, 8787, 18881]
+        [[rule]]
+        name = "odd"
+        hosts = ["four.com"]
+        ports = [1, 3, 5, 7]
+        [[rule]]
+        name = "https"
+        hosts = ["share.com"]
+        ports = [443]
+        [[rule]]
+        name = "smb"
+        hosts = ["share.com"]
+        ports = [445]
+    "#;
+    let p = policy(text);
+    let inner = &*p.inner;
+    for (name, precomputed) in [
+        ("two.com", true),
+        ("x.three.com", true),
+        ("four.com", false),
+        ("share.com", false),
+    ] {
+        let key = inner.hosts.most_specific(name.as_bytes()).unwrap().unwrap();
+        assert_eq!(key.tcp(443) != Packed::EVALUATE, precomputed, "{name}");
+        let (start, end) = inner.key_lists[key.list as usize];
+        let grants = &inner.grants[start as usize..end as usize];
+        for port in (0..=u16::MAX).step_by(7).chain([
+            0,
+            1,
+            2,
+            3,
+            7,
+            8,
+            79,
+            80,
+            81,
+            442,
+            443,
+            444,
+            445,
+            446,
+            8787,
+            18881,
+            18882,
+            u16::MAX,
+        ]) {
+            let want = evaluate(grants, port, Protocol::Tcp);
+            assert_eq!(
+                p.decide_name(name.as_bytes(), port, Protocol::Tcp),
+                want,
+                "{name}:{port}"
+            );
+        }
+    }
+}
+
 /// Every reason and the rule ids at the packing bound survive `Packed`;
 /// a rule id past it is not packed (its key is evaluated instead).
 #[test]
 fn packed_answers_round_trip() {
-    let reasons = [
-        Reason::RuleMatched,
-        Reason::DenyRule,
-        Reason::NoRule,
-        Reason::PortNotAllowed,
-        Reason::ProtocolNotAllowed,
-        Reason::ScenarioDisabled,
-        Reason::MalformedHost,
-        Reason::GuardedAddress,
-        Reason::PlatformAddress,
-    ];
-    for reason in reasons {
+    for reason in Reason::ALL {
         for rule in [None, Some(0), Some(7), Some((1 << 28) - 2)].map(|r| r.map(RuleId::new)) {
             let verdict = if reason == Reason::RuleMatched {
                 Verdict::Allow
