@@ -47,17 +47,6 @@ impl Via {
 }
 
 const VERDICTS: [Verdict; 3] = [Verdict::Allow, Verdict::Deny, Verdict::AuditDeny];
-const REASONS: [Reason; 9] = [
-    Reason::RuleMatched,
-    Reason::DenyRule,
-    Reason::NoRule,
-    Reason::PortNotAllowed,
-    Reason::ProtocolNotAllowed,
-    Reason::ScenarioDisabled,
-    Reason::MalformedHost,
-    Reason::GuardedAddress,
-    Reason::PlatformAddress,
-];
 
 /// A listener, for per-listener families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,10 +197,10 @@ impl Metrics {
             "Policy decisions by action, how the destination was learnt, and reason.",
             &["action", "via", "reason"],
         );
-        let mut decisions = Vec::with_capacity(VERDICTS.len() * Via::ALL.len() * REASONS.len());
+        let mut decisions = Vec::with_capacity(VERDICTS.len() * Via::ALL.len() * Reason::ALL.len());
         for v in VERDICTS {
             for via in Via::ALL {
-                for reason in REASONS {
+                for reason in Reason::ALL {
                     decisions.push(decisions_vec.with_label_values(&[
                         v.as_str(),
                         via.as_str(),
@@ -397,8 +386,8 @@ impl Metrics {
     pub fn decision(&self, verdict: Verdict, via: Via, reason: Reason) {
         let v = VERDICTS.iter().position(|&x| x == verdict).unwrap_or(0);
         let w = Via::ALL.iter().position(|&x| x == via).unwrap_or(0);
-        let r = REASONS.iter().position(|&x| x == reason).unwrap_or(0);
-        self.decisions[(v * Via::ALL.len() + w) * REASONS.len() + r].inc();
+        let r = Reason::ALL.iter().position(|&x| x == reason).unwrap_or(0);
+        self.decisions[(v * Via::ALL.len() + w) * Reason::ALL.len() + r].inc();
     }
 
     /// The text exposition (our families and the process collector's).
