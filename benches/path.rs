@@ -25,9 +25,10 @@ use std::time::{Duration, Instant, SystemTime};
 use criterion::{Criterion, criterion_group, criterion_main};
 use portcullis::classify::{Sniff, parse_http_head, sniff};
 use portcullis::config::{Config, Protocol, Source};
-use portcullis::listen::AccessLog;
+use portcullis::listen::{AccessLog, Close};
 use portcullis::metrics::{Listener, Metrics, Via};
 use portcullis::policy::{CompileInput, Decision, Dest, Policy, Reason, Target, Verdict};
+use portcullis::tunnel::CloseReason;
 
 const CHROME: &str = include_str!("../tests/data/clienthello-chrome.hex");
 /// Budget passed to `sniff`, as in the listeners (`[limits] sniff_max_bytes` default).
@@ -168,9 +169,9 @@ fn whole_path(
         upload,
         download,
         close: if d.verdict == Verdict::Allow {
-            "client_closed"
+            Close::Tunnel(CloseReason::ClientClosed)
         } else {
-            "denied"
+            Close::Denied
         },
         ech: false,
         json: true,
@@ -296,7 +297,7 @@ fn benches(c: &mut Criterion) {
                     decision: Some(&allowed),
                     upload: 517,
                     download: 4096,
-                    close: "client_closed",
+                    close: Close::Tunnel(CloseReason::ClientClosed),
                     ech: false,
                     json: true,
                 }

@@ -15,6 +15,9 @@
 pub mod config;
 pub mod servicetags;
 pub mod policy;
+pub mod load;
+pub mod gateway;
+pub mod serve;
 pub mod reload;
 pub mod listen;
 pub mod classify;

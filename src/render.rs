@@ -21,8 +21,8 @@ use std::fmt::Write;
 use ipnet::IpNet;
 
 use crate::config::{Action, Direction, Protocol};
+use crate::load::Loaded;
 use crate::policy::{Rule, RuleState};
-use crate::reload::Loaded;
 
 const TABLE: &str = "portcullis";
 

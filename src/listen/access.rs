@@ -12,8 +12,58 @@ use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
 
 use super::Conn;
+use crate::classify::OpaqueReason;
 use crate::metrics::Listener;
 use crate::policy::{Decision, Policy};
+use crate::tunnel::CloseReason;
+
+/// Why a connection (or forwarded request) ended: the access line's `close` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Close {
+    /// Not said (a line written before the end).
+    #[default]
+    Unset,
+    /// The policy denied it; the client was told.
+    Denied,
+    /// A tunnel ended.
+    Tunnel(CloseReason),
+    /// The upstream failed: the RFC 9209 error token.
+    Upstream(&'static str),
+    /// A forwarded request was answered (or refused) with this HTTP status.
+    Status(u16),
+    /// The first bytes could not be read as the protocol they started as.
+    Unreadable(OpaqueReason),
+    /// A TLS name disagreed with the name decided (domain fronting).
+    SniMismatch,
+    /// An upgraded (WebSocket) connection ended.
+    UpgradeClosed,
+}
+
+impl Close {
+    /// The text written to the log.
+    fn write(self, o: &mut String) {
+        match self {
+            Close::Unset => {}
+            Close::Denied => o.push_str("denied"),
+            Close::Tunnel(r) => o.push_str(r.as_str()),
+            Close::Upstream(token) => o.push_str(token),
+            Close::Status(code) => {
+                let _ = write!(o, "{code}");
+            }
+            Close::Unreadable(why) => o.push_str(why.as_str()),
+            Close::SniMismatch => o.push_str("sni_mismatch"),
+            Close::UpgradeClosed => o.push_str("upgrade_closed"),
+        }
+    }
+}
+
+impl std::fmt::Display for Close {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = String::new();
+        self.write(&mut s);
+        f.write_str(&s)
+    }
+}
 
 /// The fields of the one log line each connection (or forwarded request) writes at close.
 pub struct AccessLog<'a> {
@@ -41,8 +91,8 @@ pub struct AccessLog<'a> {
     pub upload: u64,
     /// Bytes upstream → client.
     pub download: u64,
-    /// Why it ended (`denied`, a tunnel close reason, an error token, an HTTP status).
-    pub close: &'a str,
+    /// Why it ended.
+    pub close: Close,
     /// TLS ClientHello carried an Encrypted Client Hello extension.
     pub ech: bool,
 }
@@ -55,7 +105,7 @@ impl<'a> AccessLog<'a> {
         host: &'a str,
         port: u16,
         decision: Option<&'a Decision>,
-        close: &'a str,
+        close: Close,
     ) -> Self {
         AccessLog {
             client: conn.peer,
@@ -102,7 +152,7 @@ impl<'a> AccessLog<'a> {
             upload = self.upload,
             download = self.download,
             duration_ms = self.started.elapsed().as_millis() as u64,
-            close = self.close,
+            close = %self.close,
             ech = self.ech,
             generation = policy.generation(),
             "connection closed"
@@ -154,7 +204,10 @@ impl AccessLog<'_> {
             self.download,
             self.started.elapsed().as_millis()
         );
-        field(&mut o, "close", self.close);
+        o.push_str(",\"close\":\"");
+        // Every close text is a token or a number: nothing to escape.
+        self.close.write(&mut o);
+        o.push('"');
         let _ = write!(
             o,
             ",\"ech\":{},\"generation\":{},\"target\":\"portcullis::access\"}}",
@@ -243,7 +296,7 @@ mod tests {
             decision: Some(&d),
             upload: 12,
             download: 3456,
-            close: "client_closed",
+            close: Close::Tunnel(CloseReason::ClientClosed),
             ech: true,
         };
         let t = SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_700_000_123_456);
@@ -257,6 +310,7 @@ mod tests {
         assert_eq!(v["port"], 443);
         assert_eq!(v["download"], 3456);
         assert_eq!(v["ech"], true);
+        assert_eq!(v["close"], "client_closed");
         assert_eq!(v["target"], "portcullis::access");
         assert_eq!(v["message"], "connection closed");
         let t = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29

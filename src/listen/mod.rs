@@ -10,117 +10,25 @@
 
 pub mod access;
 pub mod explicit;
-pub mod pool;
+pub mod respond;
 pub mod transparent;
 
-pub use access::AccessLog;
+pub use access::{AccessLog, Close};
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
-use dashmap::DashMap;
 use ipnet::IpNet;
-use prometheus::{IntCounter, IntGauge};
+use prometheus::IntGauge;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::Limits;
-use crate::metrics::{Listener, Metrics, Via};
-use crate::policy::{Decision, Policy, Verdict};
-use crate::shutdown::{Shutdown, TaskGuard};
-use crate::tunnel::Counters;
-use crate::upstream::Upstream;
-
-/// Everything the listeners share.
-pub struct Gateway {
-    /// The policy in force; connections take a snapshot at accept.
-    pub policy: ArcSwap<Policy>,
-    /// Metric families.
-    pub metrics: Metrics,
-    /// The egress connector.
-    pub upstream: Upstream,
-    /// Sizes and timeouts (fixed for the process: a restart changes them).
-    pub limits: Limits,
-    /// Drain state.
-    pub shutdown: Shutdown,
-    /// Listeners bound and policy loaded.
-    pub ready: AtomicBool,
-    /// Addresses of our own listeners: a redirected connection to one of them is a loop.
-    pub own_addrs: Vec<SocketAddr>,
-    /// Access lines as JSON (`[log] format = "json"`), written directly.
-    pub json_log: bool,
-    /// Keep-alive upstream connections for forwarded plain-HTTP requests (built on first use).
-    pub http_client: std::sync::OnceLock<pool::HttpClient>,
-    per_client: DashMap<IpAddr, usize>,
-    /// Series every connection touches, resolved once (a label lookup is a
-    /// hash and a lock): bytes each way, and per listener (proxy,
-    /// transparent) the active gauge and total counter.
-    bytes: Counters,
-    listeners: [(IntGauge, IntCounter); 2],
-}
-
-impl Gateway {
-    /// A gateway around a compiled policy; `own_addrs` are the bound listener addresses.
-    pub fn new(policy: Policy, limits: Limits, own_addrs: Vec<SocketAddr>) -> Gateway {
-        let metrics = Metrics::new(limits.max_denied_hosts);
-        metrics.policy_loaded(&policy);
-        let bytes = Counters {
-            upload: metrics.bytes.with_label_values(&["upload"]),
-            download: metrics.bytes.with_label_values(&["download"]),
-        };
-        let listeners = [Listener::Proxy, Listener::Transparent].map(|l| {
-            (
-                metrics.connections_active.with_label_values(&[l.as_str()]),
-                metrics.connections_total.with_label_values(&[l.as_str()]),
-            )
-        });
-        Gateway {
-            policy: ArcSwap::from_pointee(policy),
-            upstream: Upstream::new(
-                limits.dns_cache_entries,
-                Duration::from_millis(limits.connect_timeout_ms),
-            ),
-            metrics,
-            limits,
-            shutdown: Shutdown::new(),
-            ready: AtomicBool::new(false),
-            own_addrs,
-            json_log: true,
-            http_client: std::sync::OnceLock::new(),
-            per_client: DashMap::new(),
-            bytes,
-            listeners,
-        }
-    }
-
-    /// The byte counters tunnels count into.
-    pub fn counters(&self) -> &Counters {
-        &self.bytes
-    }
-
-    /// A listener's active-connections gauge and total counter.
-    fn listener_series(&self, listener: Listener) -> &(IntGauge, IntCounter) {
-        match listener {
-            Listener::Proxy => &self.listeners[0],
-            Listener::Transparent => &self.listeners[1],
-        }
-    }
-
-    /// Counts a decision, and for denials the destination and client subnet.
-    pub fn count_decision(&self, cx: &Conn, via: Via, d: &Decision, host: &str, port: u16) {
-        self.metrics.decision(d.verdict, via, d.reason);
-        if d.verdict != Verdict::Allow {
-            self.metrics.denied.record(host, port);
-            self.metrics
-                .client_denials
-                .with_label_values(&[cx.client_subnet.to_string().as_str()])
-                .inc();
-        }
-    }
-}
+use crate::gateway::Gateway;
+use crate::metrics::{Listener, Via};
+use crate::policy::{Decision, Policy, Target, Verdict, host};
+use crate::shutdown::TaskGuard;
+use respond::Refusal;
 
 /// One accepted client connection: who, through which listener, under which policy.
 pub struct Conn {
@@ -152,30 +60,33 @@ struct ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.active.dec();
-        if let dashmap::Entry::Occupied(mut e) = self.gw.per_client.entry(self.ip) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
+        self.gw.release_client_slot(self.ip);
     }
 }
 
 /// Why a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub enum NotAdmitted {
     /// Source address outside `[clients] allow`.
     ClientNotAllowed,
     /// Listener or per-client connection cap reached.
     Limit,
 }
 
-impl Refusal {
-    /// Label form.
+impl NotAdmitted {
+    /// Label form (`portcullis_connections_rejected_total{reason}`).
     pub fn as_str(self) -> &'static str {
         match self {
-            Refusal::ClientNotAllowed => "client_not_allowed",
-            Refusal::Limit => "limit",
+            NotAdmitted::ClientNotAllowed => "client_not_allowed",
+            NotAdmitted::Limit => "limit",
+        }
+    }
+
+    /// How the client is answered.
+    pub fn refusal(self) -> Refusal<'static> {
+        match self {
+            NotAdmitted::ClientNotAllowed => Refusal::ClientNotAllowed,
+            NotAdmitted::Limit => Refusal::ConnectionLimit,
         }
     }
 }
@@ -185,21 +96,17 @@ fn admit(
     listener: Listener,
     peer: SocketAddr,
     slots: &Arc<Semaphore>,
-) -> Result<Conn, Refusal> {
+) -> Result<Conn, NotAdmitted> {
     let policy = gw.policy.load_full();
     let Some(subnet) = policy.client_allowed(peer.ip()).copied() else {
-        return Err(Refusal::ClientNotAllowed);
+        return Err(NotAdmitted::ClientNotAllowed);
     };
     let permit = slots
         .clone()
         .try_acquire_owned()
-        .map_err(|_| Refusal::Limit)?;
-    {
-        let mut n = gw.per_client.entry(peer.ip()).or_insert(0);
-        if *n >= gw.limits.max_connections_per_client {
-            return Err(Refusal::Limit);
-        }
-        *n += 1;
+        .map_err(|_| NotAdmitted::Limit)?;
+    if !gw.take_client_slot(peer.ip()) {
+        return Err(NotAdmitted::Limit);
     }
     let (active, total) = gw.listener_series(listener);
     active.inc();
@@ -233,7 +140,7 @@ pub async fn accept_loop<H, HF, R, RF>(
 ) where
     H: Fn(TcpStream, Arc<Conn>, Arc<Gateway>) -> HF + Send + Sync + 'static,
     HF: Future<Output = ()> + Send + 'static,
-    R: Fn(TcpStream, Refusal) -> RF + Send + Sync + 'static,
+    R: Fn(TcpStream, NotAdmitted) -> RF + Send + Sync + 'static,
     RF: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(gw.limits.max_connections));
@@ -291,7 +198,7 @@ pub async fn relay_and_log(
     let replayed = prefix.len() as u64;
     if replayed > 0 {
         if crate::tunnel::write_all(upstream, &prefix).await.is_err() {
-            log.close = crate::tunnel::CloseReason::UpstreamError.as_str();
+            log.close = Close::Tunnel(crate::tunnel::CloseReason::UpstreamError);
             log.emit();
             return;
         }
@@ -309,7 +216,7 @@ pub async fn relay_and_log(
     .await;
     log.upload = stats.upload + replayed;
     log.download = stats.download;
-    log.close = stats.close.as_str();
+    log.close = Close::Tunnel(stats.close);
     log.emit();
 }
 
@@ -331,12 +238,27 @@ pub fn log_denial(conn: &Conn, via: Via, host: &str, port: u16, d: &Decision) {
     );
 }
 
-/// A complete HTTP/1.1 response with `Proxy-Status` (RFC 9209), for paths
-/// that answer outside hyper (refused connections, transparent HTTP).
-pub fn raw_response(status_line: &str, error: &str, details: &str, body: &str) -> String {
-    format!(
-        "HTTP/1.1 {status_line}\r\nProxy-Status: portcullis; error={error}; details=\"{details}\"\r\n\
-         Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+/// Decides `host:port` over TCP, counts the decision and logs a denial.
+pub fn decide(gw: &Gateway, conn: &Conn, via: Via, host: &str, port: u16) -> Decision {
+    let d = conn.policy.decide(&crate::policy::Dest {
+        target: Target::parse(host),
+        port,
+        proto: crate::config::Protocol::Tcp,
+    });
+    gw.count_decision(&conn.client_subnet, via, &d, host, port);
+    if d.verdict != Verdict::Allow {
+        log_denial(conn, via, host, port, &d);
+    }
+    d
+}
+
+/// The form of a host that policy, DNS and logs see: IP literals without
+/// brackets in canonical text, names normalised (lowercase, no trailing dot,
+/// A-labels); a malformed name is kept as sent, so `decide` answers
+/// `malformed_host` for it.
+pub fn normalized_host(raw: &str) -> String {
+    match Target::parse(raw) {
+        Target::Ip(ip) => ip.to_string(),
+        Target::Name(n) => host::normalize(n).unwrap_or_else(|_| n.to_string()),
+    }
 }

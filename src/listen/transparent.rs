@@ -11,21 +11,24 @@
 //! `upstream = "resolve"` (default) dials a fresh resolution of the allowed
 //! name, so a forged SNI cannot reach another address; `verify` dials the
 //! original address only when it is among the name's addresses; `original`
-//! dials it as is (spoofable; for split-horizon DNS you trust).
+//! dials it as is (spoofable; for split-horizon DNS you trust). Which of
+//! these applies is a [`DialPlan`]; `upstream` carries it out.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::{AccessLog, Conn, Gateway, Refusal, log_denial, raw_response};
+use super::respond::{Refusal, Speech};
+use super::{AccessLog, Close, Conn, NotAdmitted, log_denial, normalized_host, relay_and_log};
 use crate::classify::{self, Classified, OpaqueReason};
 use crate::config::{Protocol, UpstreamMode};
+use crate::gateway::Gateway;
 use crate::metrics::Via;
-use crate::policy::{Decision, Dest, Reason, Target, Verdict, host};
+use crate::policy::{Decision, Dest, Reason, Target, Verdict};
+use crate::upstream::{ConnectError, DialPlan};
 
 /// The destination the client meant, before REDIRECT rewrote it.
 ///
@@ -41,120 +44,88 @@ pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
         .ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
 }
 
-/// What was learnt from the first bytes.
-struct Seen {
+/// What the connection's first bytes say about where it is going.
+struct Heard {
     via: Via,
     /// Name from SNI or Host (normalised), if any.
     name: Option<String>,
-    method: &'static str,
+    speech: Speech,
     ech: bool,
-    http: Option<String>,
+    /// The request line as a proxy would show it (`GET http://host/path`).
+    request: Option<String>,
 }
 
-fn seen(classified: &Classified) -> Seen {
+fn heard(classified: &Classified) -> Heard {
+    let nameless = |speech| Heard {
+        via: Via::Address,
+        name: None,
+        speech,
+        ech: false,
+        request: None,
+    };
     match classified {
-        Classified::Tls {
-            sni: Some(sni),
-            ech,
-        } => Seen {
-            via: Via::Sni,
-            name: Some(host::normalize(sni).unwrap_or_else(|_| sni.clone())),
-            method: "TLS",
+        Classified::Tls { sni, ech } => Heard {
+            via: if sni.is_some() {
+                Via::Sni
+            } else {
+                Via::Address
+            },
+            name: sni.as_deref().map(normalized_host),
+            speech: Speech::Tls,
             ech: *ech,
-            http: None,
-        },
-        Classified::Tls { sni: None, ech } => Seen {
-            via: Via::Address,
-            name: None,
-            method: "TLS",
-            ech: *ech,
-            http: None,
+            request: None,
         },
         Classified::Http {
             host: Some(h),
             method,
             target,
-        } => {
-            // Host may carry a port; the decision uses the original port.
-            let bare = match h.rsplit_once(':') {
-                Some((name, port)) if !name.contains(':') || name.ends_with(']') => {
-                    if port.bytes().all(|b| b.is_ascii_digit()) {
-                        name
-                    } else {
-                        h.as_str()
-                    }
-                }
-                _ => h.as_str(),
-            };
-            let bare = bare.trim_start_matches('[').trim_end_matches(']');
-            Seen {
-                via: Via::Host,
-                name: Some(host::normalize(bare).unwrap_or_else(|_| bare.to_string())),
-                method: "HTTP",
-                ech: false,
-                http: Some(format!("{method} http://{h}{target}")),
-            }
-        }
-        Classified::Http { method, target, .. } => Seen {
-            via: Via::Address,
-            name: None,
-            method: "HTTP",
+        } => Heard {
+            via: Via::Host,
+            name: Some(normalized_host(host_without_port(h))),
+            speech: Speech::Http,
             ech: false,
-            http: Some(format!("{method} {target}")),
+            request: Some(format!("{method} http://{h}{target}")),
         },
-        Classified::Opaque(_) => Seen {
-            via: Via::Address,
-            name: None,
-            method: "TCP",
-            ech: false,
-            http: None,
+        Classified::Http { method, target, .. } => Heard {
+            request: Some(format!("{method} {target}")),
+            ..nameless(Speech::Http)
         },
+        Classified::Opaque(_) => nameless(Speech::Opaque),
     }
 }
 
+/// A Host header's host: the decision uses the original port, so a
+/// `:port` suffix is dropped (IPv6 literals keep their colons).
+fn host_without_port(h: &str) -> &str {
+    let bare = match h.rsplit_once(':') {
+        Some((name, port))
+            if (!name.contains(':') || name.ends_with(']'))
+                && port.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            name
+        }
+        _ => h,
+    };
+    bare.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// Refused before any byte is read: just close.
-pub async fn refuse(stream: TcpStream, _why: Refusal) {
+pub async fn refuse(stream: TcpStream, _why: NotAdmitted) {
     drop(stream);
 }
 
-async fn deny(
-    client: &mut TcpStream,
-    seen: &Seen,
-    what: &str,
-    sentence: &str,
-    token: &str,
-    details: &str,
-) {
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        match (seen.method, &seen.http) {
-            ("TLS", _) => {
-                let _ = client.write_all(&classify::TLS_ACCESS_DENIED_ALERT).await;
-            }
-            (_, Some(_)) => {
-                let body = format!("portcullis: denied {what} — {sentence}\n");
-                let _ = client
-                    .write_all(raw_response("403 Forbidden", token, details, &body).as_bytes())
-                    .await;
-            }
-            _ => {}
-        }
-        let _ = client.shutdown().await;
-    })
-    .await;
-}
-
 /// Serves one redirected connection.
-pub async fn serve(mut client: TcpStream, cx: Arc<Conn>, gw: Arc<Gateway>) {
+pub async fn serve(mut client: TcpStream, conn: Arc<Conn>, gw: Arc<Gateway>) {
     let orig = match original_dst(&client) {
         Ok(a) => a,
         Err(err) => {
-            tracing::warn!(client = %cx.peer, error = %err, "no original destination: not redirected by nftables");
+            tracing::warn!(client = %conn.peer, error = %err, "no original destination: not redirected by nftables");
             return;
         }
     };
     let local = client.local_addr().ok();
     if Some(orig) == local || gw.own_addrs.contains(&orig) {
-        tracing::warn!(client = %cx.peer, dest = %orig, "connection to the gateway itself refused (loop)");
+        tracing::warn!(client = %conn.peer, dest = %orig, "connection to the gateway itself refused (loop)");
         return;
     }
     let mut prefix = BytesMut::new();
@@ -168,12 +139,12 @@ pub async fn serve(mut client: TcpStream, cx: Arc<Conn>, gw: Arc<Gateway>) {
     {
         Ok(c) => c,
         Err(err) => {
-            tracing::debug!(client = %cx.peer, error = %err, "client failed before its first bytes");
+            tracing::debug!(client = %conn.peer, error = %err, "client failed before its first bytes");
             return;
         }
     };
-    let mut seen = seen(&classified);
-    if let Classified::Opaque(why) = &classified {
+    let heard = heard(&classified);
+    if let Classified::Opaque(why) = classified {
         match why {
             // A client that left before saying anything: nothing to decide.
             OpaqueReason::Eof if prefix.is_empty() => return,
@@ -184,158 +155,168 @@ pub async fn serve(mut client: TcpStream, cx: Arc<Conn>, gw: Arc<Gateway>) {
             // It started as TLS or HTTP but never named a host (stalled,
             // oversized, malformed): falling back to the address would let a
             // slow client past name rules, so it is refused.
-            _ => {
-                if prefix.first() == Some(&0x16) {
-                    seen.method = "TLS";
-                }
-                let d = Decision {
-                    verdict: Verdict::Deny,
-                    rule: None,
-                    reason: Reason::MalformedHost,
-                };
-                let ip_text = orig.ip().to_string();
-                gw.count_decision(&cx, seen.via, &d, &ip_text, orig.port());
-                AccessLog::new(
-                    &cx,
-                    seen.method,
-                    &ip_text,
-                    orig.port(),
-                    Some(&d),
-                    why.as_str(),
-                )
-                .emit();
-                deny(&mut client, &seen, "", "", "", "").await;
-                return;
-            }
+            _ => return unreadable(&mut client, &conn, &gw, orig, &prefix, why).await,
         }
     }
+    decide_and_relay(client, &conn, &gw, orig, heard, prefix).await;
+}
+
+/// Refuses a connection whose first bytes started a protocol but never named a host.
+async fn unreadable(
+    client: &mut TcpStream,
+    conn: &Conn,
+    gw: &Gateway,
+    orig: SocketAddr,
+    prefix: &[u8],
+    why: OpaqueReason,
+) {
+    let speech = if prefix.first() == Some(&0x16) {
+        Speech::Tls
+    } else {
+        Speech::Opaque
+    };
+    let d = Decision {
+        verdict: Verdict::Deny,
+        rule: None,
+        reason: Reason::MalformedHost,
+    };
     let ip_text = orig.ip().to_string();
-    let shown_host = seen.name.as_deref().unwrap_or(&ip_text);
+    gw.count_decision(&conn.client_subnet, Via::Address, &d, &ip_text, orig.port());
+    let close = Close::Unreadable(why);
+    AccessLog::new(
+        conn,
+        speech.as_str(),
+        &ip_text,
+        orig.port(),
+        Some(&d),
+        close,
+    )
+    .emit();
+    let refusal = Refusal::Denied {
+        policy: &conn.policy,
+        decision: &d,
+        ip_literal: true,
+    };
+    speech.answer(client, &refusal, "").await;
+}
+
+/// Decides on the name heard (or the original address), dials per
+/// `[policy] upstream`, and relays.
+async fn decide_and_relay(
+    mut client: TcpStream,
+    conn: &Conn,
+    gw: &Gateway,
+    orig: SocketAddr,
+    heard: Heard,
+    prefix: BytesMut,
+) {
+    let ip_text = orig.ip().to_string();
+    let shown_host = heard.name.as_deref().unwrap_or(&ip_text);
     let port = orig.port();
-    let d = cx.policy.decide(&Dest {
-        target: match &seen.name {
-            Some(n) => Target::parse(n),
-            None => Target::Ip(orig.ip()),
-        },
+    let target = match &heard.name {
+        Some(n) => Target::parse(n),
+        None => Target::Ip(orig.ip()),
+    };
+    let d = conn.policy.decide(&Dest {
+        target,
         port,
         proto: Protocol::Tcp,
     });
-    gw.count_decision(&cx, seen.via, &d, shown_host, port);
-    let what = seen
-        .http
+    gw.count_decision(&conn.client_subnet, heard.via, &d, shown_host, port);
+    let what = heard
+        .request
         .clone()
-        .unwrap_or_else(|| format!("{} {shown_host}:{port}", seen.method));
-    let mut log = AccessLog::new(&cx, seen.method, shown_host, port, Some(&d), "");
-    log.ech = seen.ech;
+        .unwrap_or_else(|| format!("{} {shown_host}:{port}", heard.speech.as_str()));
+    let mut log = AccessLog::new(
+        conn,
+        heard.speech.as_str(),
+        shown_host,
+        port,
+        Some(&d),
+        Close::Unset,
+    );
+    log.ech = heard.ech;
     if d.verdict == Verdict::Deny {
-        log_denial(&cx, seen.via, shown_host, port, &d);
-        let token = if seen.name.is_none() {
-            "destination_ip_prohibited"
-        } else {
-            "http_request_denied"
+        log_denial(conn, heard.via, shown_host, port, &d);
+        let refusal = Refusal::Denied {
+            policy: &conn.policy,
+            decision: &d,
+            ip_literal: heard.name.is_none(),
         };
-        deny(
-            &mut client,
-            &seen,
-            &what,
-            &cx.policy.explain(&d),
-            token,
-            d.reason.as_str(),
-        )
-        .await;
-        log.close = "denied";
+        heard.speech.answer(&mut client, &refusal, &what).await;
+        log.close = Close::Denied;
         log.emit();
         return;
     }
-    let addrs = match dial_addresses(&gw, &cx, &seen, orig).await {
-        Ok(a) => a,
-        Err((close, sentence)) => {
-            let token = if close == "sni_mismatch" {
-                "http_request_denied"
-            } else {
-                close
-            };
-            deny(&mut client, &seen, &what, &sentence, token, close).await;
-            log.close = close;
-            log.emit();
-            return;
-        }
-    };
-    let (upstream, addr) = match gw.upstream.dial(&addrs, port, &gw.metrics).await {
-        Ok(x) => x,
-        Err(err) => {
-            gw.metrics
-                .upstream_errors
-                .with_label_values(&[err.as_str()])
-                .inc();
-            log.close = err.as_str();
-            log.emit();
-            return;
-        }
-    };
-    log.upstream = Some(addr);
-    super::relay_and_log(&gw, &client, &upstream, prefix, log).await;
-}
-
-/// Which addresses to dial, per `[policy] upstream`. Errors carry a close
-/// reason and a sentence for the client.
-async fn dial_addresses(
-    gw: &Gateway,
-    cx: &Conn,
-    seen: &Seen,
-    orig: SocketAddr,
-) -> Result<Vec<IpAddr>, (&'static str, String)> {
-    let policy = &cx.policy;
-    let Some(name) = &seen.name else {
-        // Decided on the address itself, guards included.
-        return Ok(vec![orig.ip()]);
-    };
-    let mode = policy.upstream();
-    if mode == UpstreamMode::Original {
-        return match policy.check_resolved(orig.ip(), orig.port(), Protocol::Tcp) {
-            Ok(()) => Ok(vec![orig.ip()]),
-            Err(r) => Err((
-                "destination_ip_prohibited",
-                format!("{} is refused ({})", orig.ip(), r.as_str()),
-            )),
-        };
-    }
-    let addrs = match gw
+    let plan = dial_plan(conn.policy.upstream(), &heard, target, orig);
+    match gw
         .upstream
-        .addresses(policy, Target::Name(name), orig.port(), &gw.metrics)
+        .connect(&conn.policy, plan, port, &gw.metrics)
         .await
     {
-        Ok(a) => a,
+        Ok((upstream, addr)) => {
+            log.upstream = Some(addr);
+            relay_and_log(gw, &client, &upstream, prefix, log).await;
+        }
         Err(err) => {
-            gw.metrics
-                .upstream_errors
-                .with_label_values(&[err.as_str()])
-                .inc();
-            return Err((err.as_str(), err.to_string()));
+            count_dial_error(gw, &heard, &err);
+            let refusal = Refusal::Upstream(&err);
+            log.close = refusal.close();
+            // The gateway's own refusals are answered; a destination that
+            // does not answer (refused, timeout, unreachable) is passed on
+            // as a close, as the client would have seen without a gateway.
+            let ours = matches!(
+                err,
+                ConnectError::Prohibited { .. }
+                    | ConnectError::NotAmong { .. }
+                    | ConnectError::NotFound(_)
+                    | ConnectError::Dns { .. }
+            );
+            if ours {
+                heard.speech.answer(&mut client, &refusal, &what).await;
+            }
+            log.emit();
         }
-    };
-    if mode == UpstreamMode::Verify {
-        if !addrs.contains(&orig.ip()) {
-            let kind = if seen.via == Via::Host {
-                "host_destination"
-            } else {
-                "sni_destination"
-            };
-            gw.metrics
-                .tls_name_mismatch
-                .with_label_values(&[kind])
-                .inc();
-            return Err((
-                "sni_mismatch",
-                format!(
-                    "{name} does not resolve to {} (upstream = \"verify\")",
-                    orig.ip()
-                ),
-            ));
-        }
-        return Ok(vec![orig.ip()]);
     }
-    Ok(addrs)
+}
+
+/// Which addresses to dial, per `[policy] upstream`. A connection decided
+/// on its address is dialled there, after the same address check.
+fn dial_plan<'a>(
+    mode: UpstreamMode,
+    heard: &'a Heard,
+    target: Target<'a>,
+    orig: SocketAddr,
+) -> DialPlan<'a> {
+    match (&heard.name, mode) {
+        (None, _) | (Some(_), UpstreamMode::Resolve) => DialPlan::Target(target),
+        (Some(name), UpstreamMode::Verify) => DialPlan::Verify {
+            name,
+            original: orig.ip(),
+        },
+        (Some(_), UpstreamMode::Original) => DialPlan::Original(orig.ip()),
+    }
+}
+
+/// A forged name under `verify` counts as a name mismatch; everything else
+/// as an upstream error.
+fn count_dial_error(gw: &Gateway, heard: &Heard, err: &ConnectError) {
+    if let ConnectError::NotAmong { .. } = err {
+        let kind = if heard.via == Via::Host {
+            "host_destination"
+        } else {
+            "sni_destination"
+        };
+        gw.metrics
+            .tls_name_mismatch
+            .with_label_values(&[kind])
+            .inc();
+    } else {
+        gw.metrics
+            .upstream_errors
+            .with_label_values(&[err.as_str()])
+            .inc();
+    }
 }
 
 #[cfg(test)]
@@ -350,25 +331,29 @@ mod tests {
             target: "/".into(),
         };
         assert_eq!(
-            seen(&http("Example.com:8080")).name.as_deref(),
+            heard(&http("Example.com:8080")).name.as_deref(),
             Some("example.com")
         );
         assert_eq!(
-            seen(&http("example.com")).name.as_deref(),
+            heard(&http("example.com")).name.as_deref(),
             Some("example.com")
         );
         assert_eq!(
-            seen(&http("[2001:db8::1]:80")).name.as_deref(),
-            Some("[2001:db8::1]").map(|_| "2001:db8::1")
+            heard(&http("[2001:db8::1]:80")).name.as_deref(),
+            Some("2001:db8::1")
+        );
+        assert_eq!(
+            heard(&http("host:notaport")).name.as_deref(),
+            Some("host:notaport")
         );
         let tls = Classified::Tls {
             sni: Some("PyPI.org".into()),
             ech: true,
         };
-        let s = seen(&tls);
+        let h = heard(&tls);
         assert_eq!(
-            (s.name.as_deref(), s.via, s.ech),
-            (Some("pypi.org"), Via::Sni, true)
+            (h.name.as_deref(), h.via, h.ech, h.speech),
+            (Some("pypi.org"), Via::Sni, true, Speech::Tls)
         );
     }
 }

@@ -3,14 +3,14 @@
 //! In: absolute-URI requests the explicit proxy has already allowed. Out:
 //! responses, over upstream connections reused per `host:port` (hyper-util's
 //! pooling client). New connections are made by [`GuardedConnector`], which
-//! goes through `upstream` like every other egress socket: resolve, check
-//! every address against the current policy, Happy Eyeballs. The address
-//! dialled travels with each response as an [`UpstreamAddr`] extension.
+//! goes through [`Upstream::connect`] like every other egress socket: resolve,
+//! check every address against the current policy, Happy Eyeballs. The
+//! address dialled travels with each response as an [`UpstreamAddr`] extension.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Weak;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -22,9 +22,11 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use super::Gateway;
-use crate::policy::{Target, host};
-use crate::upstream::ConnectError;
+use arc_swap::ArcSwap;
+
+use super::{ConnectError, DialPlan, Upstream};
+use crate::metrics::Metrics;
+use crate::policy::{Policy, Target, host};
 
 /// The address a pooled connection reached.
 #[derive(Debug, Clone, Copy)]
@@ -38,19 +40,29 @@ const POOL_IDLE: Duration = Duration::from_secs(30);
 /// Idle connections kept per `host:port`.
 const POOL_PER_HOST: usize = 32;
 
-/// Builds the pooling client around a connector that dials through `gw`.
-pub fn client(gw: Weak<Gateway>) -> HttpClient {
+/// Builds the pooling client around a connector that dials through
+/// `upstream`, checking addresses against the policy in force at dial time.
+pub fn client(
+    policy: Arc<ArcSwap<Policy>>,
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
+) -> HttpClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(POOL_IDLE)
         .pool_max_idle_per_host(POOL_PER_HOST)
-        .build(GuardedConnector { gw })
+        .build(GuardedConnector {
+            policy,
+            upstream,
+            metrics,
+        })
 }
 
-/// A `tower::Service<Uri>` that opens upstream connections through the
-/// gateway's connector (a weak handle: the gateway owns the client).
+/// A `tower::Service<Uri>` that opens upstream connections through [`Upstream`].
 #[derive(Clone)]
 pub struct GuardedConnector {
-    gw: Weak<Gateway>,
+    policy: Arc<ArcSwap<Policy>>,
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
 }
 
 /// An upstream TCP connection that remembers where it went.
@@ -105,19 +117,23 @@ impl tower_service::Service<Uri> for GuardedConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let gw = self.gw.clone();
+        let this = self.clone();
         Box::pin(async move {
-            let gw = gw.upgrade().ok_or("gateway is shutting down")?;
             let raw = uri.host().ok_or("request URI has no host")?;
             let port = uri.port_u16().unwrap_or(80);
             let name = match Target::parse(raw) {
                 Target::Ip(ip) => ip.to_string(),
                 Target::Name(n) => host::normalize(n).map_err(|e| format!("'{n}': {e}"))?,
             };
-            let policy = gw.policy.load_full();
-            let (stream, addr) = gw
+            let policy = this.policy.load_full();
+            let (stream, addr) = this
                 .upstream
-                .connect(&policy, Target::parse(&name), port, &gw.metrics)
+                .connect(
+                    &policy,
+                    DialPlan::Target(Target::parse(&name)),
+                    port,
+                    &this.metrics,
+                )
                 .await?;
             Ok(Dialled {
                 io: TokioIo::new(stream),

@@ -1,8 +1,11 @@
 //! Upstream: resolve, check every address, dial. The only place that opens egress sockets.
 //!
-//! In: an allowed destination (a name or an address, and a port) and the
-//! policy snapshot the connection decided with. Out: a connected `TcpStream`
-//! and the address it reached, or a [`ConnectError`] that maps to one status.
+//! In: an allowed destination as a [`DialPlan`] (a name or an address, or a
+//! transparent connection's original destination to verify) and a port, and
+//! the policy snapshot the connection decided with. Out: a connected
+//! `TcpStream` and the address it reached, or a [`ConnectError`] that maps to
+//! one answer (`listen::respond`). Dialling is private to this module: every
+//! socket it opens went through the address check of [`Upstream::connect`].
 //!
 //! Names are resolved once: first the static `[resolve]` table, then a TTL
 //! cache, then DNS (hickory, honouring `/etc/resolv.conf`). Every address is
@@ -27,6 +30,8 @@ use tokio::sync::OnceCell;
 use crate::config::Protocol;
 use crate::metrics::Metrics;
 use crate::policy::{Policy, Reason, Target};
+
+pub mod pool;
 
 /// RFC 8305 §5: "Connection Attempt Delay", recommended 250 ms.
 const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
@@ -70,6 +75,15 @@ pub enum ConnectError {
     /// No address answered within the connect timeout.
     #[error("no answer from {0} within the connect timeout")]
     Timeout(String),
+    /// `upstream = "verify"`: the original destination is not among the
+    /// name's (allowed) addresses, so the SNI or Host may be forged.
+    #[error("{name} does not resolve to {addr} (upstream = \"verify\")")]
+    NotAmong {
+        /// The name decided on.
+        name: String,
+        /// The original destination.
+        addr: IpAddr,
+    },
     /// Every address failed otherwise (unreachable network or host).
     #[error("cannot reach {addr}: {source}")]
     Unreachable {
@@ -89,21 +103,30 @@ impl ConnectError {
             ConnectError::Dns { .. } => "dns_error",
             ConnectError::Refused(_) => "connection_refused",
             ConnectError::Timeout(_) => "connection_timeout",
+            ConnectError::NotAmong { .. } => "http_request_denied",
             ConnectError::Unreachable { .. } => "destination_unavailable",
         }
     }
+}
 
-    /// The HTTP status an explicit-proxy client gets.
-    pub fn status(&self) -> u16 {
-        match self {
-            ConnectError::Prohibited { .. } => 403,
-            ConnectError::NotFound(_) => 502,
-            ConnectError::Dns { .. } => 502,
-            ConnectError::Refused(_) => 502,
-            ConnectError::Timeout(_) => 504,
-            ConnectError::Unreachable { .. } => 502,
-        }
-    }
+/// Which addresses a connection may be dialled at.
+#[derive(Debug, Clone, Copy)]
+pub enum DialPlan<'a> {
+    /// A name (resolved) or a literal (as given): every address the policy
+    /// accepts is tried (`upstream = "resolve"`, the explicit proxy, and
+    /// transparent connections decided by address).
+    Target(Target<'a>),
+    /// `upstream = "verify"`: the original destination, only when it is
+    /// among the name's accepted addresses.
+    Verify {
+        /// The name decided on (normalised).
+        name: &'a str,
+        /// The transparent connection's original destination.
+        original: IpAddr,
+    },
+    /// `upstream = "original"`: the original destination as is, after the
+    /// address check (spoofable; for split-horizon DNS).
+    Original(IpAddr),
 }
 
 #[derive(Clone)]
@@ -233,7 +256,7 @@ impl Upstream {
     ///
     /// # Errors
     /// Resolution errors, or [`ConnectError::Prohibited`] when none remain.
-    pub async fn addresses(
+    async fn addresses(
         &self,
         policy: &Policy,
         target: Target<'_>,
@@ -273,26 +296,48 @@ impl Upstream {
         Ok(allowed)
     }
 
-    /// Resolves, filters and dials a destination.
+    /// Resolves and checks the addresses of `plan`, then dials them.
     ///
     /// # Errors
     /// Any [`ConnectError`].
     pub async fn connect(
         &self,
         policy: &Policy,
-        target: Target<'_>,
+        plan: DialPlan<'_>,
         port: u16,
         metrics: &Metrics,
     ) -> Result<(TcpStream, SocketAddr), ConnectError> {
-        let addrs = self.addresses(policy, target, port, metrics).await?;
+        let addrs = match plan {
+            DialPlan::Target(target) => self.addresses(policy, target, port, metrics).await?,
+            DialPlan::Verify { name, original } => {
+                let addrs = self
+                    .addresses(policy, Target::Name(name), port, metrics)
+                    .await?;
+                if !addrs.contains(&original) {
+                    return Err(ConnectError::NotAmong {
+                        name: name.to_string(),
+                        addr: original,
+                    });
+                }
+                vec![original]
+            }
+            DialPlan::Original(ip) => {
+                if let Err(reason) = policy.check_resolved(ip, port, Protocol::Tcp) {
+                    return Err(ConnectError::Prohibited {
+                        name: ip.to_string(),
+                        addrs: ip.to_string(),
+                        reason,
+                    });
+                }
+                vec![ip]
+            }
+        };
         self.dial(&addrs, port, metrics).await
     }
 
-    /// Dials the given addresses with Happy Eyeballs.
-    ///
-    /// # Errors
-    /// Refused, timeout or unreachable.
-    pub async fn dial(
+    /// Dials the given addresses with Happy Eyeballs. Private: only
+    /// addresses [`Upstream::connect`] checked are dialled.
+    async fn dial(
         &self,
         addrs: &[IpAddr],
         port: u16,
@@ -428,6 +473,5 @@ mod tests {
         drop(listener);
         let err = up.dial(&[lo], port, &m).await.unwrap_err();
         assert_eq!(err.as_str(), "connection_refused");
-        assert_eq!(err.status(), 502);
     }
 }

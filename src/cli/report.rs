@@ -1,0 +1,257 @@
+//! Reports: what `check`, `explain` and `profile` print for a person.
+//!
+//! In: a loaded config or a compiled policy. Out: lines on stdout and an
+//! exit code. Every verdict printed here comes from the production
+//! `Policy::decide`, so `explain` says what the running gateway does.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+
+use crate::config::{ExpectVerdict, Protocol};
+use crate::listen::normalized_host;
+use crate::load::Loaded;
+use crate::policy::{Decision, Dest, Policy, RuleState, Target, Verdict};
+
+/// A destination argument, parsed and normalised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestArg {
+    /// Normalised host name or IP literal text.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+/// Parses `host[:port]`, `ip[:port]`, `[v6]:port` or a bare IPv6 address.
+/// Host names are normalised (IDN to A-labels); a malformed name is kept as
+/// written so that `decide` reports `malformed_host`.
+///
+/// # Errors
+/// A message when the port is not 1-65535.
+pub fn parse_dest(text: &str, default_port: u16) -> Result<DestArg, String> {
+    let text = text.trim();
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (h, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("'{text}': missing ']' after an IPv6 address"))?;
+        match after.strip_prefix(':') {
+            Some(p) => (h, Some(p)),
+            None if after.is_empty() => (h, None),
+            None => return Err(format!("'{text}': expected ':port' after ']'")),
+        }
+    } else if text.parse::<std::net::Ipv6Addr>().is_ok() {
+        (text, None)
+    } else {
+        match text.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (text, None),
+        }
+    };
+    let port = match port {
+        None => default_port,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("'{text}': '{p}' is not a port (1-65535)"))?,
+    };
+    Ok(DestArg {
+        host: normalized_host(host),
+        port,
+    })
+}
+
+fn describe(policy: &Policy, dest: &Dest<'_>, d: &Decision) -> String {
+    let mut line = format!("{dest} {}", d.verdict.as_str());
+    if let Some(id) = d.rule {
+        let r = policy.rule(id);
+        line.push_str(&format!(" rule={}", r.name));
+        if let Some(s) = &r.scenario {
+            line.push_str(&format!(" scenario={s}"));
+        }
+    } else {
+        line.push_str(" rule=-");
+    }
+    line.push_str(&format!(
+        " reason={} ({})",
+        d.reason.as_str(),
+        policy.explain(d)
+    ));
+    line
+}
+
+/// Prints one line per destination; exit 0 all allowed, 1 any denied, 2 a bad argument.
+pub(super) fn explain(policy: &Policy, dests: &[String], proto: Protocol) -> Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    let mut denied = false;
+    let mut bad = false;
+    for text in dests {
+        match parse_dest(text, 443) {
+            Ok(arg) => {
+                let dest = Dest {
+                    target: Target::parse(&arg.host),
+                    port: arg.port,
+                    proto,
+                };
+                let d = policy.decide(&dest);
+                denied |= d.verdict != Verdict::Allow;
+                writeln!(out, "{}", describe(policy, &dest, &d))?;
+            }
+            Err(e) => {
+                bad = true;
+                writeln!(out, "{text} error ({e})")?;
+            }
+        }
+    }
+    Ok(ExitCode::from(if bad {
+        2
+    } else if denied {
+        1
+    } else {
+        0
+    }))
+}
+
+/// Prints warnings, waiting rules and `[[expect]]` results; exit 0 ok, 1 an expectation failed.
+pub(super) fn check(loaded: &Loaded) -> Result<ExitCode> {
+    let p = &loaded.policy;
+    let mut out = std::io::stdout().lock();
+    for w in &loaded.warnings {
+        writeln!(out, "{w}")?;
+    }
+    let waiting: Vec<&str> = p
+        .rules()
+        .iter()
+        .filter(|r| r.state == RuleState::WaitingForServiceTags)
+        .map(|r| r.name.as_str())
+        .collect();
+    if !waiting.is_empty() {
+        writeln!(
+            out,
+            "note: {} rule(s) wait for a service tags file ([policy] service_tags or --service-tags; download 'Azure IP Ranges and Service Tags'): {}",
+            waiting.len(),
+            waiting.join(", ")
+        )?;
+    }
+    let mut failed = 0;
+    for e in &loaded.config.expects {
+        let arg = match parse_dest(e.dest.get_ref(), 443) {
+            Ok(a) => a,
+            Err(msg) => {
+                let loc = loaded.source.locate(&e.dest.span());
+                writeln!(out, "{loc}: error: expect: {msg}")?;
+                failed += 1;
+                continue;
+            }
+        };
+        let dest = Dest {
+            target: Target::parse(&arg.host),
+            port: arg.port,
+            proto: e.proto,
+        };
+        let d = p.decide(&dest);
+        let got_allow = d.verdict == Verdict::Allow;
+        let want_allow = e.verdict == ExpectVerdict::Allow;
+        if got_allow != want_allow {
+            failed += 1;
+            let loc = loaded.source.locate(&e.dest.span());
+            let want = if want_allow { "allow" } else { "deny" };
+            writeln!(
+                out,
+                "{loc}: expect failed: wanted {want}, got {}",
+                describe(p, &dest, &d)
+            )?;
+        }
+    }
+    let active = p
+        .rules()
+        .iter()
+        .filter(|r| r.state == RuleState::Active)
+        .count();
+    let n = loaded.config.expects.len();
+    if failed > 0 {
+        writeln!(out, "{failed} of {n} expectation(s) failed")?;
+        return Ok(ExitCode::from(1));
+    }
+    writeln!(
+        out,
+        "ok: {} ({active} active rules, {} warning(s), {n} expectation(s) passed)",
+        loaded.source.name,
+        loaded.warnings.len()
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the scenarios: on/off, rule count, description.
+pub(super) fn profile_list(policy: &Policy) -> Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    for s in policy.scenarios() {
+        let n = policy
+            .rules()
+            .iter()
+            .filter(|r| r.scenario.as_deref() == Some(&s.name))
+            .count();
+        let on = if s.enabled { "on " } else { "off" };
+        writeln!(out, "{on} {:<17} {n:>2} rules  {}", s.name, s.description)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one scenario's rules (or all) with the source document's wording.
+pub(super) fn profile_show(policy: &Policy, scenario: Option<&str>) -> Result<ExitCode> {
+    if let Some(name) = scenario
+        && !policy.scenarios().iter().any(|s| s.name == name)
+    {
+        let known: Vec<&str> = policy.scenarios().iter().map(|s| s.name.as_str()).collect();
+        bail!("unknown scenario '{name}' (known: {})", known.join(", "));
+    }
+    let mut out = std::io::stdout().lock();
+    for s in policy
+        .scenarios()
+        .iter()
+        .filter(|s| scenario.is_none_or(|n| n == s.name))
+    {
+        let on = if s.enabled { "enabled" } else { "disabled" };
+        writeln!(out, "## {} ({on})\n{}\n", s.name, s.description)?;
+        for r in policy
+            .rules()
+            .iter()
+            .filter(|r| r.scenario.as_deref() == Some(&s.name))
+        {
+            let what: Vec<String> = r
+                .hosts
+                .iter()
+                .cloned()
+                .chain(r.service_tags.iter().map(|t| format!("tag:{t}")))
+                .chain(
+                    r.cidrs
+                        .iter()
+                        .filter(|_| r.service_tags.is_empty())
+                        .map(ToString::to_string),
+                )
+                .collect();
+            let ports = crate::policy::port_ranges(&r.ports);
+            let state = match &r.state {
+                RuleState::Active => String::new(),
+                RuleState::ScenarioDisabled => String::new(),
+                RuleState::MissingVars(v) => format!("  [needs --var {}]", v.join(", --var ")),
+                RuleState::WaitingForServiceTags => "  [waits for service tags file]".into(),
+                RuleState::NotEgress => {
+                    format!("  [{:?}: not enforced by the proxy]", r.direction).to_lowercase()
+                }
+            };
+            writeln!(
+                out,
+                "- {} {}/{}  {}{state}\n    {}",
+                r.name,
+                r.protocol.as_str(),
+                ports.join(","),
+                what.join(" "),
+                r.description
+            )?;
+        }
+        writeln!(out)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

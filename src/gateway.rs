@@ -1,0 +1,151 @@
+//! Gateway: the runtime state every listener, the admin endpoint and reload share.
+//!
+//! In: a compiled policy, the `[limits]` section, the bound listener
+//! addresses. Out: one [`Gateway`] behind an `Arc`, built here and only here.
+//! It holds state and the counters every connection touches; it decides
+//! nothing and does no I/O of its own.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use ipnet::IpNet;
+use prometheus::{IntCounter, IntGauge};
+
+use crate::config::Limits;
+use crate::metrics::{Listener, Metrics, Via};
+use crate::policy::{Decision, Policy, Verdict};
+use crate::shutdown::Shutdown;
+use crate::tunnel::Counters;
+use crate::upstream::Upstream;
+use crate::upstream::pool::{self, HttpClient};
+
+/// Everything the listeners share.
+pub struct Gateway {
+    /// The policy in force; connections take a snapshot at accept.
+    pub policy: Arc<ArcSwap<Policy>>,
+    /// Metric families.
+    pub metrics: Arc<Metrics>,
+    /// The egress connector.
+    pub upstream: Arc<Upstream>,
+    /// Sizes and timeouts (fixed for the process: a restart changes them).
+    pub limits: Limits,
+    /// Drain state.
+    pub shutdown: Shutdown,
+    /// Listeners bound and policy loaded.
+    pub ready: AtomicBool,
+    /// Addresses of our own listeners: a redirected connection to one of them is a loop.
+    pub own_addrs: Vec<SocketAddr>,
+    /// Access lines as JSON (`[log] format = "json"`), written directly.
+    pub json_log: bool,
+    /// Keep-alive upstream connections for forwarded plain-HTTP requests (built on first use).
+    http_client: OnceLock<HttpClient>,
+    /// Open connections per client address (`[limits] max_connections_per_client`).
+    per_client: DashMap<IpAddr, usize>,
+    /// Series every connection touches, resolved once (a label lookup is a
+    /// hash and a lock): bytes each way, and per listener (proxy,
+    /// transparent) the active gauge and total counter.
+    bytes: Counters,
+    listeners: [(IntGauge, IntCounter); 2],
+}
+
+impl Gateway {
+    /// A gateway around a compiled policy; `own_addrs` are the bound listener addresses.
+    pub fn new(policy: Policy, limits: Limits, own_addrs: Vec<SocketAddr>) -> Gateway {
+        let metrics = Metrics::new(limits.max_denied_hosts);
+        metrics.policy_loaded(&policy);
+        let bytes = Counters {
+            upload: metrics.bytes.with_label_values(&["upload"]),
+            download: metrics.bytes.with_label_values(&["download"]),
+        };
+        let listeners = [Listener::Proxy, Listener::Transparent].map(|l| {
+            (
+                metrics.connections_active.with_label_values(&[l.as_str()]),
+                metrics.connections_total.with_label_values(&[l.as_str()]),
+            )
+        });
+        Gateway {
+            policy: Arc::new(ArcSwap::from_pointee(policy)),
+            upstream: Arc::new(Upstream::new(
+                limits.dns_cache_entries,
+                Duration::from_millis(limits.connect_timeout_ms),
+            )),
+            metrics: Arc::new(metrics),
+            limits,
+            shutdown: Shutdown::new(),
+            ready: AtomicBool::new(false),
+            own_addrs,
+            json_log: true,
+            http_client: OnceLock::new(),
+            per_client: DashMap::new(),
+            bytes,
+            listeners,
+        }
+    }
+
+    /// The byte counters tunnels count into.
+    pub fn counters(&self) -> &Counters {
+        &self.bytes
+    }
+
+    /// The pooling client for forwarded plain-HTTP requests (built on first use).
+    pub fn http_client(&self) -> &HttpClient {
+        self.http_client.get_or_init(|| {
+            pool::client(
+                self.policy.clone(),
+                self.upstream.clone(),
+                self.metrics.clone(),
+            )
+        })
+    }
+
+    /// A listener's active-connections gauge and total counter.
+    pub fn listener_series(&self, listener: Listener) -> &(IntGauge, IntCounter) {
+        match listener {
+            Listener::Proxy => &self.listeners[0],
+            Listener::Transparent => &self.listeners[1],
+        }
+    }
+
+    /// Takes one of `ip`'s connection slots; false when it has none left.
+    pub fn take_client_slot(&self, ip: IpAddr) -> bool {
+        let mut n = self.per_client.entry(ip).or_insert(0);
+        if *n >= self.limits.max_connections_per_client {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives back a slot taken by [`Gateway::take_client_slot`].
+    pub fn release_client_slot(&self, ip: IpAddr) {
+        if let dashmap::Entry::Occupied(mut e) = self.per_client.entry(ip) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// Counts a decision, and for denials the destination and client subnet.
+    pub fn count_decision(
+        &self,
+        client_subnet: &IpNet,
+        via: Via,
+        d: &Decision,
+        host: &str,
+        port: u16,
+    ) {
+        self.metrics.decision(d.verdict, via, d.reason);
+        if d.verdict != Verdict::Allow {
+            self.metrics.denied.record(host, port);
+            self.metrics
+                .client_denials
+                .with_label_values(&[client_subnet.to_string().as_str()])
+                .inc();
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Forwarding: absolute-URI plain-HTTP requests (`GET http://host/...`) sent on upstream.
+//!
+//! In: a request hyper parsed on an admitted connection. Out: the upstream's
+//! response (hop-by-hop headers removed, `Via` added, bodies streamed both
+//! ways, WebSocket upgrades passed through), or a refusal through `respond`.
+//! Each request is decided on its own URL, and its Host header must agree
+//! with it; upstream connections come from the gateway's pool, which dials
+//! through `upstream` like every other egress socket.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::authority;
+use crate::gateway::Gateway;
+use crate::listen::respond::{Body, Refusal};
+use crate::listen::{AccessLog, Close, Conn, decide, normalized_host};
+use crate::metrics::Via;
+use crate::policy::{Target, Verdict};
+use crate::upstream::pool;
+
+const VIA: &str = "1.1 portcullis";
+
+/// Decides and forwards one absolute-URI request.
+pub(super) async fn forward(
+    mut req: Request<Incoming>,
+    conn: Arc<Conn>,
+    gw: Arc<Gateway>,
+) -> Response<Body> {
+    if req.uri().scheme_str() != Some("http") {
+        return Refusal::BadRequest(
+            "only http:// URLs are forwarded; https goes through CONNECT (set HTTPS_PROXY)",
+        )
+        .response("");
+    }
+    let (raw_host, port) = match authority(req.uri(), Some(80)) {
+        Ok(x) => x,
+        Err(msg) => return Refusal::BadRequest(msg).response(""),
+    };
+    let host = normalized_host(&raw_host);
+    let method = req.method().clone();
+    // Only answers other than the upstream's need it: made on demand.
+    let uri = req.uri().clone();
+    let what = || format!("{method} {uri}");
+    if let Err(refusal) = host_agrees(&req, &host, port) {
+        if matches!(refusal, Refusal::HostMismatch) {
+            gw.metrics
+                .tls_name_mismatch
+                .with_label_values(&["host_uri"])
+                .inc();
+        }
+        return refusal.response(&what());
+    }
+    let d = decide(&gw, &conn, Via::Http, &host, port);
+    if d.verdict == Verdict::Deny {
+        AccessLog::new(&conn, method.as_str(), &host, port, Some(&d), Close::Denied).emit();
+        let ip_literal = matches!(Target::parse(&host), Target::Ip(_));
+        return Refusal::Denied {
+            policy: &conn.policy,
+            decision: &d,
+            ip_literal,
+        }
+        .response(&what());
+    }
+
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    add_via(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    let mut log = AccessLog::new(&conn, method.as_str(), &host, port, Some(&d), Close::Unset);
+    let resp = match gw
+        .http_client()
+        .request(Request::from_parts(parts, body))
+        .await
+    {
+        Ok(r) => r,
+        Err(err) => {
+            let refusal = match pool::connect_error(&err) {
+                Some(ce) => Refusal::Upstream(ce),
+                None => Refusal::UpstreamProtocol(&err),
+            };
+            gw.metrics
+                .upstream_errors
+                .with_label_values(&[refusal.token()])
+                .inc();
+            log.close = refusal.close();
+            log.emit();
+            return refusal.response(&what());
+        }
+    };
+    log.upstream = resp.extensions().get::<pool::UpstreamAddr>().map(|a| a.0);
+    match client_upgrade {
+        Some(client_upgrade) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            relay_upgrade(resp, client_upgrade, &conn, &gw, log)
+        }
+        _ => {
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers, false);
+            add_via(&mut parts.headers);
+            log.close = Close::Status(parts.status.as_u16());
+            log.emit();
+            Response::from_parts(parts, body.boxed())
+        }
+    }
+}
+
+/// One Host header, naming the URI's host and port (when there is one).
+fn host_agrees(req: &Request<Incoming>, host: &str, port: u16) -> Result<(), Refusal<'static>> {
+    let hosts: Vec<&HeaderValue> = req.headers().get_all(header::HOST).iter().collect();
+    if hosts.len() > 1 {
+        return Err(Refusal::BadRequest("more than one Host header"));
+    }
+    let Some(h) = hosts.first() else {
+        return Ok(());
+    };
+    // Nearly always the Host header is the URI's authority as sent.
+    let same_text = req
+        .uri()
+        .authority()
+        .is_some_and(|a| a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()));
+    let agrees = same_text
+        || h.to_str()
+            .ok()
+            .and_then(|h| format!("http://{h}/").parse::<Uri>().ok())
+            .and_then(|u| authority(&u, Some(80)).ok())
+            .is_some_and(|(hh, hp)| normalized_host(&hh) == host && hp == port);
+    if agrees {
+        Ok(())
+    } else {
+        Err(Refusal::HostMismatch)
+    }
+}
+
+/// Answers `101` and, once both sides have upgraded, relays the two
+/// connections in a task of their own until either closes or the grace
+/// period ends.
+fn relay_upgrade(
+    mut resp: Response<Incoming>,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    conn: &Arc<Conn>,
+    gw: &Arc<Gateway>,
+    mut log: AccessLog<'_>,
+) -> Response<Body> {
+    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    let (gw, conn) = (gw.clone(), conn.clone());
+    tokio::spawn(async move {
+        let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else {
+            return;
+        };
+        let mut c = TokioIo::new(c);
+        let mut u = TokioIo::new(u);
+        let copied = tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut c, &mut u) => r.unwrap_or((0, 0)),
+            () = gw.shutdown.cutting() => (0, 0),
+        };
+        gw.counters().upload.inc_by(copied.0);
+        gw.counters().download.inc_by(copied.1);
+        let mut log = AccessLog::new(&conn, "UPGRADE", "", 0, None, Close::UpgradeClosed);
+        log.upload = copied.0;
+        log.download = copied.1;
+        log.emit();
+    });
+    let (mut parts, body) = resp.into_parts();
+    add_via(&mut parts.headers);
+    log.close = Close::Status(101);
+    log.emit();
+    Response::from_parts(parts, body.boxed())
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) plus those named in Connection.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            headers.remove(&name);
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    } else {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+fn add_via(headers: &mut HeaderMap) {
+    headers.append(header::VIA, HeaderValue::from_static(VIA));
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key(header::ACCEPT));
+    }
+}

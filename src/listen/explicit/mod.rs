@@ -1,0 +1,155 @@
+//! Explicit proxy: what `HTTP_PROXY`/`HTTPS_PROXY` clients talk to.
+//!
+//! In: an admitted client connection speaking HTTP/1.1. Out: for
+//! `CONNECT host:port`, a decision, an upstream connection, `200`, then a
+//! tunnel (`connect`); for `GET http://host/...`, the request forwarded
+//! upstream (`forward`). Every refusal is answered through `respond`, with a
+//! `Proxy-Status` header (RFC 9209) and a one-line body a person can act on.
+//!
+//! This file routes: a whole CONNECT head in the first bytes takes the fast
+//! path in `connect`; everything else goes through hyper, whose requests
+//! [`handle`] sends to `connect` or `forward`.
+
+mod connect;
+mod forward;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::respond::{Body, Refusal, write_and_close};
+use super::{Conn, NotAdmitted};
+use crate::gateway::Gateway;
+
+/// Serves one client connection until it closes, or drains.
+///
+/// A connection whose first bytes are a whole `CONNECT` head (what every
+/// client sends) is served by the fast path in this task; anything else,
+/// including a CONNECT head that arrives in pieces, goes to hyper, which sees
+/// the stream from its first byte (the fast path only peeks).
+pub async fn serve(stream: TcpStream, conn: Arc<Conn>, gw: Arc<Gateway>) {
+    let Some(stream) = connect::fast(stream, &conn, &gw).await else {
+        return;
+    };
+    // Boxed: the fast path's tunnel runs in this task, so its future stays
+    // small while idle instead of reserving room for hyper's connection.
+    Box::pin(serve_http(stream, conn, gw)).await;
+}
+
+async fn serve_http(stream: TcpStream, conn: Arc<Conn>, gw: Arc<Gateway>) {
+    let svc = {
+        let (conn, gw) = (conn.clone(), gw.clone());
+        service_fn(move |req| {
+            let (conn, gw) = (conn.clone(), gw.clone());
+            async move { Ok::<_, Infallible>(handle(req, conn, gw).await) }
+        })
+    };
+    let http = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(gw.limits.head_timeout_ms))
+        .max_buf_size(gw.limits.max_head_bytes.max(8192))
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    tokio::pin!(http);
+    let draining = gw.shutdown.draining();
+    tokio::select! {
+        r = http.as_mut() => {
+            if let Err(err) = r {
+                tracing::debug!(client = %conn.peer, error = %err, "client connection ended");
+            }
+        }
+        () = draining => {
+            http.as_mut().graceful_shutdown();
+            let _ = http.await;
+        }
+    }
+}
+
+/// Answers a connection that was not admitted, without parsing its request.
+pub async fn refuse(stream: TcpStream, why: NotAdmitted) {
+    write_and_close(stream, &why.refusal().raw("")).await;
+}
+
+async fn handle(req: Request<Incoming>, conn: Arc<Conn>, gw: Arc<Gateway>) -> Response<Body> {
+    // hyper's read buffer bounds memory; this enforces the configured head size.
+    if head_len(&req) > gw.limits.max_head_bytes {
+        return Refusal::HeadTooLarge {
+            limit: gw.limits.max_head_bytes,
+        }
+        .response("");
+    }
+    if req.method() == Method::CONNECT {
+        return connect::via_hyper(req, conn, gw).await;
+    }
+    if req.uri().scheme().is_none() {
+        return Refusal::NotAProxyRequest.response("");
+    }
+    forward::forward(req, conn, gw).await
+}
+
+/// Bytes of a request head as received: request line and header lines.
+fn head_len(req: &Request<Incoming>) -> usize {
+    // Measured from the parsed parts: no per-request allocation.
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
+    req.headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+/// Parses `host:port` of a CONNECT or absolute URI. Refuses userinfo and port 0.
+fn authority(uri: &Uri, default_port: Option<u16>) -> Result<(String, u16), &'static str> {
+    let auth = uri.authority().ok_or("missing host")?;
+    if auth.as_str().contains('@') {
+        return Err("userinfo (user@host) is not allowed in the target");
+    }
+    let host = auth.host();
+    if host.is_empty() {
+        return Err("missing host");
+    }
+    let port = match (auth.port_u16(), default_port) {
+        (Some(0), _) => return Err("port 0 is not a port"),
+        (Some(p), _) => p,
+        (None, Some(p)) => p,
+        (None, None) => return Err("CONNECT needs host:port, e.g. CONNECT pypi.org:443"),
+    };
+    Ok((host.to_string(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::normalized_host;
+    use super::*;
+
+    #[test]
+    fn authority_forms() {
+        let a = |s: &str, d| authority(&s.parse::<Uri>().unwrap(), d);
+        assert_eq!(a("pypi.org:443", None), Ok(("pypi.org".into(), 443)));
+        assert_eq!(
+            a("http://pypi.org/simple", Some(80)),
+            Ok(("pypi.org".into(), 80))
+        );
+        assert_eq!(a("[::1]:443", None), Ok(("[::1]".into(), 443)));
+        assert!(a("pypi.org:0", None).is_err());
+        assert!(
+            a("http://user:pw@pypi.org/", Some(80))
+                .unwrap_err()
+                .contains("userinfo")
+        );
+        assert!(a("pypi.org", None).is_err());
+        assert_eq!(normalized_host("[::1]"), "::1");
+        assert_eq!(normalized_host("PyPI.org."), "pypi.org");
+    }
+}
