@@ -31,17 +31,10 @@ pub(super) async fn forward(
     conn: Arc<Conn>,
     gw: Arc<Gateway>,
 ) -> Response<Body> {
-    if req.uri().scheme_str() != Some("http") {
-        return Refusal::BadRequest(
-            "only http:// URLs are forwarded; https goes through CONNECT (set HTTPS_PROXY)",
-        )
-        .response("");
-    }
-    let (raw_host, port) = match authority(req.uri(), Some(80)) {
+    let (host, port) = match destination(req.uri()) {
         Ok(x) => x,
-        Err(msg) => return Refusal::BadRequest(msg).response(""),
+        Err(refusal) => return refusal.response(""),
     };
-    let host = normalized_host(&raw_host);
     let method = req.method().clone();
     // Only answers other than the upstream's need it: made on demand.
     let uri = req.uri().clone();
@@ -108,6 +101,17 @@ pub(super) async fn forward(
             Response::from_parts(parts, body.boxed())
         }
     }
+}
+
+/// The normalised host and port of an `http://` URL.
+fn destination(uri: &Uri) -> Result<(String, u16), Refusal<'static>> {
+    if uri.scheme_str() != Some("http") {
+        return Err(Refusal::BadRequest(
+            "only http:// URLs are forwarded; https goes through CONNECT (set HTTPS_PROXY)",
+        ));
+    }
+    let (raw_host, port) = authority(uri, Some(80)).map_err(Refusal::BadRequest)?;
+    Ok((normalized_host(&raw_host), port))
 }
 
 /// One Host header, naming the URI's host and port (when there is one).
