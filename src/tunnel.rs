@@ -19,7 +19,11 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -42,6 +46,16 @@ impl Activity {
 
     fn last(&self) -> Instant {
         self.start + Duration::from_nanos(self.last.load(Relaxed))
+    }
+
+    /// Resolves once `idle` has passed without a byte either way.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            tokio::time::sleep_until(self.last() + idle).await;
+            if self.last() + idle <= Instant::now() {
+                return;
+            }
+        }
     }
 }
 
@@ -320,22 +334,105 @@ pub async fn relay(
         r
     };
     let both = async { tokio::try_join!(upload, download) };
-    let idle_watch = async {
-        loop {
-            tokio::time::sleep_until(activity.last() + idle).await;
-            if activity.last() + idle <= Instant::now() {
-                return;
-            }
-        }
-    };
     tokio::select! {
         r = both => match r {
             Ok(_) if first_eof.load(Relaxed) == 2 => stats(CloseReason::UpstreamClosed),
             Ok(_) => stats(CloseReason::ClientClosed),
             Err(reason) => stats(reason),
         },
-        () = idle_watch => stats(CloseReason::IdleTimeout),
+        () = activity.idle_for(idle) => stats(CloseReason::IdleTimeout),
         () = cut => stats(CloseReason::Shutdown),
+    }
+}
+
+/// Relays two byte streams that are not plain sockets (upgraded HTTP
+/// connections): copied both ways through buffers, with the same idle
+/// timer, cut and byte counting as [`relay`].
+pub async fn relay_io<A, B>(
+    client: A,
+    upstream: B,
+    idle: Duration,
+    counters: &Counters,
+    cut: impl Future<Output = ()>,
+) -> TunnelStats
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Activity {
+        start: Instant::now(),
+        last: AtomicU64::new(0),
+    };
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let mut client = Watched {
+        io: client,
+        activity: &activity,
+        read: &up,
+        counter: &counters.upload,
+    };
+    let mut upstream = Watched {
+        io: upstream,
+        activity: &activity,
+        read: &down,
+        counter: &counters.download,
+    };
+    let close = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
+            Ok(_) => CloseReason::ClientClosed,
+            // copy_bidirectional does not say which side failed.
+            Err(_) => CloseReason::ClientError,
+        },
+        () = activity.idle_for(idle) => CloseReason::IdleTimeout,
+        () = cut => CloseReason::Shutdown,
+    };
+    TunnelStats {
+        upload: up.load(Relaxed),
+        download: down.load(Relaxed),
+        close,
+    }
+}
+
+/// A stream whose reads count bytes and mark activity.
+struct Watched<'a, T> {
+    io: T,
+    activity: &'a Activity,
+    read: &'a AtomicU64,
+    counter: &'a IntCounter,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.activity.touch();
+            self.read.fetch_add(n, Relaxed);
+            self.counter.inc_by(n);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -125,6 +125,14 @@ impl<'a> AccessLog<'a> {
         }
     }
 
+    /// The same line, for a decision made under `policy` (a later policy
+    /// than the connection's snapshot: per-request decisions on keep-alive
+    /// connections use the policy in force when each request arrives).
+    pub fn under(mut self, policy: &'a Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
     /// Writes the line (target `portcullis::access`, level info).
     pub fn emit(&self) {
         if !tracing::enabled!(target: "portcullis::access", tracing::Level::INFO) {

@@ -9,6 +9,7 @@
 //! queueing without bound.
 
 pub mod access;
+pub mod body;
 pub mod explicit;
 pub mod respond;
 pub mod transparent;
@@ -221,8 +222,7 @@ pub async fn relay_and_log(
 }
 
 /// Logs a denial at decision time, with the command that explains it.
-pub fn log_denial(conn: &Conn, via: Via, host: &str, port: u16, d: &Decision) {
-    let policy = &conn.policy;
+pub fn log_denial(conn: &Conn, policy: &Policy, via: Via, host: &str, port: u16, d: &Decision) {
     tracing::info!(
         target: "portcullis::deny",
         client = %conn.peer,
@@ -238,16 +238,23 @@ pub fn log_denial(conn: &Conn, via: Via, host: &str, port: u16, d: &Decision) {
     );
 }
 
-/// Decides `host:port` over TCP, counts the decision and logs a denial.
-pub fn decide(gw: &Gateway, conn: &Conn, via: Via, host: &str, port: u16) -> Decision {
-    let d = conn.policy.decide(&crate::policy::Dest {
+/// Decides `host:port` over TCP under `policy`, counts the decision and logs a denial.
+pub fn decide(
+    gw: &Gateway,
+    conn: &Conn,
+    policy: &Policy,
+    via: Via,
+    host: &str,
+    port: u16,
+) -> Decision {
+    let d = policy.decide(&crate::policy::Dest {
         target: Target::parse(host),
         port,
         proto: crate::config::Protocol::Tcp,
     });
     gw.count_decision(&conn.client_subnet, via, &d, host, port);
     if d.verdict != Verdict::Allow {
-        log_denial(conn, via, host, port, &d);
+        log_denial(conn, policy, via, host, port, &d);
     }
     d
 }

@@ -14,7 +14,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,8 +23,7 @@ use crate::classify;
 use crate::policy::{Decision, Policy, Reason};
 use crate::upstream::ConnectError;
 
-/// Body type of the explicit proxy's responses.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub use crate::upstream::pool::Body;
 
 /// Why portcullis answers a client itself instead of relaying.
 #[derive(Clone, Copy)]

@@ -237,7 +237,7 @@ async fn decide_and_relay(
     );
     log.ech = heard.ech;
     if d.verdict == Verdict::Deny {
-        log_denial(conn, heard.via, shown_host, port, &d);
+        log_denial(conn, &conn.policy, heard.via, shown_host, port, &d);
         let refusal = Refusal::Denied {
             policy: &conn.policy,
             decision: &d,

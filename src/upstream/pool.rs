@@ -15,7 +15,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
-use hyper::body::Incoming;
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -32,8 +31,11 @@ use crate::policy::{Policy, Target, host};
 #[derive(Debug, Clone, Copy)]
 pub struct UpstreamAddr(pub SocketAddr);
 
+/// Request and response bodies the pool relays.
+pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
+
 /// The pooling client type the gateway keeps.
-pub type HttpClient = Client<GuardedConnector, Incoming>;
+pub type HttpClient = Client<GuardedConnector, Body>;
 
 /// Idle upstream connections are closed after this.
 const POOL_IDLE: Duration = Duration::from_secs(30);
@@ -105,7 +107,8 @@ impl Write for Dialled {
     }
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Errors of the bodies and connections the pool relays.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tower_service::Service<Uri> for GuardedConnector {
     type Response = Dialled;

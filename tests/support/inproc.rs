@@ -9,9 +9,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use portcullis::config::{Config, Source};
 use portcullis::gateway::Gateway;
-use portcullis::policy::{CompileInput, Policy};
+use portcullis::load::LoadInput;
+use portcullis::reload::{ReloadError, Reloader};
 use portcullis::serve::{Bound, Stopped, serve};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -22,6 +22,8 @@ pub struct InProc {
     pub gw: Arc<Gateway>,
     /// Bound listeners by name (`proxy`, `transparent`, `admin`).
     pub addrs: Vec<(&'static str, SocketAddr)>,
+    reloader: Reloader,
+    dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     force: Option<oneshot::Sender<()>>,
     task: JoinHandle<Stopped>,
@@ -31,17 +33,23 @@ impl InProc {
     /// Parses and compiles `toml`, binds its listeners and starts serving;
     /// returns once the gateway is ready.
     pub async fn start(toml: &str) -> InProc {
-        let source = Source {
-            name: "inproc.toml".into(),
-            text: toml.into(),
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let input = LoadInput {
+            path: Some(path),
+            ..LoadInput::default()
         };
-        let config = Config::parse(&source).unwrap_or_else(|e| panic!("config: {e}"));
-        let (policy, _) = Policy::compile(&config, &source, &CompileInput::default())
-            .unwrap_or_else(|e| panic!("compile: {e:?}"));
-        let bound = Bound::bind(&config.listen).await.expect("bind");
+        let loaded = input.load(1).unwrap_or_else(|e| panic!("config: {e}"));
+        let listen = &loaded.config.listen;
+        let reloader = Reloader {
+            input,
+            listen: (listen.proxy, listen.transparent, listen.admin),
+        };
+        let bound = Bound::bind(listen).await.expect("bind");
         let addrs = bound.addrs();
         let own = addrs.iter().map(|(_, a)| *a).collect();
-        let gw = Arc::new(Gateway::new(policy, config.limits.clone(), own));
+        let gw = Arc::new(Gateway::new(loaded.policy, loaded.config.limits, own));
         let (stop, stop_rx) = oneshot::channel::<()>();
         let (force, force_rx) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = oneshot::channel::<()>();
@@ -62,6 +70,8 @@ impl InProc {
         InProc {
             gw,
             addrs,
+            reloader,
+            dir,
             stop: Some(stop),
             force: Some(force),
             task,
@@ -75,6 +85,12 @@ impl InProc {
             .find(|(n, _)| *n == name)
             .map(|(_, a)| *a)
             .unwrap_or_else(|| panic!("no {name} listener"))
+    }
+
+    /// Replaces the config file with `toml` and reloads (as SIGHUP does).
+    pub async fn reload(&self, toml: &str) -> Result<(), ReloadError> {
+        std::fs::write(self.dir.path().join("portcullis.toml"), toml).expect("write config");
+        self.reloader.reload(&self.gw).await
     }
 
     /// Asks the gateway to stop (the first SIGTERM).

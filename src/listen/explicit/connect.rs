@@ -25,6 +25,7 @@ use crate::listen::respond::{Body, Refusal, full, write_and_close};
 use crate::listen::{AccessLog, Close, Conn, decide, normalized_host, relay_and_log};
 use crate::metrics::Via;
 use crate::policy::{Decision, Policy, Target, Verdict, host};
+use crate::tunnel::CloseReason;
 use crate::upstream::{ConnectError, DialPlan};
 
 /// Bytes peeked for a CONNECT head; a larger head goes through hyper.
@@ -61,7 +62,8 @@ pub(super) async fn fast(stream: TcpStream, conn: &Conn, gw: &Gateway) -> Option
         return None;
     }
     drop(peeked);
-    match open(conn, gw, &raw_host, port).await {
+    let policy = conn.policy.clone();
+    match open(conn, gw, &policy, &raw_host, port).await {
         Ok(open) => {
             if client
                 .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -73,7 +75,7 @@ pub(super) async fn fast(stream: TcpStream, conn: &Conn, gw: &Gateway) -> Option
         }
         Err(err) => {
             let what = format!("CONNECT {raw_host}:{port}");
-            write_and_close(client, &err.refusal(&conn.policy).raw(&what)).await;
+            write_and_close(client, &err.refusal(&policy).raw(&what)).await;
         }
     }
     None
@@ -96,21 +98,23 @@ fn fast_head(buf: &[u8], max_head_bytes: usize) -> Option<(String, u16, usize)> 
     Some((host, port, head.head_len))
 }
 
-/// A CONNECT that hyper parsed: answered by hyper, tunnelled after its upgrade.
+/// A CONNECT that hyper parsed: answered by hyper, tunnelled after its
+/// upgrade; decided under `policy`, the policy in force when it arrived.
 pub(super) async fn via_hyper(
     req: Request<Incoming>,
     conn: Arc<Conn>,
     gw: Arc<Gateway>,
+    policy: Arc<Policy>,
 ) -> Response<Body> {
     let (raw_host, port) = match authority(req.uri(), None) {
         Ok(x) => x,
         Err(msg) => return refused(Refusal::BadRequest(msg).response("")),
     };
-    let open = match open(&conn, &gw, &raw_host, port).await {
+    let open = match open(&conn, &gw, &policy, &raw_host, port).await {
         Ok(open) => open,
         Err(err) => {
             let what = format!("CONNECT {raw_host}:{port}");
-            return refused(err.refusal(&conn.policy).response(&what));
+            return refused(err.refusal(&policy).response(&what));
         }
     };
     tokio::spawn(async move {
@@ -145,6 +149,8 @@ fn refused(mut resp: Response<Body>) -> Response<Body> {
 
 /// An allowed CONNECT whose upstream is connected.
 struct Open {
+    /// The policy that allowed it; the tunnel keeps it for its life.
+    policy: Arc<Policy>,
     host: String,
     port: u16,
     decision: Decision,
@@ -173,22 +179,31 @@ impl OpenError {
     }
 }
 
-/// Decides a CONNECT to `raw_host:port` and dials it. A refusal is already
-/// counted and logged.
-async fn open(conn: &Conn, gw: &Gateway, raw_host: &str, port: u16) -> Result<Open, OpenError> {
+/// Decides a CONNECT to `raw_host:port` under `policy` and dials it. A
+/// refusal is already counted and logged.
+async fn open(
+    conn: &Conn,
+    gw: &Gateway,
+    policy: &Arc<Policy>,
+    raw_host: &str,
+    port: u16,
+) -> Result<Open, OpenError> {
     let host = normalized_host(raw_host);
     let target = Target::parse(&host);
-    let d = decide(gw, conn, Via::Connect, &host, port);
+    let d = decide(gw, conn, policy, Via::Connect, &host, port);
     if d.verdict == Verdict::Deny {
-        AccessLog::new(conn, "CONNECT", &host, port, Some(&d), Close::Denied).emit();
+        AccessLog::new(conn, "CONNECT", &host, port, Some(&d), Close::Denied)
+            .under(policy)
+            .emit();
         return Err(OpenError::Denied(d, matches!(target, Target::Ip(_))));
     }
     let dialled = gw
         .upstream
-        .connect(&conn.policy, DialPlan::Target(target), port, &gw.metrics)
+        .connect(policy, DialPlan::Target(target), port, &gw.metrics)
         .await;
     match dialled {
         Ok((upstream, addr)) => Ok(Open {
+            policy: policy.clone(),
             host,
             port,
             decision: d,
@@ -201,7 +216,9 @@ async fn open(conn: &Conn, gw: &Gateway, raw_host: &str, port: u16) -> Result<Op
                 .with_label_values(&[err.as_str()])
                 .inc();
             let close = Close::Upstream(err.as_str());
-            AccessLog::new(conn, "CONNECT", &host, port, Some(&d), close).emit();
+            AccessLog::new(conn, "CONNECT", &host, port, Some(&d), close)
+                .under(policy)
+                .emit();
             Err(OpenError::Upstream(err))
         }
     }
@@ -211,6 +228,7 @@ async fn open(conn: &Conn, gw: &Gateway, raw_host: &str, port: u16) -> Result<Op
 /// log line. `prefix` is what was already read from the client.
 async fn tunnel(gw: &Gateway, conn: &Conn, mut client: TcpStream, open: Open, prefix: BytesMut) {
     let Open {
+        policy,
         host,
         port,
         decision,
@@ -218,7 +236,8 @@ async fn tunnel(gw: &Gateway, conn: &Conn, mut client: TcpStream, open: Open, pr
         addr,
     } = open;
     let mut prefix = prefix;
-    let mut log = AccessLog::new(conn, "CONNECT", &host, port, Some(&decision), Close::Unset);
+    let mut log =
+        AccessLog::new(conn, "CONNECT", &host, port, Some(&decision), Close::Unset).under(&policy);
     log.upstream = Some(addr);
     if let Some(cut) = check_sni(
         gw,
@@ -250,21 +269,24 @@ async fn check_sni(
     host: &str,
     log: &mut AccessLog<'_>,
 ) -> Option<Close> {
-    if !conn.policy.require_matching_sni() || matches!(Target::parse(host), Target::Ip(_)) {
+    if !log.policy.require_matching_sni() || matches!(Target::parse(host), Target::Ip(_)) {
         return None;
     }
     if prefix.is_empty() {
-        // Server-speaks-first protocols (SSH, SMTP) must not wait for a hello.
+        // Server-speaks-first protocols (SSH, SMTP) must not wait for a
+        // hello; a tunnel where nobody speaks ends at the idle timeout.
+        let idle = Duration::from_millis(gw.limits.idle_timeout_ms);
         tokio::select! {
             r = client.readable() => if r.is_err() { return None },
             _ = upstream.readable() => return None,
+            () = tokio::time::sleep(idle) => return Some(Close::Tunnel(CloseReason::IdleTimeout)),
         }
     }
     let timeout = Duration::from_millis(gw.limits.sniff_timeout_ms);
     let classified =
         match classify::read_classified(client, prefix, gw.limits.sniff_max_bytes, timeout).await {
             Ok(c) => c,
-            Err(_) => return Some(Close::Tunnel(crate::tunnel::CloseReason::ClientError)),
+            Err(_) => return Some(Close::Tunnel(CloseReason::ClientError)),
         };
     let Classified::Tls { sni, ech } = classified else {
         return None;

@@ -8,6 +8,8 @@
 //! through `upstream` like every other egress socket.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -15,21 +17,25 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::authority;
+use super::{authority, authority_text};
 use crate::gateway::Gateway;
+use crate::listen::body::{Metered, PendingLine};
 use crate::listen::respond::{Body, Refusal};
 use crate::listen::{AccessLog, Close, Conn, decide, normalized_host};
 use crate::metrics::Via;
-use crate::policy::{Target, Verdict};
+use crate::policy::{Policy, Target, Verdict};
+use crate::tunnel::{CloseReason, relay_io};
 use crate::upstream::pool;
 
 const VIA: &str = "1.1 portcullis";
 
-/// Decides and forwards one absolute-URI request.
+/// Decides (under `policy`, the policy in force when the request arrived)
+/// and forwards one absolute-URI request.
 pub(super) async fn forward(
     mut req: Request<Incoming>,
     conn: Arc<Conn>,
     gw: Arc<Gateway>,
+    policy: Arc<Policy>,
 ) -> Response<Body> {
     let (host, port) = match destination(req.uri()) {
         Ok(x) => x,
@@ -48,12 +54,14 @@ pub(super) async fn forward(
         }
         return refusal.response(&what());
     }
-    let d = decide(&gw, &conn, Via::Http, &host, port);
+    let d = decide(&gw, &conn, &policy, Via::Http, &host, port);
     if d.verdict == Verdict::Deny {
-        AccessLog::new(&conn, method.as_str(), &host, port, Some(&d), Close::Denied).emit();
+        AccessLog::new(&conn, method.as_str(), &host, port, Some(&d), Close::Denied)
+            .under(&policy)
+            .emit();
         let ip_literal = matches!(Target::parse(&host), Target::Ip(_));
         return Refusal::Denied {
-            policy: &conn.policy,
+            policy: &policy,
             decision: &d,
             ip_literal,
         }
@@ -66,12 +74,30 @@ pub(super) async fn forward(
     strip_hop_by_hop(&mut parts.headers, upgrade);
     add_via(&mut parts.headers);
     parts.version = Version::HTTP_11;
-    let mut log = AccessLog::new(&conn, method.as_str(), &host, port, Some(&d), Close::Unset);
-    let resp = match gw
+    let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let body = Metered::new(
+        body,
+        gw.counters().upload.clone(),
+        up.clone(),
+        gw.shutdown.cutting(),
+    );
+    let sent = gw
         .http_client()
-        .request(Request::from_parts(parts, body))
-        .await
-    {
+        .request(Request::from_parts(parts, body.boxed()))
+        .await;
+    let mut line = PendingLine {
+        conn: conn.clone(),
+        policy: policy.clone(),
+        method: method.to_string(),
+        host,
+        port,
+        decision: d,
+        upstream: None,
+        close: Close::Unset,
+        upload: up,
+        download: down.clone(),
+    };
+    let resp = match sent {
         Ok(r) => r,
         Err(err) => {
             let refusal = match pool::connect_error(&err) {
@@ -82,23 +108,25 @@ pub(super) async fn forward(
                 .upstream_errors
                 .with_label_values(&[refusal.token()])
                 .inc();
-            log.close = refusal.close();
-            log.emit();
+            line.close = refusal.close();
+            drop(line);
             return refusal.response(&what());
         }
     };
-    log.upstream = resp.extensions().get::<pool::UpstreamAddr>().map(|a| a.0);
+    line.upstream = resp.extensions().get::<pool::UpstreamAddr>().map(|a| a.0);
+    line.close = Close::Status(resp.status().as_u16());
     match client_upgrade {
         Some(client_upgrade) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            relay_upgrade(resp, client_upgrade, &conn, &gw, log)
+            drop(line);
+            relay_upgrade(resp, client_upgrade, &conn, &gw)
         }
         _ => {
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers, false);
             add_via(&mut parts.headers);
-            log.close = Close::Status(parts.status.as_u16());
-            log.emit();
-            Response::from_parts(parts, body.boxed())
+            let cut = gw.shutdown.cutting();
+            let body = Metered::new(body, gw.counters().download.clone(), down, cut);
+            Response::from_parts(parts, body.with_line(line).boxed())
         }
     }
 }
@@ -128,13 +156,14 @@ fn host_agrees(req: &Request<Incoming>, host: &str, port: u16) -> Result<(), Ref
         .uri()
         .authority()
         .is_some_and(|a| a.as_str().as_bytes().eq_ignore_ascii_case(h.as_bytes()));
-    let agrees = same_text
-        || h.to_str()
-            .ok()
-            .and_then(|h| format!("http://{h}/").parse::<Uri>().ok())
-            .and_then(|u| authority(&u, Some(80)).ok())
-            .is_some_and(|(hh, hp)| normalized_host(&hh) == host && hp == port);
-    if agrees {
+    if same_text {
+        return Ok(());
+    }
+    let text = h
+        .to_str()
+        .map_err(|_| Refusal::BadRequest("the Host header is not ASCII"))?;
+    let (h_host, h_port) = authority_text(text, Some(80)).map_err(Refusal::BadRequest)?;
+    if normalized_host(&h_host) == host && h_port == port {
         Ok(())
     } else {
         Err(Refusal::HostMismatch)
@@ -142,14 +171,13 @@ fn host_agrees(req: &Request<Incoming>, host: &str, port: u16) -> Result<(), Ref
 }
 
 /// Answers `101` and, once both sides have upgraded, relays the two
-/// connections in a task of their own until either closes or the grace
-/// period ends.
+/// connections in a task of their own, with the tunnels' idle timer, until
+/// either closes or the grace period ends.
 fn relay_upgrade(
     mut resp: Response<Incoming>,
     client_upgrade: hyper::upgrade::OnUpgrade,
     conn: &Arc<Conn>,
     gw: &Arc<Gateway>,
-    mut log: AccessLog<'_>,
 ) -> Response<Body> {
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
     let (gw, conn) = (gw.clone(), conn.clone());
@@ -157,24 +185,26 @@ fn relay_upgrade(
         let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else {
             return;
         };
-        let mut c = TokioIo::new(c);
-        let mut u = TokioIo::new(u);
-        let copied = tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut c, &mut u) => r.unwrap_or((0, 0)),
-            () = gw.shutdown.cutting() => (0, 0),
-        };
-        gw.counters().upload.inc_by(copied.0);
-        gw.counters().download.inc_by(copied.1);
+        let idle = Duration::from_millis(gw.limits.idle_timeout_ms);
+        let stats = relay_io(
+            TokioIo::new(c),
+            TokioIo::new(u),
+            idle,
+            gw.counters(),
+            gw.shutdown.cutting(),
+        )
+        .await;
         let mut log = AccessLog::new(&conn, "UPGRADE", "", 0, None, Close::UpgradeClosed);
-        log.upload = copied.0;
-        log.download = copied.1;
+        if stats.close != CloseReason::ClientClosed {
+            log.close = Close::Tunnel(stats.close);
+        }
+        log.upload = stats.upload;
+        log.download = stats.download;
         log.emit();
     });
     let (mut parts, body) = resp.into_parts();
     add_via(&mut parts.headers);
-    log.close = Close::Status(101);
-    log.emit();
-    Response::from_parts(parts, body.boxed())
+    Response::from_parts(parts, body.map_err(Into::into).boxed())
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus those named in Connection.

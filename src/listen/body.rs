@@ -1,0 +1,148 @@
+//! Body: forwarded HTTP bodies, counted and cut like tunnel bytes.
+//!
+//! In: a request or response body on its way through the explicit proxy.
+//! Out: the same frames, with every data byte counted in
+//! `portcullis_bytes_total` and in the request's access line, and an error
+//! in place of the next frame once the shutdown grace period ends (hyper
+//! then aborts the connection, as a cut tunnel would close). The access line
+//! of a forwarded request is written when its response body ends or is
+//! dropped, so it carries the bytes both ways.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use prometheus::IntCounter;
+
+use super::{AccessLog, Close, Conn};
+use crate::policy::{Decision, Policy};
+use crate::upstream::pool::BoxError;
+
+/// The access line of a forwarded request, written when dropped.
+pub struct PendingLine {
+    /// The connection it came on.
+    pub conn: Arc<Conn>,
+    /// The policy that decided it.
+    pub policy: Arc<Policy>,
+    /// Request method.
+    pub method: String,
+    /// Host asked for (normalised).
+    pub host: String,
+    /// Port asked for.
+    pub port: u16,
+    /// The decision.
+    pub decision: Decision,
+    /// Address dialled.
+    pub upstream: Option<SocketAddr>,
+    /// How it ended (the response status).
+    pub close: Close,
+    /// Request body bytes relayed so far.
+    pub upload: Arc<AtomicU64>,
+    /// Response body bytes relayed so far.
+    pub download: Arc<AtomicU64>,
+}
+
+impl Drop for PendingLine {
+    fn drop(&mut self) {
+        let mut log = AccessLog::new(
+            &self.conn,
+            &self.method,
+            &self.host,
+            self.port,
+            Some(&self.decision),
+            self.close,
+        )
+        .under(&self.policy);
+        log.upstream = self.upstream;
+        log.upload = self.upload.load(Relaxed);
+        log.download = self.download.load(Relaxed);
+        log.emit();
+    }
+}
+
+/// A body whose data bytes are counted, cut at the end of the grace period.
+pub struct Metered<B> {
+    inner: B,
+    counter: IntCounter,
+    total: Arc<AtomicU64>,
+    cut: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
+    /// Written when the body ends or is dropped (response bodies only).
+    line: Option<PendingLine>,
+}
+
+impl<B> Metered<B> {
+    /// Wraps `inner`: bytes go to `counter` and `total`; `cut` ends it.
+    pub fn new(
+        inner: B,
+        counter: IntCounter,
+        total: Arc<AtomicU64>,
+        cut: impl Future<Output = ()> + Send + Sync + 'static,
+    ) -> Self {
+        Metered {
+            inner,
+            counter,
+            total,
+            cut: Box::pin(cut),
+            line: None,
+        }
+    }
+
+    /// Writes `line` when this body ends.
+    pub fn with_line(mut self, line: PendingLine) -> Self {
+        self.line = Some(line);
+        self
+    }
+}
+
+impl<B> HttpBody for Metered<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.cut.as_mut().poll(cx).is_ready() {
+            self.line.take();
+            return Poll::Ready(Some(Err(
+                "cut at the end of the shutdown grace period".into()
+            )));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    self.counter.inc_by(n);
+                    self.total.fetch_add(n, Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.line.take();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                self.line.take();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
