@@ -6,6 +6,8 @@
 //! whole lifecycle without a process or signals, and under
 //! `tokio::time::pause()` when they test timeouts.
 
+#![allow(dead_code)] // each test binary uses a part of the harness
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 

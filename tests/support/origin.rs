@@ -5,6 +5,8 @@
 //! `Content-Length` body), then answers per [`Answer`]. It counts requests
 //! and the request-body bytes it received.
 
+#![allow(dead_code)] // each test binary uses a part of it
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
