@@ -17,8 +17,10 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::gateway::Gateway;
+use crate::listen::spare::Spare;
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     Response::builder()
@@ -56,22 +58,43 @@ fn route(req: &Request<Incoming>, gw: &Gateway) -> Response<Full<Bytes>> {
     }
 }
 
+/// Admin connections served at a time; past it a connection is closed at
+/// once (Prometheus and a load balancer probe need a handful).
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 /// Serves the admin endpoints until the process cuts its tunnels (it stays
 /// up while draining so probes can see 503 and Prometheus the last counts).
+/// A spare descriptor keeps `/healthz` answering at the process's fd limit.
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let mut spare = Spare::new();
     let cut = gw.shutdown.cutting();
     tokio::pin!(cut);
     loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(err) => {
-                    tracing::warn!(error = %err, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
             () = &mut cut => return,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                spare.refill();
+                stream
+            }
+            Err(err) if Spare::is_exhaustion(&err) && spare.release() => {
+                match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(_) => continue,
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                spare.refill();
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue;
         };
         let gw = gw.clone();
         tokio::spawn(async move {
@@ -86,6 +109,7 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
             if let Err(err) = conn.await {
                 tracing::debug!(error = %err, "admin connection ended");
             }
+            drop(permit);
         });
     }
 }

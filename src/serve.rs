@@ -115,7 +115,6 @@ fn spawn_listeners(bound: Bound, gw: &Arc<Gateway>) {
             Listener::Proxy,
             gw.clone(),
             explicit::serve,
-            explicit::refuse,
         ));
     }
     if let Some(l) = bound.transparent {
@@ -124,7 +123,6 @@ fn spawn_listeners(bound: Bound, gw: &Arc<Gateway>) {
             Listener::Transparent,
             gw.clone(),
             transparent::serve,
-            transparent::refuse,
         ));
     }
     if let Some(l) = bound.admin {

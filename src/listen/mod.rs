@@ -12,6 +12,7 @@ pub mod access;
 pub mod body;
 pub mod explicit;
 pub mod respond;
+pub mod spare;
 pub mod transparent;
 
 pub use access::{AccessLog, Close};
@@ -30,6 +31,7 @@ use crate::metrics::{Listener, Via};
 use crate::policy::{Decision, Policy, Target, Verdict, host};
 use crate::shutdown::TaskGuard;
 use respond::Refusal;
+use spare::Spare;
 
 /// One accepted client connection: who, through which listener, under which policy.
 pub struct Conn {
@@ -130,21 +132,25 @@ fn admit(
     })
 }
 
+/// Refusals answered at a time per listener; past it a refused client is
+/// closed at once. Each holds a descriptor for up to [`REFUSAL_LINGER`].
+const MAX_LINGERING_REFUSALS: usize = 256;
+/// How long a refusal may take to be written and read out.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
 /// Accepts until draining starts; each admitted connection runs `handle` in
-/// its own task, each refused one `refuse`.
-pub async fn accept_loop<H, HF, R, RF>(
-    listener: TcpListener,
-    kind: Listener,
-    gw: Arc<Gateway>,
-    handle: H,
-    refuse: R,
-) where
+/// its own task. Refused connections are answered here, bounded in number
+/// and time (explicit proxy: a 403/503 response; transparent: a close), and
+/// at the fd limit a spare descriptor lets the next client be refused
+/// instead of hanging in the backlog.
+pub async fn accept_loop<H, HF>(listener: TcpListener, kind: Listener, gw: Arc<Gateway>, handle: H)
+where
     H: Fn(TcpStream, Arc<Conn>, Arc<Gateway>) -> HF + Send + Sync + 'static,
     HF: Future<Output = ()> + Send + 'static,
-    R: Fn(TcpStream, NotAdmitted) -> RF + Send + Sync + 'static,
-    RF: Future<Output = ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(gw.limits.max_connections));
+    let lingering = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
+    let mut spare = spare::Spare::new();
     gw.metrics
         .connections_limit
         .with_label_values(&[kind.as_str()])
@@ -152,36 +158,74 @@ pub async fn accept_loop<H, HF, R, RF>(
     let draining = gw.shutdown.draining();
     tokio::pin!(draining);
     loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(err) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(listener = kind.as_str(), error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
             () = &mut draining => return,
         };
+        let (stream, peer, admitted) = match accepted {
+            Ok((stream, peer)) => {
+                spare.refill();
+                let admitted = admit(&gw, kind, peer, &slots);
+                (stream, peer, admitted)
+            }
+            Err(err) if Spare::is_exhaustion(&err) && spare.release() => {
+                let r = listener.accept().await;
+                let Ok((stream, peer)) = r else { continue };
+                (stream, peer, Err(NotAdmitted::Limit))
+            }
+            Err(err) => {
+                // Out of descriptors with no spare left, or a transient error:
+                // back off instead of spinning.
+                tracing::warn!(listener = kind.as_str(), error = %err, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                spare.refill();
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        match admit(&gw, kind, peer, &slots) {
+        match admitted {
             Ok(conn) => {
                 tokio::spawn(handle(stream, Arc::new(conn), gw.clone()));
             }
-            Err(refusal) => {
-                gw.metrics
-                    .connections_rejected
-                    .with_label_values(&[kind.as_str(), refusal.as_str()])
-                    .inc();
-                tracing::info!(
-                    client = %peer,
-                    listener = kind.as_str(),
-                    reason = refusal.as_str(),
-                    "connection refused"
-                );
-                tokio::spawn(refuse(stream, refusal));
-            }
+            Err(why) => refuse(&gw, kind, stream, peer, why, &lingering),
+        }
+    }
+}
+
+/// Counts, logs and answers a connection that was not admitted.
+fn refuse(
+    gw: &Gateway,
+    kind: Listener,
+    stream: TcpStream,
+    peer: SocketAddr,
+    why: NotAdmitted,
+    lingering: &Arc<Semaphore>,
+) {
+    gw.metrics
+        .connections_rejected
+        .with_label_values(&[kind.as_str(), why.as_str()])
+        .inc();
+    tracing::info!(
+        client = %peer,
+        listener = kind.as_str(),
+        reason = why.as_str(),
+        "connection refused"
+    );
+    // Transparent clients speak no proxy protocol: they are closed.
+    if kind == Listener::Transparent {
+        return;
+    }
+    let answer = why.refusal().raw("");
+    match lingering.clone().try_acquire_owned() {
+        Ok(permit) => {
+            tokio::spawn(async move {
+                respond::write_and_close(stream, &answer, REFUSAL_LINGER).await;
+                drop(permit);
+            });
+        }
+        // Too many refusals in flight: one try to write, then close.
+        Err(_) => {
+            let _ = stream.try_write(&answer);
         }
     }
 }

@@ -317,11 +317,11 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 }
 
 /// Writes a complete answer, closes the write side, and reads out what the
-/// client still sends (up to 64 KiB), all within 5 s: closing with unread
-/// bytes would reset the connection and could destroy the answer before
-/// the client reads it.
-pub async fn write_and_close(mut stream: TcpStream, answer: &[u8]) {
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+/// client still sends (up to 64 KiB), all within `budget`: closing with
+/// unread bytes would reset the connection and could destroy the answer
+/// before the client reads it.
+pub async fn write_and_close(mut stream: TcpStream, answer: &[u8], budget: Duration) {
+    let _ = tokio::time::timeout(budget, async {
         stream.write_all(answer).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 1024];

@@ -22,7 +22,7 @@ use bytes::BytesMut;
 use tokio::net::TcpStream;
 
 use super::respond::{Refusal, Speech};
-use super::{AccessLog, Close, Conn, NotAdmitted, log_denial, normalized_host, relay_and_log};
+use super::{AccessLog, Close, Conn, log_denial, normalized_host, relay_and_log};
 use crate::classify::{self, Classified, OpaqueReason};
 use crate::config::{Protocol, UpstreamMode};
 use crate::gateway::Gateway;
@@ -107,11 +107,6 @@ fn host_without_port(h: &str) -> &str {
         _ => h,
     };
     bare.trim_start_matches('[').trim_end_matches(']')
-}
-
-/// Refused before any byte is read: just close.
-pub async fn refuse(stream: TcpStream, _why: NotAdmitted) {
-    drop(stream);
 }
 
 /// Serves one redirected connection.

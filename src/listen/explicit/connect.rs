@@ -28,6 +28,9 @@ use crate::policy::{Decision, Policy, Target, Verdict, host};
 use crate::tunnel::CloseReason;
 use crate::upstream::{ConnectError, DialPlan};
 
+/// How long a refused CONNECT's answer may take to be written and read out.
+const ANSWER_LINGER: Duration = Duration::from_secs(5);
+
 /// Bytes peeked for a CONNECT head; a larger head goes through hyper.
 const FAST_HEAD_BYTES: usize = 4096;
 
@@ -75,7 +78,7 @@ pub(super) async fn fast(stream: TcpStream, conn: &Conn, gw: &Gateway) -> Option
         }
         Err(err) => {
             let what = format!("CONNECT {raw_host}:{port}");
-            write_and_close(client, &err.refusal(&policy).raw(&what)).await;
+            write_and_close(client, &err.refusal(&policy).raw(&what), ANSWER_LINGER).await;
         }
     }
     None

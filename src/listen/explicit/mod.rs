@@ -24,8 +24,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::respond::{Body, Refusal, write_and_close};
-use super::{Conn, NotAdmitted};
+use super::Conn;
+use super::respond::{Body, Refusal};
 use crate::gateway::Gateway;
 
 /// Serves one client connection until it closes, or drains.
@@ -70,11 +70,6 @@ async fn serve_http(stream: TcpStream, conn: Arc<Conn>, gw: Arc<Gateway>) {
             let _ = http.await;
         }
     }
-}
-
-/// Answers a connection that was not admitted, without parsing its request.
-pub async fn refuse(stream: TcpStream, why: NotAdmitted) {
-    write_and_close(stream, &why.refusal().raw("")).await;
 }
 
 async fn handle(req: Request<Incoming>, conn: Arc<Conn>, gw: Arc<Gateway>) -> Response<Body> {
