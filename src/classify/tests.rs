@@ -2,6 +2,8 @@
 //! and HTTP edge cases, deterministic fuzzing, and `read_classified` over
 //! `tokio::io::duplex`.
 
+use super::http::is_host_byte;
+use super::tls::is_sni_byte;
 use super::*;
 use std::pin::Pin;
 use std::task::{Context, Poll};
