@@ -66,10 +66,15 @@ fn write_set(out: &mut String, name: &str, nets: &[IpNet], v6: bool, comment: &s
     true
 }
 
+/// `text` as a one-line nftables comment: without `"` or newlines, and at
+/// most 100 bytes (97 and `...` when cut), well inside nft's 128-byte limit
+/// for a `comment "..."`.
 fn one_line(text: &str) -> String {
     let t: String = text.chars().filter(|c| *c != '"' && *c != '\n').collect();
     if t.len() > 100 {
-        format!("{}...", &t[..97])
+        // Byte 97 may fall inside a multi-byte character (a description in
+        // any language): cut before that character, never through it.
+        format!("{}...", &t[..t.floor_char_boundary(97)])
     } else {
         t
     }

@@ -88,3 +88,120 @@ fn nftables_needs_a_transparent_listener() {
     let err = nftables(&loaded).expect_err("minimal.toml has no transparent listener");
     assert!(err.contains("[listen] transparent is not set"), "{err}");
 }
+
+#[test]
+fn one_line_cuts_before_a_character_across_byte_97() {
+    // 96 ASCII bytes, then characters of 2, 3 and 4 bytes starting at byte
+    // 96, so byte 97 is inside each one: the cut keeps the 96 bytes.
+    let ascii = "a".repeat(96);
+    for wide in ["é", "€", "𝄞"] {
+        let text = format!("{ascii}{wide} and then some more words");
+        assert_eq!(one_line(&text), format!("{ascii}..."), "{wide}");
+    }
+    // Byte 97 is a boundary: the cut is unchanged from the ASCII case.
+    let text = format!("{}é and more words", "a".repeat(97));
+    assert_eq!(one_line(&text), format!("{}...", "a".repeat(97)));
+}
+
+#[test]
+fn nftables_renders_a_multibyte_name_and_description() {
+    let loaded = load_config("tests/data/render/multibyte.toml", None);
+    let text = nftables(&loaded).expect("has a transparent listener");
+    let name = format!("x{}", "ü".repeat(48));
+    // The set comment: the rule name, then the description cut before `é`.
+    assert!(
+        text.contains(&format!("# rule {name}: {}...\n", "a".repeat(96))),
+        "{text}"
+    );
+    // The rule comment `rule x ü…` is cut before the `ü` across byte 97.
+    assert!(
+        text.contains(&format!("comment \"rule x{}...\"\n", "ü".repeat(45))),
+        "{text}"
+    );
+}
+
+/// xorshift64*: deterministic, so a failing seed reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// A character of 1, 2, 3 or 4 UTF-8 bytes, or one `one_line` drops.
+    fn char(&mut self) -> char {
+        let range = match self.below(6) {
+            0 => return ['"', '\n', ' ', '\t'][self.below(4) as usize],
+            1 => 0x20..0x7f,
+            2 => 0x80..0x800,
+            3 => 0x800..0x1_0000,
+            _ => 0x1_0000..0x11_0000,
+        };
+        loop {
+            let code = range.start + self.below(u64::from(range.end - range.start)) as u32;
+            // Surrogates are not chars: draw again.
+            if let Some(c) = char::from_u32(code) {
+                return c;
+            }
+        }
+    }
+
+    fn string(&mut self, max_chars: u64) -> String {
+        let len = self.below(max_chars + 1);
+        (0..len).map(|_| self.char()).collect()
+    }
+}
+
+/// What `one_line` promises, for any text: no `"` or newline, at most 100
+/// bytes, unchanged when short, otherwise a prefix of at least 94 bytes
+/// (97 less a partial 4-byte character) and `...`.
+fn check_one_line(text: &str) -> Result<(), String> {
+    let kept: String = text.chars().filter(|c| *c != '"' && *c != '\n').collect();
+    let out = std::panic::catch_unwind(|| one_line(text)).map_err(|_| "panicked".to_string())?;
+    if out.contains(['"', '\n']) || out.len() > 100 {
+        return Err(format!("bad comment {out:?}"));
+    }
+    if kept.len() <= 100 {
+        return if out == kept {
+            Ok(())
+        } else {
+            Err(format!("short text changed to {out:?}"))
+        };
+    }
+    match out.strip_suffix("...") {
+        Some(head) if kept.starts_with(head) && head.len() >= 94 => Ok(()),
+        _ => Err(format!("bad cut {out:?}")),
+    }
+}
+
+#[test]
+fn one_line_never_panics_on_random_unicode() {
+    // RENDER_SEED=<n> replays one failing case.
+    let (first, cases) = match std::env::var("RENDER_SEED") {
+        Ok(seed) => (seed.parse().expect("RENDER_SEED is a u64"), 1),
+        Err(_) => (0x5eed_0000_u64, 3000),
+    };
+    for seed in first..first + cases {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let description = rng.string(160);
+        let name = rng.string(60);
+        // The three shapes `nftables` passes: a description, and a name in
+        // the UDP and the inbound rule comments.
+        for text in [
+            description,
+            format!("rule {name}"),
+            format!("inbound rule {name}"),
+        ] {
+            if let Err(why) = check_one_line(&text) {
+                panic!("one_line({text:?}): {why} (reproduce with RENDER_SEED={seed})");
+            }
+        }
+    }
+}
