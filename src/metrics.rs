@@ -7,6 +7,7 @@
 //! denied-destination family, whose hosts are bounded (see [`DeniedHosts`]).
 //! Metrics live outside `Policy`, so a reload never resets a counter.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
@@ -49,6 +50,62 @@ impl Via {
 }
 
 const VERDICTS: [Verdict; 3] = [Verdict::Allow, Verdict::Deny, Verdict::AuditDeny];
+
+/// Whether a decision with this verdict and reason can happen, so its
+/// `decisions_total` series is created at start (at 0). `decide` allows only
+/// with `rule_matched` and denies (`deny`, or `audit_deny` in audit mode)
+/// with every other reason, whatever the `via`. Pre-creating every product
+/// instead made series such as `action="allow",reason="deny_rule"` that can
+/// never move (issue #19).
+pub fn decision_possible(verdict: Verdict, reason: Reason) -> bool {
+    (verdict == Verdict::Allow) == (reason == Reason::RuleMatched)
+}
+
+/// The `decisions_total` family and a counter handle per
+/// (verdict, via, reason), so counting neither allocates nor hashes.
+struct Decisions {
+    family: IntCounterVec,
+    /// Indexed by [`Decisions::slot`]. Filled at start where
+    /// [`decision_possible`]; any other slot is filled on first use, so a
+    /// combination this module did not foresee is still counted.
+    handles: Vec<OnceLock<IntCounter>>,
+}
+
+impl Decisions {
+    fn new(family: IntCounterVec) -> Decisions {
+        let mut handles = Vec::new();
+        handles.resize_with(
+            VERDICTS.len() * Via::ALL.len() * Reason::ALL.len(),
+            OnceLock::new,
+        );
+        let d = Decisions { family, handles };
+        for verdict in VERDICTS {
+            for via in Via::ALL {
+                for reason in Reason::ALL {
+                    if decision_possible(verdict, reason) {
+                        d.handle(verdict, via, reason);
+                    }
+                }
+            }
+        }
+        d
+    }
+
+    fn slot(verdict: Verdict, via: Via, reason: Reason) -> usize {
+        let v = VERDICTS.iter().position(|&x| x == verdict).unwrap_or(0);
+        let w = Via::ALL.iter().position(|&x| x == via).unwrap_or(0);
+        let r = Reason::ALL.iter().position(|&x| x == reason).unwrap_or(0);
+        (v * Via::ALL.len() + w) * Reason::ALL.len() + r
+    }
+
+    #[inline]
+    fn handle(&self, verdict: Verdict, via: Via, reason: Reason) -> &IntCounter {
+        self.handles[Self::slot(verdict, via, reason)].get_or_init(|| {
+            self.family
+                .with_label_values(&[verdict.as_str(), via.as_str(), reason.as_str()])
+        })
+    }
+}
 
 /// A listener, for per-listener families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,7 +292,7 @@ impl DeniedHosts {
 /// Every family. Build one with [`Metrics::new`] and share it by reference.
 pub struct Metrics {
     registry: Registry,
-    decisions: Vec<IntCounter>,
+    decisions: Decisions,
     /// Denied destinations by host and port (bounded).
     pub denied: DeniedHosts,
     /// Denials by the `[clients] allow` CIDR the client matched.
@@ -299,31 +356,19 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 /// The decision families: decisions, denied destinations, client denials,
 /// and connections cut because names disagree.
 struct DecisionFamilies {
-    decisions: Vec<IntCounter>,
+    decisions: Decisions,
     denied: DeniedHosts,
     client_denials: IntCounterVec,
     tls_name_mismatch: IntCounterVec,
 }
 
 fn register_decisions(r: &Registry, max_denied_hosts: usize) -> DecisionFamilies {
-    let decisions_vec = counter_vec(
+    let decisions = Decisions::new(counter_vec(
         r,
         "decisions_total",
         "Policy decisions by action, how the destination was learnt, and reason.",
         &["action", "via", "reason"],
-    );
-    let mut decisions = Vec::with_capacity(VERDICTS.len() * Via::ALL.len() * Reason::ALL.len());
-    for v in VERDICTS {
-        for via in Via::ALL {
-            for reason in Reason::ALL {
-                decisions.push(decisions_vec.with_label_values(&[
-                    v.as_str(),
-                    via.as_str(),
-                    reason.as_str(),
-                ]));
-            }
-        }
-    }
+    ));
     let denied_family = counter_vec(
         r,
         "denied_destinations_total",
@@ -559,13 +604,11 @@ impl Metrics {
         }
     }
 
-    /// Counts a decision. No allocation, no hashing: handles are resolved at start.
+    /// Counts a decision. No allocation, no hashing: handles of every
+    /// [possible](decision_possible) combination are resolved at start.
     #[inline]
     pub fn decision(&self, verdict: Verdict, via: Via, reason: Reason) {
-        let v = VERDICTS.iter().position(|&x| x == verdict).unwrap_or(0);
-        let w = Via::ALL.iter().position(|&x| x == via).unwrap_or(0);
-        let r = Reason::ALL.iter().position(|&x| x == reason).unwrap_or(0);
-        self.decisions[(v * Via::ALL.len() + w) * Reason::ALL.len() + r].inc();
+        self.decisions.handle(verdict, via, reason).inc();
     }
 
     /// The text exposition (our families and the process collector's).
@@ -696,6 +739,134 @@ mod tests {
         for line in expected {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }
+    }
+
+    /// `(action, via, reason)` of every `decisions_total` series in `text`.
+    fn decision_series(text: &str) -> Vec<(String, String, String)> {
+        let label = |line: &str, name: &str| {
+            let start = line.find(&format!("{name}=\"")).expect("label present") + name.len() + 2;
+            let len = line[start..].find('"').expect("label closed");
+            line[start..start + len].to_string()
+        };
+        text.lines()
+            .filter(|l| l.starts_with("portcullis_decisions_total{"))
+            .map(|l| (label(l, "action"), label(l, "via"), label(l, "reason")))
+            .collect()
+    }
+
+    #[test]
+    fn decisions_pre_create_only_possible_series() {
+        let series = decision_series(&Metrics::new(10).render());
+        for (action, via, reason) in &series {
+            assert!(
+                action != "allow" || reason == "rule_matched",
+                "impossible series pre-created: action={action} via={via} reason={reason}"
+            );
+        }
+        // Per via: allow × rule_matched, and deny, audit_deny × the 8 others.
+        let per_via = 1 + 2 * (Reason::ALL.len() - 1);
+        assert_eq!(series.len(), Via::ALL.len() * per_via, "{series:?}");
+        for verdict in VERDICTS {
+            for via in Via::ALL {
+                for reason in Reason::ALL {
+                    let key = (
+                        verdict.as_str().to_string(),
+                        via.as_str().to_string(),
+                        reason.as_str().to_string(),
+                    );
+                    let possible = decision_possible(verdict, reason);
+                    assert_eq!(series.contains(&key), possible, "{key:?}");
+                }
+            }
+        }
+    }
+
+    /// Every (verdict, reason) the production `decide` gives, in enforce and
+    /// audit mode, over destinations meant to reach each reason, plus the
+    /// transparent listener's own refusal (deny, malformed_host), has its
+    /// series from the start, for every via.
+    #[test]
+    fn decisions_seen_in_practice_are_pre_created() {
+        use crate::config::{Config, Protocol, Source};
+        use crate::policy::{CompileInput, Dest, Policy, Target};
+
+        let rules = r#"
+[[rule]]
+name = "a"
+hosts = ["a.test"]
+[[rule]]
+name = "bad"
+hosts = ["bad.test"]
+action = "deny"
+[[rule]]
+name = "udp"
+hosts = ["udp.test"]
+protocol = "udp"
+[[rule]]
+name = "net"
+cidrs = ["10.1.0.0/16", "203.0.113.0/24"]
+"#;
+        let mut seen = vec![(Verdict::Deny, Reason::MalformedHost)];
+        for mode in ["enforce", "audit"] {
+            let source = Source {
+                name: "t.toml".into(),
+                text: format!("[policy]\nprofile = \"none\"\nmode = \"{mode}\"\n{rules}"),
+            };
+            let config = Config::parse(&source).expect("test config parses");
+            let (policy, _) = Policy::compile(&config, &source, &CompileInput::default())
+                .expect("test config compiles");
+            for (host, port) in [
+                ("a.test", 443),
+                ("a.test", 80),
+                ("bad.test", 443),
+                ("udp.test", 443),
+                ("other.test", 443),
+                ("bad name!", 443),
+                ("10.1.2.3", 443),
+                ("10.2.0.1", 443),
+                ("127.0.0.1", 443),
+                ("169.254.169.254", 80),
+                ("203.0.113.9", 443),
+                ("198.51.100.1", 443),
+            ] {
+                let target = Target::parse(host);
+                let d = policy.decide(&Dest {
+                    target,
+                    port,
+                    proto: Protocol::Tcp,
+                });
+                seen.push((d.verdict, d.reason));
+            }
+        }
+        // The destinations reach every reason but scenario_disabled (that
+        // needs a profile scenario), so this check does not pass vacuously.
+        let reasons: std::collections::HashSet<Reason> = seen.iter().map(|&(_, r)| r).collect();
+        assert_eq!(reasons.len(), Reason::ALL.len() - 1, "{seen:?}");
+        let series = decision_series(&Metrics::new(10).render());
+        for (verdict, reason) in seen {
+            for via in Via::ALL {
+                let key = (
+                    verdict.as_str().to_string(),
+                    via.as_str().to_string(),
+                    reason.as_str().to_string(),
+                );
+                assert!(series.contains(&key), "not pre-created: {key:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unforeseen_decision_is_still_counted() {
+        let m = Metrics::new(10);
+        m.decision(Verdict::Allow, Via::Host, Reason::DenyRule);
+        m.decision(Verdict::Allow, Via::Host, Reason::DenyRule);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "portcullis_decisions_total{action=\"allow\",reason=\"deny_rule\",via=\"host\"} 2"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
