@@ -1,4 +1,5 @@
-//! Metrics: every Prometheus family portcullis exports, registered in one place.
+//! Metrics: every Prometheus family portcullis exports, registered in one place
+//! (one small function per area, called from [`Metrics::new`]).
 //!
 //! In: events from listeners, upstream and reload (`&Metrics` is passed down;
 //! there are no globals). Out: the text exposition served on `/metrics`.
@@ -6,6 +7,7 @@
 //! denied-destination family, whose hosts are bounded (see [`DeniedHosts`]).
 //! Metrics live outside `Policy`, so a reload never resets a counter.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use dashmap::DashMap;
@@ -32,7 +34,8 @@ pub enum Via {
 }
 
 impl Via {
-    const ALL: [Via; 5] = [Via::Connect, Via::Http, Via::Sni, Via::Host, Via::Address];
+    /// Every way, in declaration order.
+    pub const ALL: [Via; 5] = [Via::Connect, Via::Http, Via::Sni, Via::Host, Via::Address];
 
     /// Label form.
     pub fn as_str(self) -> &'static str {
@@ -48,6 +51,62 @@ impl Via {
 
 const VERDICTS: [Verdict; 3] = [Verdict::Allow, Verdict::Deny, Verdict::AuditDeny];
 
+/// Whether a decision with this verdict and reason can happen, so its
+/// `decisions_total` series is created at start (at 0). `decide` allows only
+/// with `rule_matched` and denies (`deny`, or `audit_deny` in audit mode)
+/// with every other reason, whatever the `via`. Pre-creating every product
+/// instead made series such as `action="allow",reason="deny_rule"` that can
+/// never move (issue #19).
+pub fn decision_possible(verdict: Verdict, reason: Reason) -> bool {
+    (verdict == Verdict::Allow) == (reason == Reason::RuleMatched)
+}
+
+/// The `decisions_total` family and a counter handle per
+/// (verdict, via, reason), so counting neither allocates nor hashes.
+struct Decisions {
+    family: IntCounterVec,
+    /// Indexed by [`Decisions::slot`]. Filled at start where
+    /// [`decision_possible`]; any other slot is filled on first use, so a
+    /// combination this module did not foresee is still counted.
+    handles: Vec<OnceLock<IntCounter>>,
+}
+
+impl Decisions {
+    fn new(family: IntCounterVec) -> Decisions {
+        let mut handles = Vec::new();
+        handles.resize_with(
+            VERDICTS.len() * Via::ALL.len() * Reason::ALL.len(),
+            OnceLock::new,
+        );
+        let d = Decisions { family, handles };
+        for verdict in VERDICTS {
+            for via in Via::ALL {
+                for reason in Reason::ALL {
+                    if decision_possible(verdict, reason) {
+                        d.handle(verdict, via, reason);
+                    }
+                }
+            }
+        }
+        d
+    }
+
+    fn slot(verdict: Verdict, via: Via, reason: Reason) -> usize {
+        let v = VERDICTS.iter().position(|&x| x == verdict).unwrap_or(0);
+        let w = Via::ALL.iter().position(|&x| x == via).unwrap_or(0);
+        let r = Reason::ALL.iter().position(|&x| x == reason).unwrap_or(0);
+        (v * Via::ALL.len() + w) * Reason::ALL.len() + r
+    }
+
+    #[inline]
+    fn handle(&self, verdict: Verdict, via: Via, reason: Reason) -> &IntCounter {
+        self.handles[Self::slot(verdict, via, reason)].get_or_init(|| {
+            self.family
+                .with_label_values(&[verdict.as_str(), via.as_str(), reason.as_str()])
+        })
+    }
+}
+
 /// A listener, for per-listener families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listener {
@@ -58,12 +117,119 @@ pub enum Listener {
 }
 
 impl Listener {
+    /// Every listener, in declaration order.
+    pub const ALL: [Listener; 2] = [Listener::Proxy, Listener::Transparent];
+
     /// Label form.
     pub fn as_str(self) -> &'static str {
         match self {
             Listener::Proxy => "proxy",
             Listener::Transparent => "transparent",
         }
+    }
+}
+
+/// Defines a label enum: its variants with their label strings, `ALL`
+/// (declaration order) and `as_str`.
+macro_rules! label_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $label:literal,)+ }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: [$name; [$(stringify!($variant)),+].len()] = [$($name::$variant,)+];
+
+            /// Label form.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label,)+
+                }
+            }
+        }
+    };
+}
+
+label_enum! {
+    /// Why a client connection was refused before any request: the `reason`
+    /// label of `connections_rejected_total`.
+    RejectReason {
+        /// The client is outside `[clients] allow`.
+        ClientNotAllowed => "client_not_allowed",
+        /// The listener's (or the client's) connection limit is reached.
+        Limit => "limit",
+    }
+}
+
+label_enum! {
+    /// Which way bytes went: the `direction` label of `bytes_total`.
+    ByteDirection {
+        /// Client to upstream.
+        Upload => "upload",
+        /// Upstream to client.
+        Download => "download",
+    }
+}
+
+label_enum! {
+    /// An upstream failure as its RFC 9209 Proxy-Status error type: the
+    /// `error` label of `upstream_errors_total`.
+    UpstreamError {
+        /// Resolving the name failed.
+        DnsError => "dns_error",
+        /// The upstream refused the connection.
+        ConnectionRefused => "connection_refused",
+        /// The upstream did not answer in time.
+        ConnectionTimeout => "connection_timeout",
+        /// A resolved address is refused by the IP rules or the built-in deny-list.
+        DestinationIpProhibited => "destination_ip_prohibited",
+        /// The upstream was unreachable (no route, reset, ...).
+        DestinationUnavailable => "destination_unavailable",
+        /// The upstream's answer to a forwarded request was not valid HTTP.
+        HttpProtocolError => "http_protocol_error",
+    }
+}
+
+label_enum! {
+    /// How a DNS lookup ended: the `result` label of `dns_lookups_total`.
+    DnsResult {
+        /// Resolved.
+        Ok => "ok",
+        /// Answered from the cache.
+        Cached => "cached",
+        /// Answered from `[resolve]`.
+        Static => "static",
+        /// The name does not exist.
+        Nxdomain => "nxdomain",
+        /// The lookup failed.
+        Error => "error",
+    }
+}
+
+label_enum! {
+    /// Which names disagreed: the `kind` label of `tls_name_mismatch_total`.
+    NameMismatch {
+        /// CONNECT authority vs TLS SNI (domain fronting).
+        ConnectSni => "connect_sni",
+        /// Request URI vs `Host`.
+        HostUri => "host_uri",
+        /// Transparent: SNI vs the original destination.
+        SniDestination => "sni_destination",
+        /// Transparent: `Host` vs the original destination.
+        HostDestination => "host_destination",
+    }
+}
+
+label_enum! {
+    /// How a config reload ended: the `result` label of `config_reloads_total`.
+    ReloadResult {
+        /// The new policy is in force.
+        Success => "success",
+        /// The old policy was kept.
+        Failure => "failure",
     }
 }
 
@@ -126,7 +292,7 @@ impl DeniedHosts {
 /// Every family. Build one with [`Metrics::new`] and share it by reference.
 pub struct Metrics {
     registry: Registry,
-    decisions: Vec<IntCounter>,
+    decisions: Decisions,
     /// Denied destinations by host and port (bounded).
     pub denied: DeniedHosts,
     /// Denials by the `[clients] allow` CIDR the client matched.
@@ -187,207 +353,262 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     g
 }
 
+/// The decision families: decisions, denied destinations, client denials,
+/// and connections cut because names disagree.
+struct DecisionFamilies {
+    decisions: Decisions,
+    denied: DeniedHosts,
+    client_denials: IntCounterVec,
+    tls_name_mismatch: IntCounterVec,
+}
+
+fn register_decisions(r: &Registry, max_denied_hosts: usize) -> DecisionFamilies {
+    let decisions = Decisions::new(counter_vec(
+        r,
+        "decisions_total",
+        "Policy decisions by action, how the destination was learnt, and reason.",
+        &["action", "via", "reason"],
+    ));
+    let denied_family = counter_vec(
+        r,
+        "denied_destinations_total",
+        "Denied destinations by host and port; hosts beyond the tracked maximum are folded into __other__.",
+        &["host", "port"],
+    );
+    let other = denied_family.with_label_values(&["__other__", ""]);
+    let tls_name_mismatch = counter_vec(
+        r,
+        "tls_name_mismatch_total",
+        "Connections cut because names disagree (domain fronting, Host vs URI, SNI vs destination).",
+        &["kind"],
+    );
+    for kind in NameMismatch::ALL {
+        tls_name_mismatch.with_label_values(&[kind.as_str()]);
+    }
+    DecisionFamilies {
+        decisions,
+        denied: DeniedHosts {
+            family: denied_family,
+            seen: DashMap::new(),
+            other,
+            max: AtomicUsize::new(max_denied_hosts),
+            reserved: AtomicUsize::new(0),
+        },
+        client_denials: counter_vec(
+            r,
+            "client_denials_total",
+            "Denials by the [clients] allow CIDR the client matched.",
+            &["client_subnet"],
+        ),
+        tls_name_mismatch,
+    }
+}
+
+/// The per-listener connection families.
+struct ConnectionFamilies {
+    active: IntGaugeVec,
+    total: IntCounterVec,
+    limit: IntGaugeVec,
+    rejected: IntCounterVec,
+}
+
+fn register_connections(r: &Registry) -> ConnectionFamilies {
+    let rejected = counter_vec(
+        r,
+        "connections_rejected_total",
+        "Client connections refused before any request.",
+        &["listener", "reason"],
+    );
+    for listener in Listener::ALL {
+        for reason in RejectReason::ALL {
+            rejected.with_label_values(&[listener.as_str(), reason.as_str()]);
+        }
+    }
+    ConnectionFamilies {
+        active: gauge_vec(
+            r,
+            "connections_active",
+            "Open client connections.",
+            &["listener"],
+        ),
+        total: counter_vec(
+            r,
+            "connections_total",
+            "Accepted client connections.",
+            &["listener"],
+        ),
+        limit: gauge_vec(
+            r,
+            "connections_limit",
+            "Configured maximum of concurrent client connections.",
+            &["listener"],
+        ),
+        rejected,
+    }
+}
+
+fn register_bytes(r: &Registry) -> IntCounterVec {
+    let bytes = counter_vec(
+        r,
+        "bytes_total",
+        "Bytes relayed: upload is client to upstream.",
+        &["direction"],
+    );
+    for direction in ByteDirection::ALL {
+        bytes.with_label_values(&[direction.as_str()]);
+    }
+    bytes
+}
+
+/// The upstream connect-time histogram and the upstream error counter.
+fn register_upstream(r: &Registry) -> (Histogram, IntCounterVec) {
+    let connect = Histogram::with_opts(
+        HistogramOpts::new(
+            "upstream_connect_duration_seconds",
+            "Time to establish upstream TCP connections, including Happy Eyeballs fallbacks.",
+        )
+        .buckets(vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]),
+    )
+    .expect("valid histogram");
+    r.register(Box::new(connect.clone()))
+        .expect("metric registered once");
+    let errors = counter_vec(
+        r,
+        "upstream_errors_total",
+        "Upstream failures by Proxy-Status error.",
+        &["error"],
+    );
+    for error in UpstreamError::ALL {
+        errors.with_label_values(&[error.as_str()]);
+    }
+    (connect, errors)
+}
+
+fn register_dns(r: &Registry) -> IntCounterVec {
+    let lookups = counter_vec(
+        r,
+        "dns_lookups_total",
+        "DNS lookups by result.",
+        &["result"],
+    );
+    for result in DnsResult::ALL {
+        lookups.with_label_values(&[result.as_str()]);
+    }
+    lookups
+}
+
+/// The reload and policy families: reloads, generation, last success,
+/// active rules and the service tags file in use.
+struct ReloadFamilies {
+    reloads: IntCounterVec,
+    policy_generation: IntGauge,
+    last_reload_success: Gauge,
+    last_reload_successful: IntGauge,
+    rules: IntGaugeVec,
+    service_tags_change: IntGauge,
+}
+
+fn register_reload(r: &Registry) -> ReloadFamilies {
+    let reloads = counter_vec(
+        r,
+        "config_reloads_total",
+        "Config reloads by result.",
+        &["result"],
+    );
+    for result in ReloadResult::ALL {
+        reloads.with_label_values(&[result.as_str()]);
+    }
+    let last_reload_success = Gauge::new(
+        "config_last_reload_success_timestamp_seconds",
+        "Unix time of the last successful config load.",
+    )
+    .expect("valid metric definition");
+    r.register(Box::new(last_reload_success.clone()))
+        .expect("metric registered once");
+    ReloadFamilies {
+        reloads,
+        policy_generation: gauge(
+            r,
+            "policy_generation",
+            "Generation of the policy in force (1 at start).",
+        ),
+        last_reload_success,
+        last_reload_successful: gauge(
+            r,
+            "config_last_reload_successful",
+            "1 when the last config reload succeeded.",
+        ),
+        rules: gauge_vec(r, "rules", "Active rules per scenario.", &["scenario"]),
+        service_tags_change: gauge(
+            r,
+            "service_tags_change_number",
+            "changeNumber of the service tags file in use.",
+        ),
+    }
+}
+
+/// `build_info` (always 1) and, on Linux, the process collector.
+fn register_info(r: &Registry) {
+    let build_info = gauge_vec(
+        r,
+        "build_info",
+        "Build information; always 1.",
+        &["version"],
+    );
+    build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+    #[cfg(target_os = "linux")]
+    {
+        let pc = prometheus::process_collector::ProcessCollector::for_self();
+        // Registered without the namespace: process_* is the convention.
+        let _ = prometheus::default_registry().register(Box::new(pc));
+    }
+}
+
 impl Metrics {
-    /// Registers every family in a new registry.
+    /// Registers every family in a new registry. Every series whose labels
+    /// are known up front is created at 0, so the first event after a start
+    /// is visible to `rate()` and `increase()`.
     pub fn new(max_denied_hosts: usize) -> Metrics {
         let r = Registry::new_custom(Some("portcullis".into()), None).expect("valid prefix");
-        let decisions_vec = counter_vec(
-            &r,
-            "decisions_total",
-            "Policy decisions by action, how the destination was learnt, and reason.",
-            &["action", "via", "reason"],
-        );
-        let mut decisions = Vec::with_capacity(VERDICTS.len() * Via::ALL.len() * Reason::ALL.len());
-        for v in VERDICTS {
-            for via in Via::ALL {
-                for reason in Reason::ALL {
-                    decisions.push(decisions_vec.with_label_values(&[
-                        v.as_str(),
-                        via.as_str(),
-                        reason.as_str(),
-                    ]));
-                }
-            }
-        }
-        let denied_family = counter_vec(
-            &r,
-            "denied_destinations_total",
-            "Denied destinations by host and port; hosts beyond the tracked maximum are folded into __other__.",
-            &["host", "port"],
-        );
-        let other = denied_family.with_label_values(&["__other__", ""]);
-        let upstream_connect = Histogram::with_opts(
-            HistogramOpts::new(
-                "upstream_connect_duration_seconds",
-                "Time to establish upstream TCP connections, including Happy Eyeballs fallbacks.",
-            )
-            .buckets(vec![
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
-        )
-        .expect("valid histogram");
-        r.register(Box::new(upstream_connect.clone()))
-            .expect("metric registered once");
-        let last_reload_success = Gauge::new(
-            "config_last_reload_success_timestamp_seconds",
-            "Unix time of the last successful config load.",
-        )
-        .expect("valid metric definition");
-        r.register(Box::new(last_reload_success.clone()))
-            .expect("metric registered once");
-        let build_info = gauge_vec(
-            &r,
-            "build_info",
-            "Build information; always 1.",
-            &["version"],
-        );
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
-        #[cfg(target_os = "linux")]
-        {
-            let pc = prometheus::process_collector::ProcessCollector::for_self();
-            // Registered without the namespace: process_* is the convention.
-            let _ = prometheus::default_registry().register(Box::new(pc));
-        }
-        let m = Metrics {
-            decisions,
-            denied: DeniedHosts {
-                family: denied_family,
-                seen: DashMap::new(),
-                other,
-                max: AtomicUsize::new(max_denied_hosts),
-                reserved: AtomicUsize::new(0),
-            },
-            client_denials: counter_vec(
-                &r,
-                "client_denials_total",
-                "Denials by the [clients] allow CIDR the client matched.",
-                &["client_subnet"],
-            ),
-            connections_active: gauge_vec(
-                &r,
-                "connections_active",
-                "Open client connections.",
-                &["listener"],
-            ),
-            connections_total: counter_vec(
-                &r,
-                "connections_total",
-                "Accepted client connections.",
-                &["listener"],
-            ),
-            connections_limit: gauge_vec(
-                &r,
-                "connections_limit",
-                "Configured maximum of concurrent client connections.",
-                &["listener"],
-            ),
-            connections_rejected: counter_vec(
-                &r,
-                "connections_rejected_total",
-                "Client connections refused before any request.",
-                &["listener", "reason"],
-            ),
-            bytes: counter_vec(
-                &r,
-                "bytes_total",
-                "Bytes relayed: upload is client to upstream.",
-                &["direction"],
-            ),
+        let decisions = register_decisions(&r, max_denied_hosts);
+        let connections = register_connections(&r);
+        let bytes = register_bytes(&r);
+        let (upstream_connect, upstream_errors) = register_upstream(&r);
+        let dns_lookups = register_dns(&r);
+        let reload = register_reload(&r);
+        register_info(&r);
+        Metrics {
+            decisions: decisions.decisions,
+            denied: decisions.denied,
+            client_denials: decisions.client_denials,
+            connections_active: connections.active,
+            connections_total: connections.total,
+            connections_limit: connections.limit,
+            connections_rejected: connections.rejected,
+            bytes,
             upstream_connect,
-            upstream_errors: counter_vec(
-                &r,
-                "upstream_errors_total",
-                "Upstream failures by Proxy-Status error.",
-                &["error"],
-            ),
-            dns_lookups: counter_vec(
-                &r,
-                "dns_lookups_total",
-                "DNS lookups by result.",
-                &["result"],
-            ),
-            tls_name_mismatch: counter_vec(
-                &r,
-                "tls_name_mismatch_total",
-                "Connections cut because names disagree (domain fronting, Host vs URI, SNI vs destination).",
-                &["kind"],
-            ),
-            reloads: counter_vec(
-                &r,
-                "config_reloads_total",
-                "Config reloads by result.",
-                &["result"],
-            ),
-            policy_generation: gauge(
-                &r,
-                "policy_generation",
-                "Generation of the policy in force (1 at start).",
-            ),
-            last_reload_success,
-            last_reload_successful: gauge(
-                &r,
-                "config_last_reload_successful",
-                "1 when the last config reload succeeded.",
-            ),
-            rules: gauge_vec(&r, "rules", "Active rules per scenario.", &["scenario"]),
-            service_tags_change: gauge(
-                &r,
-                "service_tags_change_number",
-                "changeNumber of the service tags file in use.",
-            ),
+            upstream_errors,
+            dns_lookups,
+            tls_name_mismatch: decisions.tls_name_mismatch,
+            reloads: reload.reloads,
+            policy_generation: reload.policy_generation,
+            last_reload_success: reload.last_reload_success,
+            last_reload_successful: reload.last_reload_successful,
+            rules: reload.rules,
+            service_tags_change: reload.service_tags_change,
             registry: r,
-        };
-        m.zero_known_series();
-        m
-    }
-
-    /// Creates every series whose labels are known up front at 0, so the
-    /// first event after a start is visible to `rate()` and `increase()`.
-    fn zero_known_series(&self) {
-        for result in ["success", "failure"] {
-            self.reloads.with_label_values(&[result]);
-        }
-        for error in [
-            "dns_error",
-            "connection_refused",
-            "connection_timeout",
-            "destination_ip_prohibited",
-            "destination_unavailable",
-            "http_protocol_error",
-        ] {
-            self.upstream_errors.with_label_values(&[error]);
-        }
-        for result in ["ok", "cached", "static", "nxdomain", "error"] {
-            self.dns_lookups.with_label_values(&[result]);
-        }
-        for kind in [
-            "connect_sni",
-            "host_uri",
-            "sni_destination",
-            "host_destination",
-        ] {
-            self.tls_name_mismatch.with_label_values(&[kind]);
-        }
-        for listener in [Listener::Proxy, Listener::Transparent] {
-            for reason in ["client_not_allowed", "limit"] {
-                self.connections_rejected
-                    .with_label_values(&[listener.as_str(), reason]);
-            }
-        }
-        for direction in ["upload", "download"] {
-            self.bytes.with_label_values(&[direction]);
         }
     }
 
-    /// Counts a decision. No allocation, no hashing: handles are resolved at start.
+    /// Counts a decision. No allocation, no hashing: handles of every
+    /// [possible](decision_possible) combination are resolved at start.
     #[inline]
     pub fn decision(&self, verdict: Verdict, via: Via, reason: Reason) {
-        let v = VERDICTS.iter().position(|&x| x == verdict).unwrap_or(0);
-        let w = Via::ALL.iter().position(|&x| x == via).unwrap_or(0);
-        let r = Reason::ALL.iter().position(|&x| x == reason).unwrap_or(0);
-        self.decisions[(v * Via::ALL.len() + w) * Reason::ALL.len() + r].inc();
+        self.decisions.handle(verdict, via, reason).inc();
     }
 
     /// The text exposition (our families and the process collector's).
@@ -468,6 +689,184 @@ mod tests {
             .filter(|l| l.starts_with("portcullis_denied_destinations_total{"))
             .count();
         assert_eq!(series, 51, "50 hosts + __other__");
+    }
+
+    #[test]
+    fn fixed_label_sets_start_at_zero() {
+        let text = Metrics::new(10).render();
+        let mut expected: Vec<String> = Vec::new();
+        for l in Listener::ALL {
+            for r in RejectReason::ALL {
+                expected.push(format!(
+                    "portcullis_connections_rejected_total{{listener=\"{}\",reason=\"{}\"}} 0",
+                    l.as_str(),
+                    r.as_str()
+                ));
+            }
+        }
+        let single: [(&str, &str, Vec<&str>); 5] = [
+            (
+                "bytes_total",
+                "direction",
+                ByteDirection::ALL.map(ByteDirection::as_str).to_vec(),
+            ),
+            (
+                "upstream_errors_total",
+                "error",
+                UpstreamError::ALL.map(UpstreamError::as_str).to_vec(),
+            ),
+            (
+                "dns_lookups_total",
+                "result",
+                DnsResult::ALL.map(DnsResult::as_str).to_vec(),
+            ),
+            (
+                "tls_name_mismatch_total",
+                "kind",
+                NameMismatch::ALL.map(NameMismatch::as_str).to_vec(),
+            ),
+            (
+                "config_reloads_total",
+                "result",
+                ReloadResult::ALL.map(ReloadResult::as_str).to_vec(),
+            ),
+        ];
+        for (family, label, values) in single {
+            for v in values {
+                expected.push(format!("portcullis_{family}{{{label}=\"{v}\"}} 0"));
+            }
+        }
+        for line in expected {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+    }
+
+    /// `(action, via, reason)` of every `decisions_total` series in `text`.
+    fn decision_series(text: &str) -> Vec<(String, String, String)> {
+        let label = |line: &str, name: &str| {
+            let start = line.find(&format!("{name}=\"")).expect("label present") + name.len() + 2;
+            let len = line[start..].find('"').expect("label closed");
+            line[start..start + len].to_string()
+        };
+        text.lines()
+            .filter(|l| l.starts_with("portcullis_decisions_total{"))
+            .map(|l| (label(l, "action"), label(l, "via"), label(l, "reason")))
+            .collect()
+    }
+
+    #[test]
+    fn decisions_pre_create_only_possible_series() {
+        let series = decision_series(&Metrics::new(10).render());
+        for (action, via, reason) in &series {
+            assert!(
+                action != "allow" || reason == "rule_matched",
+                "impossible series pre-created: action={action} via={via} reason={reason}"
+            );
+        }
+        // Per via: allow × rule_matched, and deny, audit_deny × the 8 others.
+        let per_via = 1 + 2 * (Reason::ALL.len() - 1);
+        assert_eq!(series.len(), Via::ALL.len() * per_via, "{series:?}");
+        for verdict in VERDICTS {
+            for via in Via::ALL {
+                for reason in Reason::ALL {
+                    let key = (
+                        verdict.as_str().to_string(),
+                        via.as_str().to_string(),
+                        reason.as_str().to_string(),
+                    );
+                    let possible = decision_possible(verdict, reason);
+                    assert_eq!(series.contains(&key), possible, "{key:?}");
+                }
+            }
+        }
+    }
+
+    /// Every (verdict, reason) the production `decide` gives, in enforce and
+    /// audit mode, over destinations meant to reach each reason, plus the
+    /// transparent listener's own refusal (deny, malformed_host), has its
+    /// series from the start, for every via.
+    #[test]
+    fn decisions_seen_in_practice_are_pre_created() {
+        use crate::config::{Config, Protocol, Source};
+        use crate::policy::{CompileInput, Dest, Policy, Target};
+
+        let rules = r#"
+[[rule]]
+name = "a"
+hosts = ["a.test"]
+[[rule]]
+name = "bad"
+hosts = ["bad.test"]
+action = "deny"
+[[rule]]
+name = "udp"
+hosts = ["udp.test"]
+protocol = "udp"
+[[rule]]
+name = "net"
+cidrs = ["10.1.0.0/16", "203.0.113.0/24"]
+"#;
+        let mut seen = vec![(Verdict::Deny, Reason::MalformedHost)];
+        for mode in ["enforce", "audit"] {
+            let source = Source {
+                name: "t.toml".into(),
+                text: format!("[policy]\nprofile = \"none\"\nmode = \"{mode}\"\n{rules}"),
+            };
+            let config = Config::parse(&source).expect("test config parses");
+            let (policy, _) = Policy::compile(&config, &source, &CompileInput::default())
+                .expect("test config compiles");
+            for (host, port) in [
+                ("a.test", 443),
+                ("a.test", 80),
+                ("bad.test", 443),
+                ("udp.test", 443),
+                ("other.test", 443),
+                ("bad name!", 443),
+                ("10.1.2.3", 443),
+                ("10.2.0.1", 443),
+                ("127.0.0.1", 443),
+                ("169.254.169.254", 80),
+                ("203.0.113.9", 443),
+                ("198.51.100.1", 443),
+            ] {
+                let target = Target::parse(host);
+                let d = policy.decide(&Dest {
+                    target,
+                    port,
+                    proto: Protocol::Tcp,
+                });
+                seen.push((d.verdict, d.reason));
+            }
+        }
+        // The destinations reach every reason but scenario_disabled (that
+        // needs a profile scenario), so this check does not pass vacuously.
+        let reasons: std::collections::HashSet<Reason> = seen.iter().map(|&(_, r)| r).collect();
+        assert_eq!(reasons.len(), Reason::ALL.len() - 1, "{seen:?}");
+        let series = decision_series(&Metrics::new(10).render());
+        for (verdict, reason) in seen {
+            for via in Via::ALL {
+                let key = (
+                    verdict.as_str().to_string(),
+                    via.as_str().to_string(),
+                    reason.as_str().to_string(),
+                );
+                assert!(series.contains(&key), "not pre-created: {key:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_unforeseen_decision_is_still_counted() {
+        let m = Metrics::new(10);
+        m.decision(Verdict::Allow, Via::Host, Reason::DenyRule);
+        m.decision(Verdict::Allow, Via::Host, Reason::DenyRule);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "portcullis_decisions_total{action=\"allow\",reason=\"deny_rule\",via=\"host\"} 2"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -17,14 +17,18 @@
 //!   44224) are accepted; everything else is dropped and counted.
 
 use std::fmt::Write;
+use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
 use crate::config::{Action, Direction, Protocol};
 use crate::load::Loaded;
-use crate::policy::{Rule, RuleState};
+use crate::policy::{Policy, Rule, RuleState};
 
 const TABLE: &str = "portcullis";
+
+#[cfg(test)]
+mod tests;
 
 fn set_name(prefix: &str, index: usize, v6: bool) -> String {
     format!("{prefix}{index}_{}", if v6 { "v6" } else { "v4" })
@@ -62,10 +66,15 @@ fn write_set(out: &mut String, name: &str, nets: &[IpNet], v6: bool, comment: &s
     true
 }
 
+/// `text` as a one-line nftables comment: without `"` or newlines, and at
+/// most 100 bytes (97 and `...` when cut), well inside nft's 128-byte limit
+/// for a `comment "..."`.
 fn one_line(text: &str) -> String {
     let t: String = text.chars().filter(|c| *c != '"' && *c != '\n').collect();
     if t.len() > 100 {
-        format!("{}...", &t[..97])
+        // Byte 97 may fall inside a multi-byte character (a description in
+        // any language): cut before that character, never through it.
+        format!("{}...", &t[..t.floor_char_boundary(97)])
     } else {
         t
     }
@@ -84,7 +93,6 @@ fn l4(proto: Protocol) -> Vec<&'static str> {
 /// # Errors
 /// When the config has no transparent listener to redirect to.
 pub fn nftables(loaded: &Loaded) -> Result<String, String> {
-    let policy = &loaded.policy;
     let Some(transparent) = loaded.config.listen.transparent else {
         return Err(
             "[listen] transparent is not set: the ruleset redirects forwarded TCP to the transparent listener, \
@@ -92,8 +100,27 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
                 .into(),
         );
     };
-    let port = transparent.port();
+    let policy = &loaded.policy;
     let mut out = String::new();
+    write_header(&mut out, loaded);
+    // Create-then-delete makes the first load and every reload the same atomic transaction.
+    let _ = writeln!(out, "table inet {TABLE}");
+    let _ = writeln!(out, "delete table inet {TABLE}");
+    let _ = writeln!(out);
+    let _ = writeln!(out, "table inet {TABLE} {{");
+    let clients = write_client_sets(&mut out, policy.clients());
+    let sets = write_rule_sets(&mut out, policy);
+    write_prerouting(&mut out, transparent, clients);
+    write_forward(&mut out, clients, &sets);
+    write_postrouting(&mut out);
+    let _ = writeln!(out, "}}");
+    Ok(out)
+}
+
+/// The `#` comment lines before the table: provenance, how to apply, and a
+/// warning when service-tag rules are left out for want of a tags file.
+fn write_header(out: &mut String, loaded: &Loaded) {
+    let policy = &loaded.policy;
     let _ = writeln!(out, "#!/usr/sbin/nft -f");
     let _ = writeln!(
         out,
@@ -121,51 +148,67 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
         );
     }
     let _ = writeln!(out);
-    // Create-then-delete makes the first load and every reload the same atomic transaction.
-    let _ = writeln!(out, "table inet {TABLE}");
-    let _ = writeln!(out, "delete table inet {TABLE}");
-    let _ = writeln!(out);
-    let _ = writeln!(out, "table inet {TABLE} {{");
+}
 
-    let clients = policy.clients();
-    write_set(
-        &mut out,
-        "clients_v4",
-        clients,
-        false,
-        "[clients] allow: who may use the gateway",
-    );
-    write_set(
-        &mut out,
-        "clients_v6",
-        clients,
-        true,
-        "[clients] allow: who may use the gateway",
-    );
-    let has_v4_clients = clients.iter().any(|n| matches!(n, IpNet::V4(_)));
-    let has_v6_clients = clients.iter().any(|n| matches!(n, IpNet::V6(_)));
+/// Which address families have clients (a family without any gets no
+/// `@clients_*` set, so no rule may name one).
+#[derive(Debug, Clone, Copy)]
+struct ClientFamilies {
+    v4: bool,
+    v6: bool,
+}
 
-    // Address rules that nftables itself must enforce: UDP egress, and inbound.
-    struct Emitted<'a> {
-        rule: &'a Rule,
-        v4: Option<String>,
-        v6: Option<String>,
+/// `set clients_v4` / `set clients_v6` from `[clients] allow`.
+fn write_client_sets(out: &mut String, clients: &[IpNet]) -> ClientFamilies {
+    let comment = "[clients] allow: who may use the gateway";
+    write_set(out, "clients_v4", clients, false, comment);
+    write_set(out, "clients_v6", clients, true, comment);
+    ClientFamilies {
+        v4: clients.iter().any(|n| matches!(n, IpNet::V4(_))),
+        v6: clients.iter().any(|n| matches!(n, IpNet::V6(_))),
     }
-    let mut udp: Vec<Emitted<'_>> = Vec::new();
-    let mut inbound: Vec<Emitted<'_>> = Vec::new();
+}
+
+/// An address rule rendered as sets: the set names written per family.
+struct Emitted<'a> {
+    rule: &'a Rule,
+    v4: Option<String>,
+    v6: Option<String>,
+}
+
+/// The address rules nftables itself must enforce, as written sets.
+struct RuleSets<'a> {
+    /// Egress UDP (or any-protocol) rules: forwarded and masqueraded.
+    udp: Vec<Emitted<'a>>,
+    /// Inbound rules of enabled (or unscoped) scenarios.
+    inbound: Vec<Emitted<'a>>,
+}
+
+/// Does nftables enforce `rule`? The transparent listener sees only TCP, so
+/// egress rules that cover UDP, and inbound rules, are the ruleset's job.
+fn enforced_by_nftables(policy: &Policy, rule: &Rule) -> bool {
+    match (rule.direction, rule.state.clone()) {
+        (Direction::Egress, RuleState::Active) => rule.protocol != Protocol::Tcp,
+        (Direction::Inbound, RuleState::NotEgress) => {
+            policy
+                .scenarios()
+                .iter()
+                .any(|s| Some(&s.name) == rule.scenario.as_ref() && s.enabled)
+                || rule.scenario.is_none()
+        }
+        _ => false,
+    }
+}
+
+/// One `set` per family for every address rule nftables enforces, named by
+/// the rule's index (`udp<i>_v4`, `in<i>_v6`, ...).
+fn write_rule_sets<'a>(out: &mut String, policy: &'a Policy) -> RuleSets<'a> {
+    let mut sets = RuleSets {
+        udp: Vec::new(),
+        inbound: Vec::new(),
+    };
     for (i, rule) in policy.rules().iter().enumerate() {
-        let nftable = match (rule.direction, rule.state.clone()) {
-            (Direction::Egress, RuleState::Active) => rule.protocol != Protocol::Tcp,
-            (Direction::Inbound, RuleState::NotEgress) => {
-                policy
-                    .scenarios()
-                    .iter()
-                    .any(|s| Some(&s.name) == rule.scenario.as_ref() && s.enabled)
-                    || rule.scenario.is_none()
-            }
-            _ => false,
-        };
-        if !nftable || rule.cidrs.is_empty() {
+        if !enforced_by_nftables(policy, rule) || rule.cidrs.is_empty() {
             continue;
         }
         let prefix = if rule.direction == Direction::Inbound {
@@ -178,16 +221,21 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
         let v6n = set_name(prefix, i, true);
         let e = Emitted {
             rule,
-            v4: write_set(&mut out, &v4n, &rule.cidrs, false, &comment).then_some(v4n),
-            v6: write_set(&mut out, &v6n, &rule.cidrs, true, &comment).then_some(v6n),
+            v4: write_set(out, &v4n, &rule.cidrs, false, &comment).then_some(v4n),
+            v6: write_set(out, &v6n, &rule.cidrs, true, &comment).then_some(v6n),
         };
         if rule.direction == Direction::Inbound {
-            inbound.push(e);
+            sets.inbound.push(e);
         } else {
-            udp.push(e);
+            sets.udp.push(e);
         }
     }
+    sets
+}
 
+/// `chain prerouting`: forwarded TCP from clients → the transparent listener.
+fn write_prerouting(out: &mut String, transparent: SocketAddr, clients: ClientFamilies) {
+    let port = transparent.port();
     let _ = writeln!(out);
     let _ = writeln!(out, "\tchain prerouting {{");
     let _ = writeln!(
@@ -203,13 +251,13 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
         out,
         "\t\t# Forwarded TCP from clients goes to the transparent listener ({transparent}): decided on SNI, Host or address."
     );
-    if has_v4_clients {
+    if clients.v4 {
         let _ = writeln!(
             out,
             "\t\tip saddr @clients_v4 meta l4proto tcp redirect to :{port}"
         );
     }
-    if has_v6_clients {
+    if clients.v6 {
         let _ = writeln!(
             out,
             "\t\tip6 saddr @clients_v6 meta l4proto tcp redirect to :{port}"
@@ -217,7 +265,10 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
     }
     let _ = writeln!(out, "\t}}");
     let _ = writeln!(out);
+}
 
+/// `chain forward`: QUIC dropped, UDP and inbound rules, the rest dropped.
+fn write_forward(out: &mut String, clients: ClientFamilies, sets: &RuleSets<'_>) {
     let _ = writeln!(out, "\tchain forward {{");
     let _ = writeln!(
         out,
@@ -230,7 +281,20 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
         "\t\t# QUIC (UDP 443) carries no readable SNI: drop it so browsers and SDKs fall back to TCP."
     );
     let _ = writeln!(out, "\t\tudp dport 443 counter drop comment \"quic\"");
-    for e in &udp {
+    write_udp_rules(out, clients, &sets.udp);
+    write_inbound_rules(out, &sets.inbound);
+    let _ = writeln!(
+        out,
+        "\t\t# Everything else: dropped and counted (`nft list chain inet {TABLE} forward`)."
+    );
+    let _ = writeln!(out, "\t\tcounter comment \"dropped\"");
+    let _ = writeln!(out, "\t}}");
+    let _ = writeln!(out);
+}
+
+/// Forward rules for egress UDP: clients of a family → the rule's set.
+fn write_udp_rules(out: &mut String, clients: ClientFamilies, udp: &[Emitted<'_>]) {
+    for e in udp {
         let ports = ports_expr(&e.rule.ports);
         let verdict = if e.rule.action == Action::Deny {
             "drop"
@@ -240,7 +304,7 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
         let comment = one_line(&format!("rule {}", e.rule.name));
         for (fam, saddr, set) in [("ip", "@clients_v4", &e.v4), ("ip6", "@clients_v6", &e.v6)] {
             let Some(set) = set else { continue };
-            if (fam == "ip" && !has_v4_clients) || (fam == "ip6" && !has_v6_clients) {
+            if (fam == "ip" && !clients.v4) || (fam == "ip6" && !clients.v6) {
                 continue;
             }
             let _ = writeln!(
@@ -249,7 +313,11 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
             );
         }
     }
-    for e in &inbound {
+}
+
+/// Forward rules for inbound traffic: the rule's set → its ports, per protocol.
+fn write_inbound_rules(out: &mut String, inbound: &[Emitted<'_>]) {
+    for e in inbound {
         let ports = ports_expr(&e.rule.ports);
         let comment = one_line(&format!("inbound rule {}", e.rule.name));
         for (fam, set) in [("ip", &e.v4), ("ip6", &e.v6)] {
@@ -262,14 +330,10 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
             }
         }
     }
-    let _ = writeln!(
-        out,
-        "\t\t# Everything else: dropped and counted (`nft list chain inet {TABLE} forward`)."
-    );
-    let _ = writeln!(out, "\t\tcounter comment \"dropped\"");
-    let _ = writeln!(out, "\t}}");
-    let _ = writeln!(out);
+}
 
+/// `chain postrouting`: forwarded UDP is masqueraded.
+fn write_postrouting(out: &mut String) {
     let _ = writeln!(out, "\tchain postrouting {{");
     let _ = writeln!(
         out,
@@ -284,6 +348,4 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
         "\t\tfib saddr type != local meta l4proto udp masquerade"
     );
     let _ = writeln!(out, "\t}}");
-    let _ = writeln!(out, "}}");
-    Ok(out)
 }

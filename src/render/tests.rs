@@ -1,0 +1,207 @@
+//! Tests for `render::nftables`: the ruleset for a profile-free config,
+//! with and without its service tags file, compared byte for byte with
+//! snapshots in `tests/data/render/` (`UPDATE_SNAPSHOTS=1` rewrites them).
+
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::load::{Loaded, load};
+
+/// `path` relative to the crate root.
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn load_config(config: &str, service_tags: Option<&str>) -> Loaded {
+    let tags = service_tags.map(repo);
+    match load(Some(&repo(config)), &[], tags.as_deref(), 1) {
+        Ok(loaded) => loaded,
+        Err(e) => panic!("{config} does not load: {e}"),
+    }
+}
+
+/// The ruleset with the two run-dependent parts of its header (version and
+/// config path) replaced by placeholders.
+fn render_normalised(loaded: &Loaded) -> String {
+    let text = nftables(loaded).expect("the snapshot config has a transparent listener");
+    let header = format!(
+        "# portcullis {} gateway ruleset, rendered from {} by",
+        env!("CARGO_PKG_VERSION"),
+        loaded.source.name
+    );
+    assert!(text.contains(&header), "header line changed:\n{text}");
+    text.replacen(
+        &header,
+        "# portcullis <version> gateway ruleset, rendered from <config> by",
+        1,
+    )
+}
+
+fn assert_snapshot(name: &str, actual: &str) {
+    let path = repo(name);
+    if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+        std::fs::write(&path, actual).expect("write snapshot");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).expect("read snapshot");
+    if expected == actual {
+        return;
+    }
+    let line = expected
+        .lines()
+        .zip(actual.lines())
+        .position(|(e, a)| e != a)
+        .unwrap_or_else(|| expected.lines().count().min(actual.lines().count()));
+    panic!(
+        "{} differs from the rendered ruleset at line {} (UPDATE_SNAPSHOTS=1 rewrites it)\n\
+         expected: {:?}\n  actual: {:?}\n--- actual ---\n{actual}",
+        path.display(),
+        line + 1,
+        expected.lines().nth(line),
+        actual.lines().nth(line),
+    );
+}
+
+#[test]
+fn nftables_snapshot_with_service_tags() {
+    let loaded = load_config(
+        "tests/data/render/nftables.toml",
+        Some("tests/data/servicetags-public-subset.json"),
+    );
+    assert_snapshot(
+        "tests/data/render/nftables.nft",
+        &render_normalised(&loaded),
+    );
+}
+
+#[test]
+fn nftables_snapshot_without_service_tags() {
+    let loaded = load_config("tests/data/render/nftables.toml", None);
+    let text = render_normalised(&loaded);
+    assert!(text.contains("# WARNING: no service tags file"));
+    assert_snapshot("tests/data/render/nftables-no-tags.nft", &text);
+}
+
+#[test]
+fn nftables_needs_a_transparent_listener() {
+    let loaded = load_config("config/minimal.toml", None);
+    let err = nftables(&loaded).expect_err("minimal.toml has no transparent listener");
+    assert!(err.contains("[listen] transparent is not set"), "{err}");
+}
+
+#[test]
+fn one_line_cuts_before_a_character_across_byte_97() {
+    // 96 ASCII bytes, then characters of 2, 3 and 4 bytes starting at byte
+    // 96, so byte 97 is inside each one: the cut keeps the 96 bytes.
+    let ascii = "a".repeat(96);
+    for wide in ["é", "€", "𝄞"] {
+        let text = format!("{ascii}{wide} and then some more words");
+        assert_eq!(one_line(&text), format!("{ascii}..."), "{wide}");
+    }
+    // Byte 97 is a boundary: the cut is unchanged from the ASCII case.
+    let text = format!("{}é and more words", "a".repeat(97));
+    assert_eq!(one_line(&text), format!("{}...", "a".repeat(97)));
+}
+
+#[test]
+fn nftables_renders_a_multibyte_name_and_description() {
+    let loaded = load_config("tests/data/render/multibyte.toml", None);
+    let text = nftables(&loaded).expect("has a transparent listener");
+    let name = format!("x{}", "ü".repeat(48));
+    // The set comment: the rule name, then the description cut before `é`.
+    assert!(
+        text.contains(&format!("# rule {name}: {}...\n", "a".repeat(96))),
+        "{text}"
+    );
+    // The rule comment `rule x ü…` is cut before the `ü` across byte 97.
+    assert!(
+        text.contains(&format!("comment \"rule x{}...\"\n", "ü".repeat(45))),
+        "{text}"
+    );
+}
+
+/// xorshift64*: deterministic, so a failing seed reproduces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// A character of 1, 2, 3 or 4 UTF-8 bytes, or one `one_line` drops.
+    fn char(&mut self) -> char {
+        let range = match self.below(6) {
+            0 => return ['"', '\n', ' ', '\t'][self.below(4) as usize],
+            1 => 0x20..0x7f,
+            2 => 0x80..0x800,
+            3 => 0x800..0x1_0000,
+            _ => 0x1_0000..0x11_0000,
+        };
+        loop {
+            let code = range.start + self.below(u64::from(range.end - range.start)) as u32;
+            // Surrogates are not chars: draw again.
+            if let Some(c) = char::from_u32(code) {
+                return c;
+            }
+        }
+    }
+
+    fn string(&mut self, max_chars: u64) -> String {
+        let len = self.below(max_chars + 1);
+        (0..len).map(|_| self.char()).collect()
+    }
+}
+
+/// What `one_line` promises, for any text: no `"` or newline, at most 100
+/// bytes, unchanged when short, otherwise a prefix of at least 94 bytes
+/// (97 less a partial 4-byte character) and `...`.
+fn check_one_line(text: &str) -> Result<(), String> {
+    let kept: String = text.chars().filter(|c| *c != '"' && *c != '\n').collect();
+    let out = std::panic::catch_unwind(|| one_line(text)).map_err(|_| "panicked".to_string())?;
+    if out.contains(['"', '\n']) || out.len() > 100 {
+        return Err(format!("bad comment {out:?}"));
+    }
+    if kept.len() <= 100 {
+        return if out == kept {
+            Ok(())
+        } else {
+            Err(format!("short text changed to {out:?}"))
+        };
+    }
+    match out.strip_suffix("...") {
+        Some(head) if kept.starts_with(head) && head.len() >= 94 => Ok(()),
+        _ => Err(format!("bad cut {out:?}")),
+    }
+}
+
+#[test]
+fn one_line_never_panics_on_random_unicode() {
+    // RENDER_SEED=<n> replays one failing case.
+    let (first, cases) = match std::env::var("RENDER_SEED") {
+        Ok(seed) => (seed.parse().expect("RENDER_SEED is a u64"), 1),
+        Err(_) => (0x5eed_0000_u64, 3000),
+    };
+    for seed in first..first + cases {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let description = rng.string(160);
+        let name = rng.string(60);
+        // The three shapes `nftables` passes: a description, and a name in
+        // the UDP and the inbound rule comments.
+        for text in [
+            description,
+            format!("rule {name}"),
+            format!("inbound rule {name}"),
+        ] {
+            if let Err(why) = check_one_line(&text) {
+                panic!("one_line({text:?}): {why} (reproduce with RENDER_SEED={seed})");
+            }
+        }
+    }
+}
