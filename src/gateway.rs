@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use prometheus::{IntCounter, IntGauge};
 
 use crate::config::Limits;
-use crate::metrics::{Listener, Metrics, Via};
+use crate::metrics::{ByteDirection, Listener, Metrics, NameMismatch, UpstreamError, Via};
 use crate::policy::{Decision, Policy, Verdict};
 use crate::shutdown::Shutdown;
 use crate::tunnel::Counters;
@@ -58,8 +58,12 @@ impl Gateway {
         let metrics = Metrics::new(limits.max_denied_hosts);
         metrics.policy_loaded(&policy);
         let bytes = Counters {
-            upload: metrics.bytes.with_label_values(&["upload"]),
-            download: metrics.bytes.with_label_values(&["download"]),
+            upload: metrics
+                .bytes
+                .with_label_values(&[ByteDirection::Upload.as_str()]),
+            download: metrics
+                .bytes
+                .with_label_values(&[ByteDirection::Download.as_str()]),
         };
         let listeners = [Listener::Proxy, Listener::Transparent].map(|l| {
             (
@@ -128,6 +132,22 @@ impl Gateway {
                 e.remove();
             }
         }
+    }
+
+    /// Counts an upstream failure.
+    pub fn count_upstream_error(&self, error: UpstreamError) {
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[error.as_str()])
+            .inc();
+    }
+
+    /// Counts two names that disagreed (a cut or refused connection).
+    pub fn count_name_mismatch(&self, kind: NameMismatch) {
+        self.metrics
+            .tls_name_mismatch
+            .with_label_values(&[kind.as_str()])
+            .inc();
     }
 
     /// Counts a decision, and for denials the destination and client subnet.

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use crate::gateway::Gateway;
 use crate::load::{LoadError, LoadInput};
+use crate::metrics::ReloadResult;
 use crate::policy::Policy;
 
 /// Why a reload kept the running policy.
@@ -55,7 +56,10 @@ impl Reloader {
         let loaded = match loaded {
             Ok(l) => l,
             Err(err) => {
-                gw.metrics.reloads.with_label_values(&["failure"]).inc();
+                gw.metrics
+                    .reloads
+                    .with_label_values(&[ReloadResult::Failure.as_str()])
+                    .inc();
                 gw.metrics.last_reload_successful.set(0);
                 tracing::error!(error = %err, "config reload failed; keeping the running policy");
                 return Err(err);
@@ -70,7 +74,10 @@ impl Reloader {
         let old = gw.policy.load_full();
         let (added, removed) = rule_changes(&old, &loaded.policy);
         gw.policy.store(Arc::new(loaded.policy.clone()));
-        gw.metrics.reloads.with_label_values(&["success"]).inc();
+        gw.metrics
+            .reloads
+            .with_label_values(&[ReloadResult::Success.as_str()])
+            .inc();
         gw.metrics.policy_loaded(&loaded.policy);
         tracing::info!(
             generation,

@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::gateway::Gateway;
-use crate::metrics::{Listener, Via};
+use crate::metrics::{Listener, RejectReason, Via};
 use crate::policy::{Decision, Policy, Target, Verdict, host};
 use crate::shutdown::TaskGuard;
 use respond::Refusal;
@@ -67,30 +67,11 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Why a connection was not admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotAdmitted {
-    /// Source address outside `[clients] allow`.
-    ClientNotAllowed,
-    /// Listener or per-client connection cap reached.
-    Limit,
-}
-
-impl NotAdmitted {
-    /// Label form (`portcullis_connections_rejected_total{reason}`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NotAdmitted::ClientNotAllowed => "client_not_allowed",
-            NotAdmitted::Limit => "limit",
-        }
-    }
-
-    /// How the client is answered.
-    pub fn refusal(self) -> Refusal<'static> {
-        match self {
-            NotAdmitted::ClientNotAllowed => Refusal::ClientNotAllowed,
-            NotAdmitted::Limit => Refusal::ConnectionLimit,
-        }
+/// How a connection that was not admitted is answered.
+fn refusal(why: RejectReason) -> Refusal<'static> {
+    match why {
+        RejectReason::ClientNotAllowed => Refusal::ClientNotAllowed,
+        RejectReason::Limit => Refusal::ConnectionLimit,
     }
 }
 
@@ -99,17 +80,17 @@ fn admit(
     listener: Listener,
     peer: SocketAddr,
     slots: &Arc<Semaphore>,
-) -> Result<Conn, NotAdmitted> {
+) -> Result<Conn, RejectReason> {
     let policy = gw.policy.load_full();
     let Some(subnet) = policy.client_allowed(peer.ip()).copied() else {
-        return Err(NotAdmitted::ClientNotAllowed);
+        return Err(RejectReason::ClientNotAllowed);
     };
     let permit = slots
         .clone()
         .try_acquire_owned()
-        .map_err(|_| NotAdmitted::Limit)?;
+        .map_err(|_| RejectReason::Limit)?;
     if !gw.take_client_slot(peer.ip()) {
-        return Err(NotAdmitted::Limit);
+        return Err(RejectReason::Limit);
     }
     let (active, total) = gw.listener_series(listener);
     active.inc();
@@ -171,7 +152,7 @@ where
             Err(err) if Spare::is_exhaustion(&err) && spare.release() => {
                 let r = listener.accept().await;
                 let Ok((stream, peer)) = r else { continue };
-                (stream, peer, Err(NotAdmitted::Limit))
+                (stream, peer, Err(RejectReason::Limit))
             }
             Err(err) => {
                 // Out of descriptors with no spare left, or a transient error:
@@ -198,7 +179,7 @@ fn refuse(
     kind: Listener,
     stream: TcpStream,
     peer: SocketAddr,
-    why: NotAdmitted,
+    why: RejectReason,
     lingering: &Arc<Semaphore>,
 ) {
     gw.metrics
@@ -215,7 +196,7 @@ fn refuse(
     if kind == Listener::Transparent {
         return;
     }
-    let answer = why.refusal().raw("");
+    let answer = refusal(why).raw("");
     match lingering.clone().try_acquire_owned() {
         Ok(permit) => {
             tokio::spawn(async move {

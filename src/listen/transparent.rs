@@ -26,7 +26,7 @@ use super::{AccessLog, Close, Conn, log_denial, normalized_host, relay_and_log};
 use crate::classify::{self, Classified, OpaqueReason};
 use crate::config::{Protocol, UpstreamMode};
 use crate::gateway::Gateway;
-use crate::metrics::Via;
+use crate::metrics::{NameMismatch, Via};
 use crate::policy::{Decision, Dest, Reason, Target, Verdict};
 use crate::upstream::{ConnectError, DialPlan};
 
@@ -296,21 +296,10 @@ fn dial_plan<'a>(
 /// A forged name under `verify` counts as a name mismatch; everything else
 /// as an upstream error.
 fn count_dial_error(gw: &Gateway, heard: &Heard, err: &ConnectError) {
-    if let ConnectError::NotAmong { .. } = err {
-        let kind = if heard.via == Via::Host {
-            "host_destination"
-        } else {
-            "sni_destination"
-        };
-        gw.metrics
-            .tls_name_mismatch
-            .with_label_values(&[kind])
-            .inc();
-    } else {
-        gw.metrics
-            .upstream_errors
-            .with_label_values(&[err.as_str()])
-            .inc();
+    match err.label() {
+        Some(label) => gw.count_upstream_error(label),
+        None if heard.via == Via::Host => gw.count_name_mismatch(NameMismatch::HostDestination),
+        None => gw.count_name_mismatch(NameMismatch::SniDestination),
     }
 }
 

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
 
 use crate::config::Protocol;
-use crate::metrics::Metrics;
+use crate::metrics::{DnsResult, Metrics, UpstreamError};
 use crate::policy::{Policy, Reason, Target};
 
 pub mod pool;
@@ -105,6 +105,19 @@ impl ConnectError {
             ConnectError::Timeout(_) => "connection_timeout",
             ConnectError::NotAmong { .. } => "http_request_denied",
             ConnectError::Unreachable { .. } => "destination_unavailable",
+        }
+    }
+
+    /// The `error` label it counts under in `upstream_errors_total`; None
+    /// for a forged name under `verify`, which counts as a name mismatch.
+    pub fn label(&self) -> Option<UpstreamError> {
+        match self {
+            ConnectError::Prohibited { .. } => Some(UpstreamError::DestinationIpProhibited),
+            ConnectError::NotFound(_) | ConnectError::Dns { .. } => Some(UpstreamError::DnsError),
+            ConnectError::Refused(_) => Some(UpstreamError::ConnectionRefused),
+            ConnectError::Timeout(_) => Some(UpstreamError::ConnectionTimeout),
+            ConnectError::NotAmong { .. } => None,
+            ConnectError::Unreachable { .. } => Some(UpstreamError::DestinationUnavailable),
         }
     }
 }
@@ -185,19 +198,28 @@ impl Upstream {
         metrics: &Metrics,
     ) -> Result<Arc<[IpAddr]>, ConnectError> {
         if let Some(addrs) = policy.static_addresses(name) {
-            metrics.dns_lookups.with_label_values(&["static"]).inc();
+            metrics
+                .dns_lookups
+                .with_label_values(&[DnsResult::Static.as_str()])
+                .inc();
             return Ok(addrs.into());
         }
         let now = Instant::now();
         if let Some(e) = self.cache.get(name).filter(|e| e.expires > now) {
-            metrics.dns_lookups.with_label_values(&["cached"]).inc();
+            metrics
+                .dns_lookups
+                .with_label_values(&[DnsResult::Cached.as_str()])
+                .inc();
             return match &e.answer {
                 Cached::Addrs(a) => Ok(a.clone()),
                 Cached::NotFound => Err(ConnectError::NotFound(name.to_string())),
             };
         }
         let Some(resolver) = self.resolver().await else {
-            metrics.dns_lookups.with_label_values(&["error"]).inc();
+            metrics
+                .dns_lookups
+                .with_label_values(&[DnsResult::Error.as_str()])
+                .inc();
             return Err(ConnectError::Dns {
                 name: name.to_string(),
                 message: "no resolver configured".into(),
@@ -219,7 +241,10 @@ impl Upstream {
                 (Cached::NotFound, NEGATIVE_TTL)
             }
             Err(err) => {
-                metrics.dns_lookups.with_label_values(&["error"]).inc();
+                metrics
+                    .dns_lookups
+                    .with_label_values(&[DnsResult::Error.as_str()])
+                    .inc();
                 return Err(ConnectError::Dns {
                     name: name.to_string(),
                     message: err.to_string(),
@@ -241,11 +266,17 @@ impl Upstream {
         );
         match answer {
             Cached::Addrs(a) => {
-                metrics.dns_lookups.with_label_values(&["ok"]).inc();
+                metrics
+                    .dns_lookups
+                    .with_label_values(&[DnsResult::Ok.as_str()])
+                    .inc();
                 Ok(a)
             }
             Cached::NotFound => {
-                metrics.dns_lookups.with_label_values(&["nxdomain"]).inc();
+                metrics
+                    .dns_lookups
+                    .with_label_values(&[DnsResult::Nxdomain.as_str()])
+                    .inc();
                 Err(ConnectError::NotFound(name.to_string()))
             }
         }

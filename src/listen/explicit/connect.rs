@@ -23,7 +23,7 @@ use crate::classify::{self, Classified};
 use crate::gateway::Gateway;
 use crate::listen::respond::{Body, Refusal, full, write_and_close};
 use crate::listen::{AccessLog, Close, Conn, decide, normalized_host, relay_and_log};
-use crate::metrics::Via;
+use crate::metrics::{NameMismatch, Via};
 use crate::policy::{Decision, Policy, Target, Verdict, host};
 use crate::tunnel::CloseReason;
 use crate::upstream::{ConnectError, DialPlan};
@@ -214,10 +214,9 @@ async fn open(
             addr,
         }),
         Err(err) => {
-            gw.metrics
-                .upstream_errors
-                .with_label_values(&[err.as_str()])
-                .inc();
+            if let Some(label) = err.label() {
+                gw.count_upstream_error(label);
+            }
             let close = Close::Upstream(err.as_str());
             AccessLog::new(conn, "CONNECT", &host, port, Some(&d), close)
                 .under(policy)
@@ -299,10 +298,7 @@ async fn check_sni(
     if host::normalize(sni).ok().as_deref() == Some(host) {
         return None;
     }
-    gw.metrics
-        .tls_name_mismatch
-        .with_label_values(&["connect_sni"])
-        .inc();
+    gw.count_name_mismatch(NameMismatch::ConnectSni);
     tracing::warn!(
         target: "portcullis::deny",
         client = %conn.peer,

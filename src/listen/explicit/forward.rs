@@ -22,7 +22,7 @@ use crate::gateway::Gateway;
 use crate::listen::body::{Metered, PendingLine};
 use crate::listen::respond::{Body, Refusal};
 use crate::listen::{AccessLog, Close, Conn, decide, normalized_host};
-use crate::metrics::Via;
+use crate::metrics::{NameMismatch, UpstreamError, Via};
 use crate::policy::{Policy, Target, Verdict};
 use crate::tunnel::{CloseReason, relay_io};
 use crate::upstream::pool;
@@ -47,10 +47,7 @@ pub(super) async fn forward(
     let what = || format!("{method} {uri}");
     if let Err(refusal) = host_agrees(&req, &host, port) {
         if matches!(refusal, Refusal::HostMismatch) {
-            gw.metrics
-                .tls_name_mismatch
-                .with_label_values(&["host_uri"])
-                .inc();
+            gw.count_name_mismatch(NameMismatch::HostUri);
         }
         return refusal.response(&what());
     }
@@ -100,14 +97,16 @@ pub(super) async fn forward(
     let resp = match sent {
         Ok(r) => r,
         Err(err) => {
-            let refusal = match pool::connect_error(&err) {
-                Some(ce) => Refusal::Upstream(ce),
-                None => Refusal::UpstreamProtocol(&err),
+            let (refusal, label) = match pool::connect_error(&err) {
+                Some(ce) => (Refusal::Upstream(ce), ce.label()),
+                None => (
+                    Refusal::UpstreamProtocol(&err),
+                    Some(UpstreamError::HttpProtocolError),
+                ),
             };
-            gw.metrics
-                .upstream_errors
-                .with_label_values(&[refusal.token()])
-                .inc();
+            if let Some(label) = label {
+                gw.count_upstream_error(label);
+            }
             line.close = refusal.close();
             drop(line);
             return refusal.response(&what());
