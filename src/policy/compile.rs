@@ -1,0 +1,646 @@
+//! Compile: config (plus profile, `--var`s and service tags) in, [`Policy`]
+//! out, or every error found.
+//!
+//! In: a parsed [`Config`] and its [`Source`] text, and a [`CompileInput`].
+//! Out: the immutable [`Policy`] with its warnings, or every error (each
+//! with file:line:col and config path) instead of stopping at the first.
+//! This is the only place that builds host and CIDR tables. Each step is a
+//! function below, in the order `compile` runs them: profile, vars,
+//! scenarios, rules, clients, static resolution, then (only without errors)
+//! lints and tables.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use toml::Spanned;
+
+use super::diagnostic::{Diagnostic, Diags};
+use super::grants::{self, Grant};
+use super::host::{self, HostKey, HostTable};
+use super::net::{self, NetTable};
+use super::profile::{self, Profile};
+use super::rule::{Rule, RuleState, ScenarioState};
+use super::{Inner, Policy, lint};
+use crate::config::{Action, Config, Direction, PortSpec, RuleConfig, Source};
+use crate::servicetags::ServiceTags;
+
+/// Everything `compile` needs besides the config itself.
+#[derive(Default)]
+pub struct CompileInput<'a> {
+    /// `--var key=value` overrides, applied over `[vars]`.
+    pub var_overrides: &'a [(String, String)],
+    /// The loaded service tags file, if `[policy] service_tags` names one.
+    pub service_tags: Option<&'a ServiceTags>,
+    /// Placeholders without a value disable their rule with a warning instead
+    /// of failing (used for the embedded default, when there is no config file).
+    pub lenient_placeholders: bool,
+    /// Reload generation to stamp the policy with.
+    pub generation: u64,
+}
+
+/// Source index (in [`Diags`]) of the config file.
+const CFG: usize = 0;
+/// Source index of the built-in profile.
+const PROFILE: usize = 1;
+
+impl Policy {
+    /// Compiles a config (and its profile) into a policy.
+    ///
+    /// # Errors
+    /// Every error found, each with its location and config path; warnings
+    /// found along the way are included.
+    pub fn compile(
+        config: &Config,
+        source: &Source,
+        input: &CompileInput<'_>,
+    ) -> Result<(Policy, Vec<Diagnostic>), Vec<Diagnostic>> {
+        let profile = profile::by_name(config.policy.profile.get_ref());
+        let empty = Source {
+            name: String::new(),
+            text: String::new(),
+        };
+        let mut d = Diags::new([source, profile.map_or(&empty, |p| &p.source)]);
+        check_profile(config, profile, &mut d);
+        let vars = vars(config, input, &mut d);
+        let scenarios = scenarios(config, profile, &mut d);
+        let compiled = rules(config, profile, &vars, &scenarios, input, &mut d);
+        let clients = clients(config, &mut d);
+        let resolve = static_resolve(config, &mut d);
+        if d.has_errors() {
+            return Err(d.list);
+        }
+        lint::lint(&compiled.rules, &compiled.keyed, &mut d);
+
+        let mut grants = Vec::new();
+        let host_keys = grants::fold_host_grants(compiled.keyed, &mut grants);
+        let nets = net_table(compiled.netted, &mut grants);
+        let inner = Inner {
+            rules: compiled.rules,
+            grants,
+            hosts: HostTable::build(&host_keys),
+            nets,
+            mode: config.policy.mode,
+            upstream: config.policy.upstream,
+            require_matching_sni: config.policy.require_matching_sni,
+            clients,
+            resolve,
+            scenarios,
+            vars,
+            service_tags_change: input.service_tags.map(|t| t.change_number),
+            generation: input.generation,
+        };
+        Ok((
+            Policy {
+                inner: Arc::new(inner),
+            },
+            d.list,
+        ))
+    }
+}
+
+/// `[policy] profile` names a built-in profile or `none`.
+fn check_profile(config: &Config, profile: Option<&Profile>, d: &mut Diags<'_>) {
+    let name = config.policy.profile.get_ref();
+    if profile.is_none() && name != "none" {
+        d.error(
+            CFG,
+            Some(&config.policy.profile.span()),
+            "policy.profile".into(),
+            format!("unknown profile '{name}' (known: azureml, none)"),
+        );
+    }
+}
+
+/// Placeholder values: `[vars]`, then `--var` over them; each must be usable
+/// inside a host name or CIDR.
+fn vars(config: &Config, input: &CompileInput<'_>, d: &mut Diags<'_>) -> BTreeMap<String, String> {
+    let mut vars: BTreeMap<String, String> = config
+        .vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.get_ref().clone()))
+        .collect();
+    for (k, v) in input.var_overrides {
+        vars.insert(k.clone(), v.clone());
+    }
+    for (k, v) in &vars {
+        let ok = !v.is_empty()
+            && v.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b':')
+            });
+        if !ok {
+            let span = config.vars.get(k).map(|s| s.span());
+            d.error(
+                CFG,
+                span.as_ref(),
+                format!("vars.{k}"),
+                format!(
+                    "'{v}' is not a usable value: letters, digits, '-', '_', '.', '/' and ':' only"
+                ),
+            );
+        }
+    }
+    vars
+}
+
+/// The profile's scenarios (on by default as it says) and those config rules
+/// name (off); `[policy] scenarios`, when given, is the exact set that is on.
+fn scenarios(config: &Config, profile: Option<&Profile>, d: &mut Diags<'_>) -> Vec<ScenarioState> {
+    let mut scenarios: Vec<ScenarioState> = profile
+        .map(|p| {
+            p.scenarios
+                .iter()
+                .map(|s| ScenarioState {
+                    name: s.name.clone(),
+                    description: s.description.clone(),
+                    enabled: s.default,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for rule in &config.rules {
+        if let Some(s) = &rule.scenario
+            && !scenarios.iter().any(|k| &k.name == s)
+        {
+            scenarios.push(ScenarioState {
+                name: s.clone(),
+                description: String::new(),
+                enabled: false,
+            });
+        }
+    }
+    let Some(wanted) = &config.policy.scenarios else {
+        return scenarios;
+    };
+    for s in scenarios.iter_mut() {
+        s.enabled = false;
+    }
+    for (i, w) in wanted.iter().enumerate() {
+        match scenarios.iter_mut().find(|s| &s.name == w.get_ref()) {
+            Some(s) => s.enabled = true,
+            None => {
+                let known: Vec<_> = scenarios.iter().map(|s| s.name.as_str()).collect();
+                d.error(
+                    CFG,
+                    Some(&w.span()),
+                    format!("policy.scenarios[{i}]"),
+                    format!(
+                        "unknown scenario '{}' (known: {})",
+                        w.get_ref(),
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+    }
+    scenarios
+}
+
+/// The compiled rules, and the grants they give host keys and CIDRs (in
+/// rule order, then port order).
+#[derive(Default)]
+struct Compiled {
+    rules: Vec<Rule>,
+    keyed: Vec<(HostKey, Grant)>,
+    netted: Vec<(IpNet, Grant)>,
+}
+
+impl Compiled {
+    /// Adds a rule, with one grant per port range on each of its keys and nets.
+    fn add(&mut self, rule: Rule, keys: &[HostKey], nets: &[IpNet]) {
+        let rule_id = u32::try_from(self.rules.len()).expect("fewer than 2^32 rules");
+        for &(lo, hi) in &rule.ports {
+            let grant = Grant {
+                rule: rule_id,
+                lo,
+                hi,
+                proto: rule.protocol,
+                deny: rule.action == Action::Deny,
+                active: rule.state == RuleState::Active,
+                unlocks_guarded: false,
+                more_specific: false,
+            };
+            for key in keys {
+                self.keyed.push((key.clone(), grant));
+            }
+            for net in nets {
+                let unlocks_guarded = net::unlocks_guarded(net);
+                self.netted.push((
+                    *net,
+                    Grant {
+                        unlocks_guarded,
+                        ..grant
+                    },
+                ));
+            }
+        }
+        self.rules.push(rule);
+    }
+}
+
+/// Every rule: the profile's, then the config's. Rule names must be unique.
+fn rules(
+    config: &Config,
+    profile: Option<&Profile>,
+    vars: &BTreeMap<String, String>,
+    scenarios: &[ScenarioState],
+    input: &CompileInput<'_>,
+    d: &mut Diags<'_>,
+) -> Compiled {
+    let enabled = |s: &Option<String>| {
+        s.as_ref()
+            .is_none_or(|name| scenarios.iter().any(|k| &k.name == name && k.enabled))
+    };
+    let profile_rules = profile.map(|p| p.rules.as_slice()).unwrap_or_default();
+    let all = (profile_rules.iter().enumerate())
+        .map(|(i, r)| (PROFILE, format!("profile.rules[{i}]"), r))
+        .chain((config.rules.iter().enumerate()).map(|(i, r)| (CFG, format!("rules[{i}]"), r)));
+    let mut out = Compiled::default();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    for (src, path, rc) in all {
+        let rule = RuleCx::new(rc, src, &path, vars, d).compile(input, enabled(&rc.scenario));
+        let Some((rule, keys, nets)) = rule else {
+            continue;
+        };
+        if let Some(prev) = names.insert(rule.name.clone(), out.rules.len()) {
+            d.error(
+                src,
+                Some(&rc.name.span()),
+                format!("{path}.name"),
+                format!(
+                    "rule name '{}' is already used by another rule ({})",
+                    rule.name, out.rules[prev].origin
+                ),
+            );
+        }
+        out.add(rule, &keys, &nets);
+    }
+    out
+}
+
+/// A compiled rule, with the host keys and nets it gives grants to.
+type CompiledRule = (Rule, Vec<HostKey>, Vec<IpNet>);
+
+/// One rule being compiled: its config, where it was written, and the
+/// placeholders it uses that have no value.
+struct RuleCx<'a, 'd, 's> {
+    rc: &'a RuleConfig,
+    src: usize,
+    path: &'a str,
+    vars: &'a BTreeMap<String, String>,
+    d: &'d mut Diags<'s>,
+    missing: Vec<String>,
+}
+
+impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
+    fn new(
+        rc: &'a RuleConfig,
+        src: usize,
+        path: &'a str,
+        vars: &'a BTreeMap<String, String>,
+        d: &'d mut Diags<'s>,
+    ) -> Self {
+        RuleCx {
+            rc,
+            src,
+            path,
+            vars,
+            d,
+            missing: Vec::new(),
+        }
+    }
+
+    /// The rule, or `None` if it has errors (reported). `scenario_on`: its
+    /// scenario, if any, is enabled.
+    fn compile(mut self, input: &CompileInput<'_>, scenario_on: bool) -> Option<CompiledRule> {
+        let errors_before = self.d.list.len();
+        let rc = self.rc;
+        let name = self.name();
+        let ports = self.ports();
+        let (hosts, keys) = self.hosts();
+        let mut cidrs = self.cidrs();
+        let must_exist = scenario_on && rc.direction == Direction::Egress;
+        let (service_tags, waiting) = self.service_tags(input.service_tags, must_exist, &mut cidrs);
+        let state = self.state(&name, scenario_on, waiting, input.lenient_placeholders);
+        if self.d.errors_since(errors_before) {
+            return None;
+        }
+        // Rules that cannot match anything yet still compile their host keys, so
+        // that a denial can say which scenario or placeholder would allow it.
+        let keys = match state {
+            RuleState::MissingVars(_) | RuleState::NotEgress => Vec::new(),
+            _ => keys,
+        };
+        let nets = match state {
+            RuleState::NotEgress => Vec::new(),
+            _ => cidrs.clone(),
+        };
+        let rule = Rule {
+            name,
+            description: rc.description.clone().unwrap_or_default(),
+            scenario: rc.scenario.clone(),
+            action: rc.action,
+            protocol: rc.protocol,
+            direction: rc.direction,
+            ports,
+            hosts,
+            cidrs,
+            service_tags,
+            origin: self.d.locate(self.src, &rc.name.span()),
+            state,
+            from_profile: self.src == PROFILE,
+        };
+        Some((rule, keys, nets))
+    }
+
+    fn error(&mut self, span: std::ops::Range<usize>, path: String, message: String) {
+        self.d.error(self.src, Some(&span), path, message);
+    }
+
+    /// The name, trimmed; a rule names hosts or addresses, not both.
+    fn name(&mut self) -> String {
+        let rc = self.rc;
+        let name = rc.name.get_ref().trim().to_string();
+        let span = rc.name.span();
+        if name.is_empty() {
+            let path = format!("{}.name", self.path);
+            self.error(span.clone(), path, "a rule needs a name".into());
+        }
+        let has_addr = !rc.cidrs.is_empty() || !rc.service_tags.is_empty();
+        if rc.hosts.is_empty() && !has_addr {
+            let message = format!("rule '{name}' names no hosts, cidrs or service_tags");
+            self.error(span.clone(), self.path.to_string(), message);
+        }
+        if !rc.hosts.is_empty() && has_addr {
+            let message = format!(
+                "rule '{name}' mixes hosts with cidrs/service_tags: write one rule for names and one for addresses"
+            );
+            self.error(span, self.path.to_string(), message);
+        }
+        name
+    }
+
+    /// Port ranges (443 when none are given).
+    fn ports(&mut self) -> Vec<(u16, u16)> {
+        match parse_ports(&self.rc.ports) {
+            Ok(p) => p,
+            Err(errors) => {
+                for (i, e) in errors {
+                    let path = format!("{}.ports[{i}]", self.path);
+                    self.error(self.rc.ports[i].span(), path, e);
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// Host patterns as shown (filled, or as written when a placeholder is
+    /// missing) and the keys of those that are filled.
+    fn hosts(&mut self) -> (Vec<String>, Vec<HostKey>) {
+        let (mut hosts, mut keys) = (Vec::new(), Vec::new());
+        for (i, h) in self.rc.hosts.iter().enumerate() {
+            match fill(h.get_ref(), self.vars) {
+                Ok(text) => match HostKey::parse(text.trim()) {
+                    Ok(key) => {
+                        hosts.push(key.to_string());
+                        keys.push(key);
+                    }
+                    Err(e) => self.error(h.span(), format!("{}.hosts[{i}]", self.path), e),
+                },
+                Err(m) => {
+                    hosts.push(h.get_ref().clone());
+                    self.missing.extend(m);
+                }
+            }
+        }
+        (hosts, keys)
+    }
+
+    /// The `cidrs` whose placeholders are filled.
+    fn cidrs(&mut self) -> Vec<IpNet> {
+        let mut cidrs = Vec::new();
+        for (i, c) in self.rc.cidrs.iter().enumerate() {
+            match fill(c.get_ref(), self.vars) {
+                Ok(text) => match net::parse_cidr(&text) {
+                    Ok(n) => cidrs.push(n),
+                    Err(e) => self.error(c.span(), format!("{}.cidrs[{i}]", self.path), e),
+                },
+                Err(m) => self.missing.extend(m),
+            }
+        }
+        cidrs
+    }
+
+    /// Service tag names as shown, their ranges added to `cidrs`, and whether
+    /// the rule waits for a service tags file. `must_exist`: a tag missing
+    /// from the file is an error (the rule is in use).
+    fn service_tags(
+        &mut self,
+        file: Option<&ServiceTags>,
+        must_exist: bool,
+        cidrs: &mut Vec<IpNet>,
+    ) -> (Vec<String>, bool) {
+        let (mut tags, mut waiting) = (Vec::new(), false);
+        for (i, t) in self.rc.service_tags.iter().enumerate() {
+            let tag = match fill(t.get_ref(), self.vars) {
+                Ok(tag) => tag,
+                Err(m) => {
+                    tags.push(t.get_ref().clone());
+                    self.missing.extend(m);
+                    continue;
+                }
+            };
+            match file.map(|st| (st, st.get(&tag))) {
+                Some((_, Some(nets))) => cidrs.extend_from_slice(nets),
+                Some((st, None)) if must_exist => {
+                    let similar = st.similar(&tag);
+                    let hint = if similar.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (similar: {})", similar.join(", "))
+                    };
+                    let path = format!("{}.service_tags[{i}]", self.path);
+                    let message =
+                        format!("service tag '{tag}' is not in the service tags file{hint}");
+                    self.error(t.span(), path, message);
+                }
+                Some((_, None)) => {}
+                None => waiting = true,
+            }
+            tags.push(tag);
+        }
+        (tags, waiting)
+    }
+
+    /// Whether the rule takes part in decisions. Missing placeholders are an
+    /// error, or with `lenient` a warning that disables the rule.
+    fn state(&mut self, name: &str, scenario_on: bool, waiting: bool, lenient: bool) -> RuleState {
+        let rc = self.rc;
+        if rc.direction != Direction::Egress {
+            return RuleState::NotEgress;
+        }
+        if !scenario_on {
+            return RuleState::ScenarioDisabled;
+        }
+        let mut missing = std::mem::take(&mut self.missing);
+        missing.sort();
+        missing.dedup();
+        let Some(first) = missing.first() else {
+            return if waiting {
+                RuleState::WaitingForServiceTags
+            } else {
+                RuleState::Active
+            };
+        };
+        let list = missing
+            .iter()
+            .map(|m| format!("<{m}>"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let span = Some(rc.name.span());
+        if lenient {
+            let message = format!(
+                "rule '{name}' is disabled: placeholder {list} has no value (set it in [vars] or with --var {first}=...)"
+            );
+            self.d
+                .warn(self.src, span.as_ref(), self.path.to_string(), message);
+        } else {
+            let message = format!(
+                "rule '{name}' uses placeholder {list} with no value: set it in [vars] or with --var {first}=..., or disable scenario '{}'",
+                rc.scenario.as_deref().unwrap_or("-")
+            );
+            self.d
+                .error(self.src, span.as_ref(), self.path.to_string(), message);
+        }
+        RuleState::MissingVars(missing)
+    }
+}
+
+/// Replaces `<name>` placeholders. Returns the missing names on failure.
+fn fill(text: &str, vars: &BTreeMap<String, String>) -> Result<String, Vec<String>> {
+    let mut out = String::with_capacity(text.len());
+    let mut missing = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find('<') {
+        let Some(close) = rest[open..].find('>') else {
+            break;
+        };
+        let name = &rest[open + 1..open + close];
+        out.push_str(&rest[..open]);
+        match vars.get(name) {
+            Some(value) => out.push_str(value),
+            None => missing.push(name.to_string()),
+        }
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    if missing.is_empty() {
+        Ok(out)
+    } else {
+        Err(missing)
+    }
+}
+
+/// Port errors: index into `ports` and message.
+type PortErrors = Vec<(usize, String)>;
+
+/// Port numbers and `"lo-hi"` ranges, inclusive; none given means 443.
+fn parse_ports(specs: &[Spanned<PortSpec>]) -> Result<Vec<(u16, u16)>, PortErrors> {
+    if specs.is_empty() {
+        return Ok(vec![(443, 443)]);
+    }
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        match parse_port_spec(spec.get_ref()) {
+            Ok(r) => out.push(r),
+            Err(e) => errors.push((i, e)),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_port_spec(spec: &PortSpec) -> Result<(u16, u16), String> {
+    let port = |n: i64| u16::try_from(n).ok().filter(|&p| p != 0);
+    match spec {
+        PortSpec::Number(n) => port(*n)
+            .map(|p| (p, p))
+            .ok_or_else(|| format!("{n} is not a port (1-65535)")),
+        PortSpec::Range(text) => {
+            let range = text.split_once('-').and_then(|(lo, hi)| {
+                let lo = port(lo.trim().parse().ok()?)?;
+                let hi = port(hi.trim().parse().ok()?)?;
+                (lo <= hi).then_some((lo, hi))
+            });
+            match (range, text.trim().parse::<i64>().ok().and_then(port)) {
+                (Some(r), _) => Ok(r),
+                (None, Some(p)) => Ok((p, p)),
+                (None, None) => Err(format!(
+                    "'{text}' is not a port or range: write 443 or \"8704-8710\" (1-65535, low-high)"
+                )),
+            }
+        }
+    }
+}
+
+/// Client CIDRs served (`[clients] allow`).
+fn clients(config: &Config, d: &mut Diags<'_>) -> Vec<IpNet> {
+    let mut clients = Vec::new();
+    for (i, c) in config.clients.allow.iter().enumerate() {
+        match net::parse_cidr(c.get_ref()) {
+            Ok(n) => clients.push(n),
+            Err(e) => d.error(CFG, Some(&c.span()), format!("clients.allow[{i}]"), e),
+        }
+    }
+    clients
+}
+
+/// `[resolve]`: static addresses, keyed by the normalised name.
+fn static_resolve(config: &Config, d: &mut Diags<'_>) -> HashMap<String, Vec<IpAddr>> {
+    let mut resolve = HashMap::new();
+    for (name, addrs) in &config.resolve {
+        let norm = match host::normalize(name) {
+            Ok(n) => n,
+            Err(e) => {
+                d.error(
+                    CFG,
+                    None,
+                    format!("resolve.\"{name}\""),
+                    format!("'{name}' is not a valid host: {e}"),
+                );
+                continue;
+            }
+        };
+        let mut ips = Vec::new();
+        for (i, a) in addrs.iter().enumerate() {
+            match a.get_ref().parse::<IpAddr>() {
+                Ok(ip) => ips.push(ip),
+                Err(_) => d.error(
+                    CFG,
+                    Some(&a.span()),
+                    format!("resolve.\"{name}\"[{i}]"),
+                    format!("'{}' is not an IP address", a.get_ref()),
+                ),
+            }
+        }
+        resolve.insert(norm, ips);
+    }
+    resolve
+}
+
+/// The CIDR table: each net's grant appended to `grants`, the table holding
+/// its index.
+fn net_table(netted: Vec<(IpNet, Grant)>, grants: &mut Vec<Grant>) -> NetTable {
+    let mut entries = Vec::with_capacity(netted.len());
+    for (net, grant) in netted {
+        let index = u32::try_from(grants.len()).expect("fewer than 2^32 grants");
+        entries.push((net, index));
+        grants.push(grant);
+    }
+    NetTable::build(&entries)
+}

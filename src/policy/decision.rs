@@ -1,0 +1,198 @@
+//! What a decision is about and what it says: [`Dest`] in, [`Decision`] out.
+//!
+//! In: a destination as a listener parsed it ([`Target::parse`]). Out: the
+//! small `Copy` values `decide` returns and logs, metrics, the proxy's 403
+//! body and `portcullis explain` print. Nothing here decides anything.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+
+use crate::config::Protocol;
+
+/// Index of a rule in [`Policy::rules`](super::Policy::rules). Kept plus
+/// one in a `NonZeroU32`, so an `Option<RuleId>` is 4 bytes and a
+/// [`Decision`] 8: one register, cheap to copy into logs and metrics.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RuleId(NonZeroU32);
+
+impl fmt::Debug for RuleId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("RuleId").field(&self.index()).finish()
+    }
+}
+
+impl RuleId {
+    /// The id of the rule at `index`.
+    pub fn new(index: u32) -> RuleId {
+        RuleId(NonZeroU32::new(index.wrapping_add(1)).expect("fewer than 2^32 - 1 rules"))
+    }
+
+    /// Its index in [`Policy::rules`](super::Policy::rules).
+    pub fn index(self) -> usize {
+        self.0.get() as usize - 1
+    }
+}
+
+/// The outcome of a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let it through.
+    Allow,
+    /// Refuse it.
+    Deny,
+    /// Would be denied, but `mode = "audit"` lets it through.
+    AuditDeny,
+}
+
+impl Verdict {
+    /// Label form (`allow`, `deny`, `audit_deny`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::AuditDeny => "audit_deny",
+        }
+    }
+
+    /// Whether traffic passes (allow or audit_deny).
+    pub fn passes(self) -> bool {
+        !matches!(self, Verdict::Deny)
+    }
+}
+
+/// Why a decision came out as it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// An allow rule matched.
+    RuleMatched,
+    /// A deny rule matched.
+    DenyRule,
+    /// Nothing allows this host or address.
+    NoRule,
+    /// A rule allows the host, on other ports.
+    PortNotAllowed,
+    /// A rule allows the host and port, for another protocol.
+    ProtocolNotAllowed,
+    /// Only a rule of a disabled scenario (or with unset placeholders) would allow it.
+    ScenarioDisabled,
+    /// Not a valid host name.
+    MalformedHost,
+    /// A private, loopback, link-local or other guarded address.
+    GuardedAddress,
+    /// 169.254.169.254 or 168.63.129.16.
+    PlatformAddress,
+}
+
+impl Reason {
+    /// Every reason, for code that keeps one entry per reason (metrics).
+    pub const ALL: [Reason; 9] = [
+        Reason::RuleMatched,
+        Reason::DenyRule,
+        Reason::NoRule,
+        Reason::PortNotAllowed,
+        Reason::ProtocolNotAllowed,
+        Reason::ScenarioDisabled,
+        Reason::MalformedHost,
+        Reason::GuardedAddress,
+        Reason::PlatformAddress,
+    ];
+
+    /// Label form, used in metrics, logs and `Proxy-Status` details.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::RuleMatched => "rule_matched",
+            Reason::DenyRule => "deny_rule",
+            Reason::NoRule => "no_rule",
+            Reason::PortNotAllowed => "port_not_allowed",
+            Reason::ProtocolNotAllowed => "protocol_not_allowed",
+            Reason::ScenarioDisabled => "scenario_disabled",
+            Reason::MalformedHost => "malformed_host",
+            Reason::GuardedAddress => "guarded_address",
+            Reason::PlatformAddress => "platform_address",
+        }
+    }
+}
+
+/// A policy decision: what, by which rule, and why. Logs, metrics, the
+/// proxy's 403 body and `portcullis explain` all print this same value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Allow, deny or audit_deny.
+    pub verdict: Verdict,
+    /// The rule that decided (or the nearest one, for port and scenario denials).
+    pub rule: Option<RuleId>,
+    /// Why.
+    pub reason: Reason,
+}
+
+impl Decision {
+    /// Allowed by the rule at index `rule`.
+    pub(super) fn allow(rule: u32) -> Decision {
+        Decision {
+            verdict: Verdict::Allow,
+            rule: Some(RuleId::new(rule)),
+            reason: Reason::RuleMatched,
+        }
+    }
+
+    /// Denied, naming the rule at index `rule` if one is to blame or near.
+    pub(super) fn deny(rule: Option<u32>, reason: Reason) -> Decision {
+        Decision {
+            verdict: Verdict::Deny,
+            rule: rule.map(RuleId::new),
+            reason,
+        }
+    }
+}
+
+/// What a connection wants to reach: a name or an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// A host name as sent (ASCII; IDNs arrive as A-labels).
+    Name(&'a str),
+    /// An address literal.
+    Ip(IpAddr),
+}
+
+impl<'a> Target<'a> {
+    /// An IP literal (`1.2.3.4`, `[2001:db8::1]`, `2001:db8::1`) or a name.
+    #[inline]
+    pub fn parse(host: &'a str) -> Target<'a> {
+        let bare = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        // Only digits-and-dots or a colon can be an address: names skip the parse.
+        let maybe_ip = bare.contains(':') || bare.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+        match maybe_ip.then(|| bare.parse::<IpAddr>().ok()).flatten() {
+            Some(ip) => Target::Ip(ip),
+            None => Target::Name(host),
+        }
+    }
+}
+
+/// A destination to decide on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dest<'a> {
+    /// Name or address.
+    pub target: Target<'a>,
+    /// Destination port.
+    pub port: u16,
+    /// `Tcp` or `Udp`.
+    pub proto: Protocol,
+}
+
+impl fmt::Display for Dest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.target {
+            Target::Name(n) => write!(f, "{n}:{}", self.port),
+            Target::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            Target::Ip(ip) => write!(f, "{ip}:{}", self.port),
+        }?;
+        if self.proto == Protocol::Udp {
+            f.write_str("/udp")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! Lints: warnings about rules that compile but are probably not what was
+//! meant.
+//!
+//! In: the compiled rules and their host grants. Out: warnings pushed to the
+//! compile's diagnostics. Lints never make a config invalid and never change
+//! a decision.
+
+use std::collections::{HashMap, HashSet};
+
+use super::diagnostic::Diags;
+use super::grants::Grant;
+use super::host::HostKey;
+use super::rule::{Rule, RuleState};
+use crate::config::{Action, Protocol};
+
+/// Wildcards that let any tenant's storage or registry through: fine for the
+/// service, but they allow data exfiltration by design.
+const EXFILTRATION_SUFFIXES: &[&str] = &[
+    "blob.core.windows.net",
+    "file.core.windows.net",
+    "dfs.core.windows.net",
+    "table.core.windows.net",
+    "queue.core.windows.net",
+    "core.windows.net",
+    "web.core.windows.net",
+    "azurecr.io",
+    "data.azurecr.io",
+    "azureedge.net",
+    "s3.amazonaws.com",
+    "amazonaws.com",
+    "storage.googleapis.com",
+    "googleapis.com",
+    "githubusercontent.com",
+    "ngrok.io",
+    "ngrok-free.app",
+];
+
+/// Warnings: exfiltration wildcards, duplicate and shadowed host grants.
+pub(super) fn lint(rules: &[Rule], keyed: &[(HostKey, Grant)], d: &mut Diags<'_>) {
+    for rule in rules
+        .iter()
+        .filter(|r| r.state == RuleState::Active && r.action == Action::Allow)
+    {
+        exfiltration(rule, d);
+    }
+    shadowing(rules, keyed, d);
+}
+
+/// Broad wildcards and storage service tags in an active allow rule.
+fn exfiltration(rule: &Rule, d: &mut Diags<'_>) {
+    for h in &rule.hosts {
+        let Some(suffix) = h.strip_prefix("*.") else {
+            continue;
+        };
+        let broad = !suffix.contains('.');
+        if broad || EXFILTRATION_SUFFIXES.contains(&suffix) {
+            let why = if broad {
+                "every name under a top-level domain".to_string()
+            } else {
+                format!("any tenant's '{suffix}' endpoint")
+            };
+            d.warn_at(
+                &rule.origin,
+                format!(
+                    "rule '{}' allows '{h}': {why}, so data can be exfiltrated by design; name the accounts you own instead where you can",
+                    rule.name
+                ),
+            );
+        }
+    }
+    for tag in &rule.service_tags {
+        if tag.eq_ignore_ascii_case("Storage") || tag.to_ascii_lowercase().starts_with("storage.") {
+            d.warn_at(
+                &rule.origin,
+                format!(
+                    "rule '{}' allows service tag '{tag}': every storage account in that range, so data can be exfiltrated by design",
+                    rule.name
+                ),
+            );
+        }
+    }
+}
+
+fn active_allow(g: &Grant) -> bool {
+    g.active && !g.deny
+}
+
+/// The active allow grants of each host key, to look up what covers a grant.
+struct Allows<'a> {
+    exact: HashMap<&'a str, Vec<&'a Grant>>,
+    wild: HashMap<&'a str, Vec<&'a Grant>>,
+}
+
+impl<'a> Allows<'a> {
+    fn new(keyed: &'a [(HostKey, Grant)]) -> Allows<'a> {
+        let mut allows = Allows {
+            exact: HashMap::new(),
+            wild: HashMap::new(),
+        };
+        for (key, g) in keyed.iter().filter(|(_, g)| active_allow(g)) {
+            match key {
+                HostKey::Exact(n) => allows.exact.entry(n).or_default().push(g),
+                HostKey::Wildcard(s) => allows.wild.entry(s).or_default().push(g),
+            }
+        }
+        allows
+    }
+
+    /// Another rule's grant whose key matches every name `key` does and
+    /// whose ports and protocol cover `g`'s: on the same key first, then on
+    /// the wildcards above it, nearest first. Its rule and its key as written.
+    fn covering(&self, key: &HostKey, g: &Grant) -> Option<(u32, String)> {
+        let covers = |o: &&&Grant| {
+            o.rule != g.rule
+                && o.lo <= g.lo
+                && g.hi <= o.hi
+                && (o.proto == Protocol::Any || o.proto == g.proto)
+        };
+        let (name, same) = match key {
+            HostKey::Exact(n) => (n.as_str(), self.exact.get(n.as_str())),
+            HostKey::Wildcard(s) => (s.as_str(), self.wild.get(s.as_str())),
+        };
+        if let Some(o) = same.and_then(|v| v.iter().find(covers)) {
+            return Some((o.rule, key.to_string()));
+        }
+        let mut rest = name;
+        if matches!(key, HostKey::Wildcard(_)) {
+            rest = rest.split_once('.').map(|(_, r)| r)?;
+        }
+        loop {
+            if let Some(o) = self.wild.get(rest).and_then(|v| v.iter().find(covers)) {
+                return Some((o.rule, format!("*.{rest}")));
+            }
+            rest = rest.split_once('.').map(|(_, r)| r)?;
+        }
+    }
+}
+
+/// Duplicate / shadowed: a grant of rule A whose host, ports and protocol
+/// are all covered by an earlier-or-broader active allow of rule B.
+fn shadowing(rules: &[Rule], keyed: &[(HostKey, Grant)], d: &mut Diags<'_>) {
+    let allows = Allows::new(keyed);
+    let mut reported: HashSet<(u32, u32)> = HashSet::new();
+    for (key, g) in keyed.iter().filter(|(_, g)| active_allow(g)) {
+        let Some((other, by)) = allows.covering(key, g) else {
+            continue;
+        };
+        let (a, b) = (&rules[g.rule as usize], &rules[other as usize]);
+        if (a.from_profile && b.from_profile) || !reported.insert((g.rule, other)) {
+            continue;
+        }
+        let duplicate = by == key.to_string();
+        if duplicate && g.rule < other {
+            continue; // reported once, on the later rule
+        }
+        let kind = if duplicate {
+            "duplicates"
+        } else {
+            "is shadowed by"
+        };
+        d.warn_at(
+            &a.origin,
+            format!(
+                "rule '{}' host '{key}' {kind} rule '{}' ('{by}', {}): it changes nothing",
+                a.name, b.name, b.origin
+            ),
+        );
+    }
+}
