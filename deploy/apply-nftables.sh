@@ -62,10 +62,11 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
-command -v "$nft" >/dev/null || die "nft not found (apt-get install nftables)"
-
 if [[ $action == stop ]]; then
+    # Forwarding off comes first and needs nothing else: even without nft
+    # the VM stops routing.
     set_forwarding 0
+    command -v "$nft" >/dev/null || die "IP forwarding off; nft not found, table $table not removed"
     if table_loaded; then
         "$nft" delete table $table || die "nft delete table $table failed (forwarding is off)"
         echo "apply-nftables: IP forwarding off; table $table removed" >&2
@@ -75,6 +76,7 @@ if [[ $action == stop ]]; then
     exit 0
 fi
 
+command -v "$nft" >/dev/null || die "nft not found (apt-get install nftables)"
 [[ -r $config ]] || die "cannot read config $config"
 command -v "$portcullis" >/dev/null || die "portcullis binary not found: $portcullis"
 
