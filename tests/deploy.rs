@@ -140,7 +140,6 @@ fn unit_files_declare_the_ordering_and_privileges() {
         pre.starts_with(&format!("{INSTALLED_BIN} check -c ")),
         "ExecStartPre={pre}"
     );
-    assert_eq!(main.one("Type"), "simple");
 
     // Nothing in the sysctl file turns forwarding on (a comment may name it).
     let sysctl = std::fs::read_to_string(deploy("sysctl.d/90-portcullis.conf")).unwrap();
