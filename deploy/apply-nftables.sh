@@ -1,45 +1,84 @@
 #!/usr/bin/env bash
 # Render the portcullis nftables ruleset, check it, load it, then turn on IP
-# forwarding. Installed as /usr/local/lib/portcullis/apply-nftables.sh and
-# run by portcullis-nftables.service (start and reload); also fine by hand.
+# forwarding; or (--stop) turn forwarding off and remove the ruleset.
+# Installed as /usr/local/lib/portcullis/apply-nftables.sh and run by
+# portcullis-nftables.service (start, reload, stop); also fine by hand.
 #
 #   apply-nftables.sh [--config FILE] [--dry-run]
+#   apply-nftables.sh --stop
 #
 #   --config FILE  portcullis config (default /etc/portcullis/portcullis.toml)
 #   --dry-run      render and check only: print the ruleset, load nothing,
 #                  change no sysctl
+#   --stop         forwarding off, then delete table inet portcullis
 #
 # Environment: PORTCULLIS (binary, default /usr/local/bin/portcullis),
 # NFT (default nft), RULESET (default /run/portcullis/ruleset.nft).
 #
 # nft -f loads a file in one transaction: either the whole new ruleset is
 # in place or the old one is untouched. Forwarding is switched on only after
-# a successful load, so a bad config never leaves the VM forwarding without
-# rules (portcullis-nftables.service switches it off before calling this).
+# a successful load and once the portcullis table is seen in the kernel, so
+# a bad config never leaves the VM forwarding without rules. A failed load
+# leaves forwarding as it was: off at start (the unit switches it off first),
+# on with the previous ruleset on reload.
+#
+# --stop works in the opposite order: forwarding off first, then the table
+# goes. Removing the table while forwarding is on would route compute's
+# traffic to the internet unfiltered, if only for a moment.
 set -euo pipefail
 
 config=/etc/portcullis/portcullis.toml
-dry_run=0
+action=apply
 portcullis=${PORTCULLIS:-/usr/local/bin/portcullis}
 nft=${NFT:-nft}
 ruleset=${RULESET:-/run/portcullis/ruleset.nft}
+# The table `portcullis render nftables` creates (`table inet portcullis`).
+table="inet portcullis"
 
-usage() { sed -n '2,13s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,17s/^# \{0,1\}//p' "$0"; }
 die() { echo "apply-nftables: $*" >&2; exit 1; }
+
+# Writes /proc/sys directly rather than calling sysctl(8): one dependency
+# less, and the same file the kernel reads. A kernel booted with
+# ipv6.disable=1 has no net/ipv6 directory; that key is skipped.
+set_forwarding() {
+    local value=$1 key
+    for key in /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv6/conf/all/forwarding; do
+        [[ -e $key ]] || continue
+        echo "$value" >"$key" || die "cannot write $value to $key"
+    done
+}
+
+table_loaded() { "$nft" list table $table >/dev/null 2>&1; }
 
 while [[ $# -gt 0 ]]; do
     case $1 in
         -c|--config) [[ $# -ge 2 ]] || die "$1 needs a file"; config=$2; shift 2 ;;
         --config=*) config=${1#--config=}; shift ;;
-        --dry-run) dry_run=1; shift ;;
+        --dry-run) action=dry-run; shift ;;
+        --stop) action=stop; shift ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
 done
 
+if [[ $action == stop ]]; then
+    # Forwarding off comes first and needs nothing else: even without nft
+    # the VM stops routing.
+    set_forwarding 0
+    command -v "$nft" >/dev/null || die "IP forwarding off; nft not found, table $table not removed"
+    if table_loaded; then
+        "$nft" delete table $table || die "nft delete table $table failed (forwarding is off)"
+        echo "apply-nftables: IP forwarding off; table $table removed" >&2
+    else
+        echo "apply-nftables: IP forwarding off; table $table was not loaded" >&2
+    fi
+    exit 0
+fi
+
+command -v "$nft" >/dev/null || die "nft not found (apt-get install nftables)"
 [[ -r $config ]] || die "cannot read config $config"
 command -v "$portcullis" >/dev/null || die "portcullis binary not found: $portcullis"
-command -v "$nft" >/dev/null || die "nft not found (apt-get install nftables)"
 
 # Render next to the final file, then rename: a failed render never leaves a
 # truncated ruleset behind.
@@ -53,7 +92,7 @@ if ! "$nft" -c -f "$tmp"; then
     die "rendered ruleset does not pass nft -c; it is kept in $ruleset.rejected"
 fi
 
-if [[ $dry_run -eq 1 ]]; then
+if [[ $action == dry-run ]]; then
     cat "$tmp"
     echo "apply-nftables: dry run: ruleset from $config is valid; nothing loaded" >&2
     exit 0
@@ -62,8 +101,8 @@ fi
 chmod 0644 "$tmp"
 mv -f "$tmp" "$ruleset"
 trap - EXIT
-"$nft" -f "$ruleset" || die "nft -f $ruleset failed; the previous ruleset is still loaded"
+"$nft" -f "$ruleset" || die "nft -f $ruleset failed; the previous ruleset (if any) is still loaded"
+table_loaded || die "$ruleset loaded but table $table is not in the kernel; forwarding left as it was"
 
-# -e: a kernel booted with ipv6.disable=1 has no net.ipv6 keys.
-sysctl -q -e -w net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
+set_forwarding 1
 echo "apply-nftables: loaded $ruleset from $config; IP forwarding on" >&2

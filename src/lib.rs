@@ -25,6 +25,7 @@ pub mod upstream;
 pub mod tunnel;
 pub mod admin;
 pub mod metrics;
+pub mod conntrack;
 pub mod logwriter;
 pub mod shutdown;
 pub mod render;

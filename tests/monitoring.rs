@@ -1,8 +1,9 @@
 //! Observability end to end: the `/metrics` exposition checked by
 //! `promtool`, counters moving with traffic, a real Prometheus scraping a
 //! running portcullis and evaluating every expression of the shipped Grafana
-//! dashboard and alert rules, the bound on denied-destination series under a
-//! spray of random names, and `/readyz` while draining.
+//! dashboard and alert rules, the count panels counting one event as one,
+//! `promtool test rules` on every alert, the bound on denied-destination
+//! series under a spray of random names, and `/readyz` while draining.
 //!
 //! Upstreams are local (127.0.0.2, names mapped by `[resolve]`); nothing here
 //! resolves a real name or leaves the machine. Prometheus listens on
@@ -36,6 +37,10 @@ const ALERTS: &str = concat!(
 const PROM_CONFIG: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/deploy/prometheus/prometheus.yml"
+);
+const ALERT_TESTS: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/prometheus/portcullis-alerts.test.yml"
 );
 
 // ---------------------------------------------------------------------------
@@ -134,6 +139,20 @@ fn allowed_plain_get(proxy: SocketAddr, up: &Upstream) {
     .unwrap();
     let resp = read_response(&mut s).unwrap();
     assert_eq!(resp.status, 200, "GET http://{authority}/hello.txt");
+}
+
+/// One domain-fronting attempt: a CONNECT to allowed.test whose TLS
+/// ClientHello names other.test. The proxy cuts it and counts one
+/// `portcullis_tls_name_mismatch_total{kind="connect_sni"}`.
+fn fronted_connect(proxy: SocketAddr, up: &Upstream, ca: &TestCa) {
+    let authority = format!("allowed.test:{}", up.https_port());
+    let (mut s, head) = connect_via(proxy, &authority);
+    assert_eq!(head.status, 200, "CONNECT {authority}: {head:?}");
+    let name = rustls::pki_types::ServerName::try_from("other.test").expect("a DNS name");
+    let mut tls = rustls::ClientConnection::new(ca.client_config(), name).expect("TLS client");
+    tls.write_tls(&mut s).expect("send ClientHello");
+    // The proxy closes the tunnel; what (if anything) came back is not the point.
+    let _ = read_until_closed(&mut s);
 }
 
 /// `times` denied CONNECTs to `host:port` (each on its own connection: a
@@ -410,6 +429,39 @@ fn label_values_path(query: &str) -> Option<String> {
         Some(sel) => format!("/api/v1/label/{label}/values?match[]={}", urlencode(sel)),
         None => format!("/api/v1/label/{label}/values"),
     })
+}
+
+/// (title, expr) of every panel that shows a count over the dashboard
+/// range (title ends in "(dashboard range)", one instant query), in
+/// dashboard order; the top-denied table is checked on its own.
+fn range_count_panels(doc: &Value) -> Vec<(String, String)> {
+    doc["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["type"] == "stat")
+        .filter_map(|p| {
+            let title = p["title"].as_str()?;
+            let targets = p["targets"].as_array()?;
+            (title.ends_with("(dashboard range)") && targets.len() == 1).then(|| {
+                assert_eq!(targets[0]["instant"], true, "{title}: not an instant query");
+                let expr = targets[0]["expr"].as_str().unwrap_or_default();
+                (title.to_string(), expr.to_string())
+            })
+        })
+        .collect()
+}
+
+/// The windows of every `increase(` in `expr`: the first `[...]` after it.
+fn increase_windows(expr: &str) -> Vec<&str> {
+    expr.match_indices("increase(")
+        .filter_map(|(i, _)| {
+            let rest = &expr[i..];
+            let open = rest.find('[')?;
+            let close = rest[open..].find(']')?;
+            Some(&rest[open + 1..open + close])
+        })
+        .collect()
 }
 
 /// The `expr` of every rule in a Prometheus rules file, with a minimal YAML
@@ -691,6 +743,16 @@ fn prometheus_scrapes_and_every_dashboard_and_alert_expression_evaluates() {
         }),
         "reload never scraped"
     );
+    // One domain-fronting attempt, for the name-mismatch count panel.
+    fronted_connect(proxy.addr(), &up, &ca);
+    assert!(
+        wait_until(PROM_TIMEOUT, || {
+            prom.vector(r#"portcullis_tls_name_mismatch_total{kind="connect_sni"}"#)
+                .iter()
+                .any(|(_, v)| *v == 1.0)
+        }),
+        "name mismatch never scraped"
+    );
 
     // Every dashboard expression evaluates.
     let dashboard: Value =
@@ -777,6 +839,56 @@ fn prometheus_scrapes_and_every_dashboard_and_alert_expression_evaluates() {
         "counts not strictly ordered: {got:?}"
     );
 
+    // The count panels count one event as one: one reload, one fronted CONNECT.
+    let panels = range_count_panels(&dashboard);
+    let titles: Vec<&str> = panels.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        titles,
+        [
+            "Name mismatches (dashboard range)",
+            "Config reloads (dashboard range)"
+        ],
+        "count panels"
+    );
+    // (panel title, label, the count each label value must show)
+    type Want<'a> = (&'a str, &'a str, &'a [(&'a str, f64)]);
+    let expected: [Want<'_>; 2] = [
+        (
+            "Name mismatches (dashboard range)",
+            "kind",
+            &[
+                ("connect_sni", 1.0),
+                ("host_uri", 0.0),
+                ("sni_destination", 0.0),
+                ("host_destination", 0.0),
+            ],
+        ),
+        (
+            "Config reloads (dashboard range)",
+            "result",
+            &[("success", 1.0), ("failure", 0.0)],
+        ),
+    ];
+    for (title, label, want) in expected {
+        let (_, raw) = panels.iter().find(|(t, _)| t == title).unwrap();
+        let got = prom.vector(&substitute(raw));
+        eprintln!("{title}: {raw}\n  = {got:?}");
+        for &(value, n) in want {
+            let v = got
+                .iter()
+                .find(|(l, _)| l.get(label).map(String::as_str) == Some(value))
+                .map(|(_, v)| *v)
+                .unwrap_or_else(|| panic!("{title}: no {label}={value} in {got:?}"));
+            // increase() extrapolates to the window's end by at most about
+            // one scrape interval, so one event reads 1.0x; the panel shows
+            // it with 0 decimals. Overlapping windows summed would read ~4.
+            assert!(
+                (v - n).abs() < 0.25,
+                "{title}: {label}={value} counted {v}, want {n}"
+            );
+        }
+    }
+
     // Every alert expression evaluates, and Prometheus evaluates the loaded rules cleanly.
     let alerts_text = std::fs::read_to_string(ALERTS).unwrap();
     let exprs = yaml_exprs(&alerts_text);
@@ -836,7 +948,177 @@ fn prometheus_scrapes_and_every_dashboard_and_alert_expression_evaluates() {
 }
 
 // ---------------------------------------------------------------------------
-// 3. Denied-destination cardinality is bounded
+// 3. Dashboard counts and import; alert unit tests and runbooks
+
+#[test]
+fn dashboard_counts_use_the_range_and_declare_their_data_source_input() {
+    let text = std::fs::read_to_string(DASHBOARD).unwrap();
+    let doc: Value = serde_json::from_str(&text).expect("dashboard JSON");
+    // A count is increase() over the whole range, never a legend that sums
+    // overlapping increase(...[$__rate_interval]) windows.
+    for (place, expr) in dashboard_queries(&doc) {
+        for window in increase_windows(&expr) {
+            assert_eq!(window, "$__range", "{place}: {expr}");
+        }
+    }
+    for p in doc["panels"].as_array().unwrap() {
+        let calcs = &p["options"]["legend"]["calcs"];
+        assert!(
+            !calcs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c == "sum" || c == "total"),
+            "{}: legend sums points: {calcs}",
+            p["title"]
+        );
+    }
+    // Import offers a data-source picker for DS_PROMETHEUS, and the choice
+    // becomes the Data source variable's default.
+    let inputs: Vec<&str> = doc["__inputs"]
+        .as_array()
+        .expect("__inputs")
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(inputs, ["DS_PROMETHEUS"]);
+    assert_eq!(doc["__inputs"][0]["type"], "datasource");
+    assert_eq!(doc["__inputs"][0]["pluginId"], "prometheus");
+    let used: std::collections::BTreeSet<&str> = text
+        .match_indices("${DS_")
+        .map(|(i, _)| {
+            let rest = &text[i + 2..];
+            &rest[..rest.find('}').unwrap()]
+        })
+        .collect();
+    assert_eq!(used.into_iter().collect::<Vec<_>>(), inputs);
+    let var = &doc["templating"]["list"][0];
+    assert_eq!(var["name"], "datasource");
+    assert_eq!(var["current"]["value"], "${DS_PROMETHEUS}");
+    // Both READMEs describe that picker.
+    for readme in ["README.md", "deploy/README.md"] {
+        let body =
+            std::fs::read_to_string(format!("{}/{readme}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        assert!(
+            body.contains("DS_PROMETHEUS"),
+            "{readme} does not describe the import picker"
+        );
+    }
+}
+
+/// GitHub's anchor for a Markdown heading: lower case, spaces to `-`,
+/// punctuation other than `-` and `_` dropped.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn alert_rules_pass_promtool_unit_tests_and_link_their_runbooks() {
+    if !have("promtool", &["--version"]) {
+        return;
+    }
+    let out = promtool(&["check", "rules", ALERTS], None);
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}",
+        output_text(&out)
+    );
+    // Input series, expected alerts with labels and annotations (rendered
+    // templates included), and cases that must not fire.
+    let out = promtool(&["test", "rules", ALERT_TESTS], None);
+    eprintln!("promtool test rules: {}", output_text(&out).trim());
+    assert!(
+        out.status.success(),
+        "promtool test rules: {}",
+        output_text(&out)
+    );
+
+    let alerts = std::fs::read_to_string(ALERTS).unwrap();
+    let tests = std::fs::read_to_string(ALERT_TESTS).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let anchors: Vec<String> = readme
+        .lines()
+        .filter_map(|l| l.strip_prefix("### ").or_else(|| l.strip_prefix("## ")))
+        .map(anchor)
+        .collect();
+    let names: Vec<&str> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    let runbooks: Vec<&str> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook_url: "))
+        .map(|u| u.trim_matches('"'))
+        .collect();
+    assert_eq!(names.len(), runbooks.len(), "every alert has a runbook_url");
+    for (name, url) in names.iter().zip(&runbooks) {
+        assert!(
+            tests.contains(&format!("alertname: {name}\n")),
+            "{name} has no case in {ALERT_TESTS}"
+        );
+        let (_, frag) = url
+            .split_once('#')
+            .unwrap_or_else(|| panic!("{name}: {url}"));
+        assert_eq!(frag, name.to_lowercase(), "{name}: runbook anchor");
+        assert!(
+            anchors.iter().any(|a| a == frag),
+            "{name}: README.md has no heading for #{frag}"
+        );
+    }
+    for name in [
+        "PortcullisDomainFronting",
+        "PortcullisConntrackNearFull",
+        "PortcullisRulesetUnitFailed",
+    ] {
+        assert!(names.contains(&name), "{name} missing");
+    }
+
+    // The commented azure_sd example is a valid scrape config once uncommented.
+    let config = std::fs::read_to_string(PROM_CONFIG).unwrap();
+    let mut inside = false;
+    let mut lines = Vec::new();
+    for line in config.lines() {
+        if line.contains("BEGIN azure_sd example") || line.contains("END azure_sd example") {
+            inside = !inside;
+            continue;
+        }
+        lines.push(match line.strip_prefix("  # ") {
+            Some(rest) if inside => format!("  {rest}"),
+            _ => line.to_string(),
+        });
+    }
+    assert!(
+        !inside
+            && lines
+                .iter()
+                .any(|l| l.starts_with("  - job_name: portcullis-azure")),
+        "azure_sd markers"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("prometheus.yml");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    std::fs::copy(ALERTS, dir.path().join("portcullis-alerts.yml")).unwrap();
+    let path = path.display().to_string();
+    let out = promtool(&["check", "config", &path], None);
+    assert!(
+        out.status.success(),
+        "promtool check config with azure_sd_configs: {}",
+        output_text(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 4. Denied-destination cardinality is bounded
 
 /// Reads one response, which must be a 403; true when it says `Connection: close`.
 fn read_denied(r: &mut impl BufRead, line: &mut String, body: &mut Vec<u8>) -> bool {
@@ -1026,7 +1308,7 @@ fn denied_destination_series_are_bounded_under_a_spray() {
 }
 
 // ---------------------------------------------------------------------------
-// 4. /readyz while draining
+// 5. /readyz while draining
 
 #[test]
 fn readyz_is_503_while_draining_and_exit_is_clean() {
