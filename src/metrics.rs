@@ -568,6 +568,54 @@ fn register_info(r: &Registry) {
     }
 }
 
+/// The kernel's connection-tracking table, read at every scrape: two
+/// gauges while conntrack is loaded, nothing when it is not.
+struct Conntrack {
+    entries: IntGauge,
+    max: IntGauge,
+}
+
+impl prometheus::core::Collector for Conntrack {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.entries
+            .desc()
+            .into_iter()
+            .chain(self.max.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Some(usage) = crate::conntrack::read() else {
+            return Vec::new();
+        };
+        self.entries.set(usage.entries as i64);
+        self.max.set(usage.max as i64);
+        self.entries
+            .collect()
+            .into_iter()
+            .chain(self.max.collect())
+            .collect()
+    }
+}
+
+fn register_conntrack(r: &Registry) {
+    let gauge = |name: &str, help: &str| {
+        IntGauge::with_opts(prometheus::Opts::new(name, help)).expect("valid gauge")
+    };
+    let collector = Conntrack {
+        entries: gauge(
+            "conntrack_entries",
+            "Entries in the kernel's connection-tracking table (nf_conntrack_count).",
+        ),
+        max: gauge(
+            "conntrack_max",
+            "Size of the kernel's connection-tracking table (nf_conntrack_max).",
+        ),
+    };
+    r.register(Box::new(collector))
+        .expect("conntrack gauges register once");
+}
+
 impl Metrics {
     /// Registers every family in a new registry. Every series whose labels
     /// are known up front is created at 0, so the first event after a start
@@ -581,6 +629,7 @@ impl Metrics {
         let dns_lookups = register_dns(&r);
         let reload = register_reload(&r);
         register_info(&r);
+        register_conntrack(&r);
         Metrics {
             decisions: decisions.decisions,
             denied: decisions.denied,
@@ -645,6 +694,22 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conntrack_gauges_follow_the_kernel_table() {
+        let text = Metrics::new(10).render();
+        match crate::conntrack::read() {
+            Some(usage) => {
+                assert!(
+                    text.contains("# TYPE portcullis_conntrack_entries gauge"),
+                    "{text}"
+                );
+                let max = format!("portcullis_conntrack_max {}", usage.max);
+                assert!(text.contains(&max), "{max} missing");
+            }
+            None => assert!(!text.contains("portcullis_conntrack"), "{text}"),
+        }
+    }
 
     #[test]
     fn denied_hosts_are_bounded() {
