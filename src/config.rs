@@ -366,6 +366,28 @@ pub struct RuleConfig {
     /// `egress` (default), `inbound` or `internal`.
     #[serde(default)]
     pub direction: Direction,
+    /// Address rules: which TLS names a CONNECT to one of the rule's
+    /// addresses may carry. `match` (default): only names some host rule
+    /// allows on that port; `any`: every name (linted: every tenant behind
+    /// the addresses is reachable).
+    #[serde(default)]
+    pub sni: SniMode,
+    /// Tunnels this rule allows may carry a protocol that names no host
+    /// (SSH on 22, …), unchecked. Default false: a tunnel must start with a
+    /// TLS ClientHello or an HTTP request whose name agrees, or it is cut.
+    #[serde(default)]
+    pub opaque: bool,
+}
+
+/// Which TLS names an address rule's tunnels may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SniMode {
+    /// Only names a host rule allows on the port.
+    #[default]
+    Match,
+    /// Any name.
+    Any,
 }
 
 /// `[limits]`: every read of client input is bounded in size and time.

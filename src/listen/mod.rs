@@ -9,8 +9,10 @@
 //! queueing without bound.
 
 pub mod access;
+pub mod authority;
 pub mod body;
 pub mod explicit;
+pub mod inspect;
 pub mod respond;
 pub mod spare;
 pub mod transparent;
@@ -277,11 +279,25 @@ pub fn decide(
         port,
         proto: crate::config::Protocol::Tcp,
     });
-    gw.count_decision(&conn.client_subnet, via, &d, host, port);
-    if d.verdict != Verdict::Allow {
-        log_denial(conn, policy, via, host, port, &d);
-    }
+    record(gw, conn, policy, via, host, port, &d);
     d
+}
+
+/// Counts a decision and logs it if it is a denial: `decide`'s, or a
+/// data-path cut (a name that disagrees inside an allowed connection).
+pub fn record(
+    gw: &Gateway,
+    conn: &Conn,
+    policy: &Policy,
+    via: Via,
+    host: &str,
+    port: u16,
+    d: &Decision,
+) {
+    gw.count_decision(&conn.client_subnet, via, d, host, port);
+    if d.verdict != Verdict::Allow {
+        log_denial(conn, policy, via, host, port, d);
+    }
 }
 
 /// The form of a host that policy, DNS and logs see: IP literals without

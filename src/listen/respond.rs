@@ -50,24 +50,17 @@ pub enum Refusal<'a> {
         /// The destination was an IP literal (decided by address rules).
         ip_literal: bool,
     },
-    /// The Host header names another host than the request's URL.
-    HostMismatch,
     /// The upstream could not be reached (or every address was refused).
     Upstream(&'a ConnectError),
     /// The upstream answered with something that is not HTTP/1.
     UpstreamProtocol(&'a (dyn std::fmt::Display + Sync)),
-    /// A TLS ClientHello names another host than the one decided (domain fronting).
-    SniMismatch,
 }
 
 impl Refusal<'_> {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Refusal::ClientNotAllowed
-            | Refusal::Denied { .. }
-            | Refusal::HostMismatch
-            | Refusal::SniMismatch => StatusCode::FORBIDDEN,
+            Refusal::ClientNotAllowed | Refusal::Denied { .. } => StatusCode::FORBIDDEN,
             Refusal::ConnectionLimit => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::BadRequest(_) | Refusal::NotAProxyRequest => StatusCode::BAD_REQUEST,
             Refusal::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -79,9 +72,7 @@ impl Refusal<'_> {
     /// The RFC 9209 §2.3 error token of the `Proxy-Status` header.
     pub fn token(&self) -> &'static str {
         match self {
-            Refusal::ClientNotAllowed | Refusal::HostMismatch | Refusal::SniMismatch => {
-                "http_request_denied"
-            }
+            Refusal::ClientNotAllowed => "http_request_denied",
             Refusal::ConnectionLimit => "proxy_internal_response",
             Refusal::BadRequest(_) | Refusal::HeadTooLarge { .. } | Refusal::NotAProxyRequest => {
                 "http_request_error"
@@ -111,10 +102,8 @@ impl Refusal<'_> {
             Refusal::HeadTooLarge { .. } => "request head too large".into(),
             Refusal::NotAProxyRequest => "not a proxy request".into(),
             Refusal::Denied { decision, .. } => decision.reason.as_str().into(),
-            Refusal::HostMismatch => "host_mismatch".into(),
             Refusal::Upstream(err) => err.to_string(),
             Refusal::UpstreamProtocol(_) => "upstream response".into(),
-            Refusal::SniMismatch => "sni_mismatch".into(),
         }
     }
 
@@ -140,16 +129,10 @@ impl Refusal<'_> {
             Refusal::Denied {
                 policy, decision, ..
             } => format!("portcullis: denied {what} — {}\n", policy.explain(decision)),
-            Refusal::HostMismatch => format!(
-                "portcullis: denied {what} — the Host header names another host than the URL\n"
-            ),
             Refusal::Upstream(err) => upstream_body(what, err),
             Refusal::UpstreamProtocol(err) => {
                 format!("portcullis: {what} failed — upstream answered badly: {err}\n")
             }
-            Refusal::SniMismatch => format!(
-                "portcullis: denied {what} — the TLS server name names another host than the one allowed\n"
-            ),
         }
     }
 
@@ -160,13 +143,11 @@ impl Refusal<'_> {
             | Refusal::ConnectionLimit
             | Refusal::BadRequest(_)
             | Refusal::HeadTooLarge { .. }
-            | Refusal::NotAProxyRequest
-            | Refusal::HostMismatch => Close::Status(self.status().as_u16()),
+            | Refusal::NotAProxyRequest => Close::Status(self.status().as_u16()),
             Refusal::Denied { .. } => Close::Denied,
             Refusal::Upstream(ConnectError::NotAmong { .. }) => Close::SniMismatch,
             Refusal::Upstream(err) => Close::Upstream(err.as_str()),
             Refusal::UpstreamProtocol(_) => Close::Upstream("http_protocol_error"),
-            Refusal::SniMismatch => Close::SniMismatch,
         }
     }
 
@@ -277,7 +258,10 @@ fn deny_token(reason: Reason) -> &'static str {
         | Reason::PortNotAllowed
         | Reason::ProtocolNotAllowed
         | Reason::ScenarioDisabled
-        | Reason::MalformedHost => "http_request_denied",
+        | Reason::MalformedHost
+        | Reason::SniMismatch
+        | Reason::HostMismatch
+        | Reason::SniUnreadable => "http_request_denied",
     }
 }
 

@@ -23,7 +23,7 @@ use super::net::{self, NetTable};
 use super::profile::{self, Profile};
 use super::rule::{Rule, RuleState, ScenarioState};
 use super::{Inner, Policy, lint};
-use crate::config::{Action, Config, Direction, PortSpec, RuleConfig, Source};
+use crate::config::{Action, Config, Direction, PortSpec, RuleConfig, SniMode, Source};
 use crate::servicetags::ServiceTags;
 
 /// Everything `compile` needs besides the config itself.
@@ -323,6 +323,11 @@ impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
         let must_exist = scenario_on && rc.direction == Direction::Egress;
         let (service_tags, waiting) = self.service_tags(input.service_tags, must_exist, &mut cidrs);
         let state = self.state(&name, scenario_on, waiting, input.lenient_placeholders);
+        if rc.sni == SniMode::Any && rc.cidrs.is_empty() && rc.service_tags.is_empty() {
+            let path = format!("{}.sni", self.path);
+            let message = "sni = \"any\" is for address rules (cidrs or service_tags): a host rule's tunnels carry its own names".to_string();
+            self.error(rc.name.span(), path, message);
+        }
         if self.d.errors_since(errors_before) {
             return None;
         }
@@ -350,6 +355,8 @@ impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
             origin: self.d.locate(self.src, &rc.name.span()),
             state,
             from_profile: self.src == PROFILE,
+            any_sni: rc.sni == SniMode::Any,
+            opaque: rc.opaque,
         };
         Some((rule, keys, nets))
     }

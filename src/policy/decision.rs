@@ -82,11 +82,22 @@ pub enum Reason {
     GuardedAddress,
     /// 169.254.169.254 or 168.63.129.16.
     PlatformAddress,
+    /// Data path: a TLS ClientHello in an allowed tunnel names another host
+    /// than the one decided (or, in a tunnel to an address, a name no rule
+    /// allows): domain fronting.
+    SniMismatch,
+    /// Data path: an HTTP request in an allowed tunnel or connection names
+    /// another host than the one decided.
+    HostMismatch,
+    /// Data path: an allowed tunnel's first bytes are no readable ClientHello
+    /// or HTTP request (other protocol, too slow, too large, malformed) and
+    /// its rule does not say `opaque = true`.
+    SniUnreadable,
 }
 
 impl Reason {
     /// Every reason, for code that keeps one entry per reason (metrics).
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 12] = [
         Reason::RuleMatched,
         Reason::DenyRule,
         Reason::NoRule,
@@ -96,6 +107,9 @@ impl Reason {
         Reason::MalformedHost,
         Reason::GuardedAddress,
         Reason::PlatformAddress,
+        Reason::SniMismatch,
+        Reason::HostMismatch,
+        Reason::SniUnreadable,
     ];
 
     /// Label form, used in metrics, logs and `Proxy-Status` details.
@@ -110,7 +124,19 @@ impl Reason {
             Reason::MalformedHost => "malformed_host",
             Reason::GuardedAddress => "guarded_address",
             Reason::PlatformAddress => "platform_address",
+            Reason::SniMismatch => "sni_mismatch",
+            Reason::HostMismatch => "host_mismatch",
+            Reason::SniUnreadable => "sni_unreadable",
         }
+    }
+
+    /// Whether only the data path gives this reason, from the bytes inside
+    /// an allowed connection (`decide` never does).
+    pub fn is_data_path(self) -> bool {
+        matches!(
+            self,
+            Reason::SniMismatch | Reason::HostMismatch | Reason::SniUnreadable
+        )
     }
 }
 
@@ -127,6 +153,15 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// A denial for `reason` that no rule gave (data-path cuts, unreadable names).
+    pub fn denied(reason: Reason) -> Decision {
+        Decision {
+            verdict: Verdict::Deny,
+            rule: None,
+            reason,
+        }
+    }
+
     /// Allowed by the rule at index `rule`.
     pub(super) fn allow(rule: u32) -> Decision {
         Decision {

@@ -225,6 +225,17 @@ impl Policy {
                 "Azure platform address (instance metadata / wire server): add 169.254.169.254 and 168.63.129.16 to NO_PROXY"
                     .to_string()
             }
+            Reason::SniMismatch => {
+                "the TLS server name names another host than the tunnel was allowed for (domain fronting)"
+                    .to_string()
+            }
+            Reason::HostMismatch => {
+                "the HTTP Host header names another host than the one asked for".to_string()
+            }
+            Reason::SniUnreadable => {
+                "the tunnel did not start with a readable TLS ClientHello or HTTP request (a rule allows other protocols with opaque = true)"
+                    .to_string()
+            }
         }
     }
 

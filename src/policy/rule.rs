@@ -54,6 +54,10 @@ pub struct Rule {
     pub state: RuleState,
     /// Whether it comes from the built-in profile.
     pub from_profile: bool,
+    /// Address rules: tunnels to its addresses may carry any TLS name (`sni = "any"`).
+    pub any_sni: bool,
+    /// Tunnels it allows may carry a protocol that names no host (`opaque = true`).
+    pub opaque: bool,
 }
 
 /// A scenario as compiled: known from the profile or from config rules, and whether it is on.

@@ -18,9 +18,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::authority;
 use crate::classify::{self, Classified};
 use crate::gateway::Gateway;
+use crate::listen::authority::authority;
 use crate::listen::respond::{Body, Refusal, full, write_and_close};
 use crate::listen::{AccessLog, Close, Conn, decide, normalized_host, relay_and_log};
 use crate::metrics::{NameMismatch, Via};

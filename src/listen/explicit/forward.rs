@@ -17,13 +17,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::{authority, authority_text};
 use crate::gateway::Gateway;
+use crate::listen::authority::{authority, authority_text};
 use crate::listen::body::{Metered, PendingLine};
 use crate::listen::respond::{Body, Refusal};
-use crate::listen::{AccessLog, Close, Conn, decide, normalized_host};
+use crate::listen::{AccessLog, Close, Conn, decide, normalized_host, record};
 use crate::metrics::{NameMismatch, UpstreamError, Via};
-use crate::policy::{Policy, Target, Verdict};
+use crate::policy::{Decision, Policy, Reason, Target, Verdict};
 use crate::tunnel::{CloseReason, relay_io};
 use crate::upstream::pool;
 
@@ -45,13 +45,16 @@ pub(super) async fn forward(
     // Only answers other than the upstream's need it: made on demand.
     let uri = req.uri().clone();
     let what = || format!("{method} {uri}");
-    if let Err(refusal) = host_agrees(&req, &host, port) {
-        if matches!(refusal, Refusal::HostMismatch) {
+    let d = match host_agrees(&req, &host, port) {
+        Ok(()) => decide(&gw, &conn, &policy, Via::Http, &host, port),
+        Err(Some(refusal)) => return refusal.response(&what()),
+        Err(None) => {
             gw.count_name_mismatch(NameMismatch::HostUri);
+            let d = Decision::denied(Reason::HostMismatch);
+            record(&gw, &conn, &policy, Via::Http, &host, port, &d);
+            d
         }
-        return refusal.response(&what());
-    }
-    let d = decide(&gw, &conn, &policy, Via::Http, &host, port);
+    };
     if d.verdict == Verdict::Deny {
         AccessLog::new(&conn, method.as_str(), &host, port, Some(&d), Close::Denied)
             .under(&policy)
@@ -142,10 +145,15 @@ fn destination(uri: &Uri) -> Result<(String, u16), Refusal<'static>> {
 }
 
 /// One Host header, naming the URI's host and port (when there is one).
-fn host_agrees(req: &Request<Incoming>, host: &str, port: u16) -> Result<(), Refusal<'static>> {
+/// `Err(Some)`: a malformed request; `Err(None)`: a Host naming another host.
+fn host_agrees(
+    req: &Request<Incoming>,
+    host: &str,
+    port: u16,
+) -> Result<(), Option<Refusal<'static>>> {
     let hosts: Vec<&HeaderValue> = req.headers().get_all(header::HOST).iter().collect();
     if hosts.len() > 1 {
-        return Err(Refusal::BadRequest("more than one Host header"));
+        return Err(Some(Refusal::BadRequest("more than one Host header")));
     }
     let Some(h) = hosts.first() else {
         return Ok(());
@@ -160,12 +168,13 @@ fn host_agrees(req: &Request<Incoming>, host: &str, port: u16) -> Result<(), Ref
     }
     let text = h
         .to_str()
-        .map_err(|_| Refusal::BadRequest("the Host header is not ASCII"))?;
-    let (h_host, h_port) = authority_text(text, Some(80)).map_err(Refusal::BadRequest)?;
+        .map_err(|_| Some(Refusal::BadRequest("the Host header is not ASCII")))?;
+    let (h_host, h_port) =
+        authority_text(text, Some(80)).map_err(|msg| Some(Refusal::BadRequest(msg)))?;
     if normalized_host(&h_host) == host && h_port == port {
         Ok(())
     } else {
-        Err(Refusal::HostMismatch)
+        Err(None)
     }
 }
 
