@@ -51,6 +51,11 @@ pub fn require(available: bool, why: &str) -> bool {
     false
 }
 
+/// [`require`] on `program args` working, with `PROGRAM not found` as why.
+pub fn have(program: &str, args: &[&str]) -> bool {
+    require(tool_works(program, args), &format!("{program} not found"))
+}
+
 /// python3 is needed for every test with an upstream.
 pub fn have_python() -> bool {
     require(tool_works("python3", &["--version"]), "python3 not found")

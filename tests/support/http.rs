@@ -66,6 +66,20 @@ pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(s)
 }
 
+/// Sends `CONNECT authority` to `proxy` and reads the response head; the
+/// stream is left right after the head (tunnel bytes follow on 200). Panics
+/// on transport errors (test helper).
+pub fn connect_via(proxy: SocketAddr, authority: &str) -> (TcpStream, Head) {
+    let mut s = connect(proxy).expect("connect to proxy");
+    write!(
+        s,
+        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+    )
+    .unwrap();
+    let head = read_head(&mut s).unwrap_or_else(|e| panic!("CONNECT {authority}: {e}"));
+    (s, head)
+}
+
 /// Reads a response head byte by byte (so nothing after it is consumed).
 pub fn read_head(r: &mut impl Read) -> io::Result<Head> {
     let mut buf = Vec::new();
