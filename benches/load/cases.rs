@@ -12,6 +12,7 @@ use crate::upstreams::Upstreams;
 use crate::wire::Dir;
 
 #[derive(Clone, Copy, Debug)]
+/// What a case runs on each target.
 pub enum Work {
     Bulk { dir: Dir, streams: usize },
     Tunnels { clients: usize },
@@ -19,8 +20,11 @@ pub enum Work {
     Idle,
 }
 
+/// One named case: its work and where it runs.
 pub struct Case {
+    /// The name `--only` matches by prefix.
     pub name: &'static str,
+    /// What runs on each target.
     pub work: Work,
     /// Measure the portcullis instance at `[log] level = "warn"` (no access lines).
     pub quiet_log: bool,
@@ -28,6 +32,7 @@ pub struct Case {
     pub transparent: bool,
 }
 
+/// Every case, in report order.
 pub const CASES: &[Case] = &[
     Case {
         name: "bulk-down",
@@ -233,6 +238,7 @@ pub fn rows(case: &Case, s: &Settings) -> Vec<(String, Kind)> {
     }
 }
 
+/// One run of `work` through `via` (idle is run by the caller, on fresh proxies).
 pub async fn run_work(
     work: Work,
     via: Via,

@@ -26,11 +26,11 @@ use crate::wire::{
 };
 
 /// Longest any single transaction (open + echo, one HTTP exchange) may take.
-pub const STALL: Duration = Duration::from_secs(10);
+const STALL: Duration = Duration::from_secs(10);
 /// Concurrent opens while building up idle tunnels.
-pub const IDLE_OPEN_CONCURRENCY: usize = 64;
+const IDLE_OPEN_CONCURRENCY: usize = 64;
 /// Wait between opening the last idle tunnel and reading the proxy's RSS.
-pub const IDLE_SETTLE: Duration = Duration::from_millis(1500);
+const IDLE_SETTLE: Duration = Duration::from_millis(1500);
 
 /// How a client reaches an upstream.
 #[derive(Clone, Copy, Debug)]
@@ -47,7 +47,7 @@ pub static IN_TOOL_NETNS: AtomicBool = AtomicBool::new(false);
 
 /// Where the tool may dial: loopback, and the servers of its own namespaces
 /// from inside its client namespace.
-pub fn dial_allowed(ip: IpAddr) -> bool {
+fn dial_allowed(ip: IpAddr) -> bool {
     let in_tool_net = |ip: Ipv4Addr| {
         let [a, b, ..] = ip.octets();
         a == 10 && (b == ROUTED_NET || b == PORTCULLIS_NET)
@@ -66,7 +66,7 @@ pub async fn connect_local(addr: SocketAddr) -> io::Result<TcpStream> {
     TcpStream::connect(addr).await
 }
 
-pub fn find_crlfcrlf(buf: &[u8]) -> Option<usize> {
+fn find_crlfcrlf(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n")
 }
 
@@ -90,7 +90,7 @@ pub async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize, St
     }
 }
 
-pub fn first_line(head: &[u8]) -> String {
+fn first_line(head: &[u8]) -> String {
     let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
     String::from_utf8_lossy(line).into_owned()
 }
@@ -146,13 +146,13 @@ pub async fn echo_check(s: &mut TcpStream, mut got: Vec<u8>) -> Result<(), Strin
 }
 
 /// One new tunnel: open, echo 32 bytes, close.
-pub async fn echo_once(via: Via, echo: SocketAddr) -> Result<(), String> {
+async fn echo_once(via: Via, echo: SocketAddr) -> Result<(), String> {
     let (mut s, pre) = open(via, echo).await?;
     echo_check(&mut s, pre).await
 }
 
 /// Bytes moved and the time it took, for one bulk stream.
-pub async fn bulk_stream(
+async fn bulk_stream(
     via: Via,
     dest: SocketAddr,
     dir: Dir,
@@ -287,6 +287,7 @@ where
     Ok(Sample::Txn { secs, lat: all })
 }
 
+/// New tunnels/s: `clients` closed loops of open, echo 32 bytes, close.
 pub async fn tunnels(
     via: Via,
     ups: Upstreams,
@@ -297,6 +298,7 @@ pub async fn tunnels(
     closed_loop(clients, s, move |_| echo_once(via, echo)).await
 }
 
+/// Resident memory of `pid` (VmRSS), KiB.
 pub fn rss_kib(pid: u32) -> Result<f64, String> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("read /proc/{pid}/status: {e}"))?;

@@ -19,7 +19,7 @@ use crate::upstreams::Upstreams;
 use crate::wire::{HOST, HTTP_BODY};
 
 /// The request a client sends: origin-form direct, absolute-URI via a proxy.
-pub fn http_request(via: Via, server: SocketAddr) -> Vec<u8> {
+fn http_request(via: Via, server: SocketAddr) -> Vec<u8> {
     let port = server.port();
     let target = match via {
         Via::Direct => "/x".to_string(),
@@ -33,7 +33,7 @@ pub fn http_request(via: Via, server: SocketAddr) -> Vec<u8> {
 }
 
 /// Fills `buf` to at least `n` bytes.
-pub async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> Result<(), String> {
+async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> Result<(), String> {
     let mut tmp = [0u8; 4096];
     while buf.len() < n {
         let got = s.read(&mut tmp).await.map_err(io_err("read body"))?;
@@ -46,7 +46,7 @@ pub async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> Result<(), 
 }
 
 /// Reads a chunked body from `buf`/`s` (consuming it) and returns it.
-pub async fn read_chunked(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Vec<u8>, String> {
+async fn read_chunked(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Vec<u8>, String> {
     let mut body = Vec::new();
     loop {
         let line_end = loop {
@@ -74,7 +74,7 @@ pub async fn read_chunked(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Vec<u8
 }
 
 /// One request/response on a keep-alive connection; checks status and body.
-pub async fn http_exchange(s: &mut TcpStream, buf: &mut Vec<u8>, req: &[u8]) -> Result<(), String> {
+async fn http_exchange(s: &mut TcpStream, buf: &mut Vec<u8>, req: &[u8]) -> Result<(), String> {
     s.write_all(req).await.map_err(io_err("send request"))?;
     let head_len = read_head(s, buf).await?;
     let (mut length, mut chunked, mut close) = (None, false, false);

@@ -37,7 +37,7 @@ pub const ROUTED_NET: u8 = 231;
 /// ...and of the path through portcullis (10.232.1.0/24, 10.232.2.0/24).
 pub const PORTCULLIS_NET: u8 = 232;
 /// Namespace names: this, the tool's pid, and a letter per namespace.
-pub const NS_PREFIX: &str = "pcload";
+const NS_PREFIX: &str = "pcload";
 
 /// Runs a set-up command to completion; its stderr is the error.
 pub fn must(cmd: &mut Command) -> Result<Vec<u8>, String> {
@@ -56,7 +56,7 @@ pub fn must(cmd: &mut Command) -> Result<Vec<u8>, String> {
 }
 
 /// Deletes a namespace and its `/etc/netns` directory (best effort).
-pub fn delete_netns(name: &str) {
+fn delete_netns(name: &str) {
     let _ = Command::new("ip")
         .args(["netns", "del", name])
         .stdin(Stdio::null())
@@ -69,7 +69,7 @@ pub fn delete_netns(name: &str) {
 /// Deletes namespaces an earlier run left when it was killed (named
 /// [`NS_PREFIX`], a pid that no longer runs, and one letter), after killing
 /// the processes it had started in them (`ip netns pids`).
-pub fn remove_stale_netns() {
+fn remove_stale_netns() {
     let Ok(entries) = fs::read_dir("/run/netns") else {
         return;
     };
@@ -94,6 +94,7 @@ pub fn remove_stale_netns() {
 }
 
 #[derive(Clone, Copy, Debug)]
+/// The four namespaces: client, routed gateway, portcullis gateway, server.
 pub enum Ns {
     Client,
     Routed,
@@ -104,8 +105,11 @@ pub enum Ns {
 /// A process started in a namespace: its stdin (kept open: the roles end at
 /// EOF), its stdout lines, and the file its stderr goes to.
 pub struct Role {
+    /// Kept open: the role ends when it closes.
     pub stdin: std::process::ChildStdin,
+    /// Its stdout, line by line.
     pub lines: mpsc::Receiver<String>,
+    /// The file its stderr goes to.
     pub log: PathBuf,
 }
 
@@ -140,15 +144,19 @@ impl Role {
 /// on an error or a panic) kills the processes, then deletes the namespaces
 /// (their veth pairs go with them) and their `/etc/netns` directories.
 pub struct Netns {
+    /// `pcload<pid>`: a namespace is this plus one letter.
     pub base: String,
     /// Namespaces made so far (all of them deleted on drop, even after a
     /// partial set-up).
     pub created: Vec<String>,
+    /// Every process started in the namespaces (killed on drop).
     pub children: Vec<Child>,
+    /// Configs, rulesets and logs.
     pub dir: tempfile::TempDir,
 }
 
 impl Netns {
+    /// The namespace's name: the base and one letter.
     pub fn name(&self, ns: Ns) -> String {
         let letter = match ns {
             Ns::Client => 'c',
@@ -177,10 +185,13 @@ impl Netns {
         .map(drop)
     }
 
+    /// `sysctl -qw SETTING` inside a namespace.
     pub fn sysctl(&self, ns: Ns, setting: &str) -> Result<(), String> {
         must(self.exec(ns, "sysctl").args(["-qw", setting])).map(drop)
     }
 
+    /// Removes stale namespaces, then builds the four, their links,
+    /// addresses, routes and sysctls.
     pub fn create() -> Result<Netns, String> {
         remove_stale_netns();
         let mut n = Netns {

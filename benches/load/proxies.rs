@@ -20,7 +20,9 @@ use crate::wire::HOST;
 
 /// A child killed (by its own pid) and reaped when dropped, with its temp dir.
 pub struct Proc {
+    /// The process.
     pub child: Child,
+    /// Its config and logs.
     pub dir: tempfile::TempDir,
     /// `/dev/shm` names starting with this belong to the child (Squid).
     pub shm_prefix: Option<String>,
@@ -45,10 +47,12 @@ impl Drop for Proc {
 }
 
 impl Proc {
+    /// The child's pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
+    /// The last lines of `file` in its temp dir.
     pub fn tail(&self, file: &str) -> String {
         tail(&self.dir.path().join(file))
     }
@@ -76,15 +80,18 @@ pub fn tail(path: &Path) -> String {
 
 /// A running proxy: where it listens and its process.
 pub struct Proxy {
+    /// Where it listens (127.0.0.1).
     pub addr: SocketAddr,
+    /// Its process.
     pub proc: Proc,
 }
 
+/// The crate's root (`CARGO_MANIFEST_DIR`).
 pub fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-pub fn target_dir() -> PathBuf {
+fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(d) => manifest_dir().join(d),
         None => manifest_dir().join("target"),
@@ -160,7 +167,7 @@ level = "{level}"
 
 /// The loopback cases' config: the upstreams by name (`[resolve]` maps it
 /// to 127.0.0.1) and by address (loopback is guarded).
-pub fn portcullis_config(ports: &[u16], level: &str) -> String {
+fn portcullis_config(ports: &[u16], level: &str) -> String {
     let ports = port_list(ports, ", ");
     let rules = format!(
         r#"[[rule]]
@@ -183,6 +190,8 @@ ports = [{ports}]
     config_text("loopback cases", listen, "127.0.0.0/8", &rules, level)
 }
 
+/// Starts `bin run -c` on [`portcullis_config`], stderr to a log file, and
+/// waits (20 s) for `ready` and its `listening proxy ADDR` line.
 pub fn start_portcullis(bin: &Path, ports: &[u16], level: &str) -> Result<Proxy, String> {
     let dir = tempfile::tempdir().map_err(io_err("tempdir"))?;
     let config = dir.path().join("portcullis.toml");
@@ -228,6 +237,7 @@ pub fn start_portcullis(bin: &Path, ports: &[u16], level: &str) -> Result<Proxy,
     Ok(Proxy { addr, proc })
 }
 
+/// `squid` on `PATH`, or in `/usr/sbin` or `/usr/local/sbin`.
 pub fn squid_binary() -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
@@ -238,6 +248,7 @@ pub fn squid_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Squid's version from `squid -v` (`?` if it does not say).
 pub fn squid_version(bin: &Path) -> String {
     Command::new(bin)
         .arg("-v")
@@ -253,12 +264,12 @@ pub fn squid_version(bin: &Path) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-pub fn free_port() -> Result<u16, String> {
+fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err("bind"))?;
     Ok(l.local_addr().map_err(io_err("local_addr"))?.port())
 }
 
-pub fn squid_config(dir: &Path, port: u16, ports: &[u16]) -> String {
+fn squid_config(dir: &Path, port: u16, ports: &[u16]) -> String {
     let d = dir.display();
     let ports = port_list(ports, " ");
     format!(
@@ -287,6 +298,8 @@ http_access deny all
     )
 }
 
+/// Starts Squid on [`squid_config`] under a service name of its own and
+/// waits (20 s) until it accepts connections.
 pub fn start_squid(bin: &Path, ports: &[u16]) -> Result<Proxy, String> {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().map_err(io_err("tempdir"))?;

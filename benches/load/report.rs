@@ -19,16 +19,19 @@ pub enum Cell {
     Blank,
 }
 
+/// One table row: its label, how it compares, one cell per column.
 pub struct Row {
     pub label: String,
     pub kind: Kind,
     pub cells: [Cell; 3],
 }
 
+/// Column indices: direct, portcullis, squid.
 pub const DIRECT: usize = 0;
 pub const PORTCULLIS: usize = 1;
 pub const SQUID: usize = 2;
 
+/// The median (mean of the middle two for an even count).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -39,7 +42,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-pub fn fmt_value(v: f64, kind: Kind) -> String {
+fn fmt_value(v: f64, kind: Kind) -> String {
     match kind {
         _ if v.is_nan() => "—".into(),
         Kind::Absolute if v < 100.0 => format!("{v:.1}"),
@@ -48,7 +51,7 @@ pub fn fmt_value(v: f64, kind: Kind) -> String {
     }
 }
 
-pub fn fmt_cell(c: &Cell, kind: Kind) -> String {
+fn fmt_cell(c: &Cell, kind: Kind) -> String {
     match c {
         Cell::Value(v) => fmt_value(*v, kind),
         Cell::Missing(why) => why.clone(),
@@ -56,7 +59,7 @@ pub fn fmt_cell(c: &Cell, kind: Kind) -> String {
     }
 }
 
-pub fn fmt_compare(proxy: &Cell, direct: &Cell, kind: Kind) -> String {
+fn fmt_compare(proxy: &Cell, direct: &Cell, kind: Kind) -> String {
     match (proxy, direct, kind) {
         (Cell::Value(p), Cell::Value(d), Kind::Rate) if *d > 0.0 => format!("{:.2}", p / d),
         (Cell::Value(p), Cell::Value(d), Kind::Latency) => format!("{:+.0} µs", p - d),
@@ -64,6 +67,7 @@ pub fn fmt_compare(proxy: &Cell, direct: &Cell, kind: Kind) -> String {
     }
 }
 
+/// The markdown table: values, then the two comparisons with direct.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     out.push_str("| case | direct | portcullis | squid | portcullis/direct | squid/direct |\n");
@@ -115,7 +119,7 @@ pub fn loadavg() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-pub fn command_line(program: &str, args: &[&str]) -> Option<String> {
+fn command_line(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program)
         .args(args)
         .current_dir(manifest_dir())
@@ -126,6 +130,7 @@ pub fn command_line(program: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// An error as a table cell: first line, 48 characters, no `|`.
 pub fn short_error(e: &str) -> String {
     let one_line = e.lines().next().unwrap_or_default();
     let mut s: String = one_line.chars().take(48).collect();
@@ -139,6 +144,7 @@ pub fn short_error(e: &str) -> String {
 pub struct Header {
     /// The 1-minute load average before the run.
     pub load_before: String,
+    /// Repetitions per case, and whether sizes were `--quick`.
     pub reps: usize,
     pub quick: bool,
     /// Squid's version, if installed.

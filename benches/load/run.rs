@@ -33,7 +33,7 @@ pub const RUN_LIMIT: Duration = Duration::from_secs(120);
 
 /// One verified pass of every kind of traffic: nothing is measured through a
 /// path that loses or changes bytes.
-pub async fn check_path(via: Via, ups: Upstreams) -> Result<(), String> {
+async fn check_path(via: Via, ups: Upstreams) -> Result<(), String> {
     let check = check_settings();
     for (dir, streams) in [(Dir::Down, 1), (Dir::Up, 1), (Dir::Down, 3), (Dir::Up, 3)] {
         bulk(via, ups, dir, streams, &check).await?;
@@ -43,6 +43,7 @@ pub async fn check_path(via: Via, ups: Upstreams) -> Result<(), String> {
     Ok(())
 }
 
+/// `f`, or an error once `limit` passes.
 pub async fn bounded<T>(
     limit: Duration,
     f: impl Future<Output = Result<T, String>>,
@@ -100,7 +101,7 @@ pub async fn interleave(
 
 /// Raises this process's open-file soft limit to the hard limit (children
 /// inherit it) with util-linux `prlimit`; returns the soft limit in force.
-pub fn raise_nofile() -> Option<u64> {
+fn raise_nofile() -> Option<u64> {
     let read = || -> Option<(u64, u64)> {
         let limits = fs::read_to_string("/proc/self/limits").ok()?;
         let line = limits.lines().find(|l| l.starts_with("Max open files"))?;

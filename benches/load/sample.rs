@@ -18,6 +18,7 @@ pub enum Sample {
 }
 
 impl Sample {
+    /// Two slices of one run as one sample.
     pub fn merge(self, other: Sample) -> Sample {
         match (self, other) {
             (Sample::Bulk { bytes, secs }, Sample::Bulk { bytes: b, secs: t }) => Sample::Bulk {
@@ -51,7 +52,7 @@ impl Sample {
     }
 }
 
-pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -70,6 +71,7 @@ pub fn sample_line(sample: &Sample) -> String {
     }
 }
 
+/// Reads a [`sample_line`], or the client's `error ...` answer.
 pub fn parse_sample(line: &str) -> Result<Sample, String> {
     let bad = || format!("bad answer from the client: {:?}", short_error(line));
     let mut f = line.split_whitespace();

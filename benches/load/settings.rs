@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
+/// Sizes, budgets and selection of one run.
 pub struct Settings {
+    /// Repetitions per case (median over them).
     pub reps: usize,
     /// Bulk: stream this long or `bulk_bytes`, whichever first.
     pub bulk_time: Duration,
@@ -15,18 +17,23 @@ pub struct Settings {
     /// New tunnels / HTTP requests: this long or this many, whichever first.
     pub txn_time: Duration,
     pub txn_max: usize,
+    /// Keep-alive connections of the HTTP case.
     pub http_conns: usize,
     /// A repetition runs as this many slices per target, interleaved.
     pub bulk_slices: usize,
     pub txn_slices: usize,
+    /// Tunnels the idle case holds.
     pub idle_tunnels: usize,
     /// Check every byte (smoke) rather than counts only (bench).
     pub verify: bool,
+    /// Case-name prefixes (`--only`); empty: every case.
     pub only: Vec<String>,
+    /// Whether these are `--quick` sizes (said in the report).
     pub quick: bool,
 }
 
 impl Settings {
+    /// The sizes of a full run.
     pub fn full() -> Settings {
         Settings {
             reps: 3,
@@ -44,6 +51,7 @@ impl Settings {
         }
     }
 
+    /// The sizes of `--quick`.
     pub fn quick() -> Settings {
         Settings {
             reps: 1,

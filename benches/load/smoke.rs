@@ -77,7 +77,7 @@ pub async fn smoke() -> Result<bool, String> {
 
 /// The transparent paths with verified traffic (the set-up's own gate):
 /// skipped without root, or (outside CI) without `ip`/`nft`.
-pub fn transparent_smoke(bin: &Path) -> Result<(), String> {
+fn transparent_smoke(bin: &Path) -> Result<(), String> {
     let started = Instant::now();
     let t = match tokio::task::block_in_place(|| Transparent::setup(bin, "info")) {
         Ok(t) => t,

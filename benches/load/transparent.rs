@@ -30,18 +30,18 @@ use crate::upstreams::{Upstreams, start_upstreams};
 use crate::wire::Dir;
 
 /// The transparent listener in the portcullis gateway (the ruleset redirects to it).
-pub const TRANSPARENT_PORT: u16 = 3129;
+const TRANSPARENT_PORT: u16 = 3129;
 /// Longest a namespace role (server or client process) lives.
-pub const ROLE_LIMIT: Duration = Duration::from_secs(3600);
+const ROLE_LIMIT: Duration = Duration::from_secs(3600);
 /// Most jobs the client role runs before it stops.
-pub const ROLE_MAX_JOBS: usize = 100_000;
+const ROLE_MAX_JOBS: usize = 100_000;
 /// Longest a child in a namespace may take to print its ready line.
-pub const READY_LIMIT: Duration = Duration::from_secs(20);
+const READY_LIMIT: Duration = Duration::from_secs(20);
 
 /// The portcullis gateway's config: clients from the client side, the
 /// server by address (10/8 is guarded), the transparent listener on
 /// [`TRANSPARENT_PORT`].
-pub fn transparent_config(ports: &[u16], level: &str) -> String {
+fn transparent_config(ports: &[u16], level: &str) -> String {
     let ports = port_list(ports, ", ");
     let p = PORTCULLIS_NET;
     let rules = format!(
@@ -61,7 +61,7 @@ ports = [{ports}]
 
 /// One job for the client role: `WORK BULK ECHO HTTP BULK_MS BULK_BYTES
 /// TXN_MS TXN_MAX VERIFY`, with WORK `bulk:d|u:STREAMS` or `tunnels:CLIENTS`.
-pub fn job_line(work: Work, ups: Upstreams, s: &Settings) -> Result<String, String> {
+fn job_line(work: Work, ups: Upstreams, s: &Settings) -> Result<String, String> {
     let w = match work {
         Work::Bulk { dir, streams } => {
             format!(
@@ -85,7 +85,7 @@ pub fn job_line(work: Work, ups: Upstreams, s: &Settings) -> Result<String, Stri
     ))
 }
 
-pub fn parse_job(line: &str) -> Result<(Work, Upstreams, Settings), String> {
+fn parse_job(line: &str) -> Result<(Work, Upstreams, Settings), String> {
     let f: Vec<&str> = line.split_whitespace().collect();
     let [
         w,
@@ -137,6 +137,7 @@ pub fn parse_job(line: &str) -> Result<(Work, Upstreams, Settings), String> {
 
 /// The client role, from the parent's side.
 pub struct NsClient {
+    /// The `--ns-role client` process.
     pub role: Role,
     /// Set once a job went unanswered: later answers would not match.
     pub dead: Option<String>,
@@ -170,10 +171,13 @@ impl NsClient {
 
 /// Everything the transparent cases run on.
 pub struct Transparent {
+    /// Runs the jobs in the client namespace.
     pub client: NsClient,
     /// The server role (its stdin keeps it up).
     pub _server: Role,
+    /// portcullis in its gateway (its log is checked for access lines).
     pub portcullis: Role,
+    /// The server role's bulk, echo and HTTP ports.
     pub ports: [u16; 3],
     /// Per column, why a path failed its verified check.
     pub broken: [Option<String>; 3],

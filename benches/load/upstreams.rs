@@ -23,11 +23,12 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::wire::{HTTP_BODY, PATTERN_LEN, UPLOAD_END, pattern, pattern_matches};
 
 /// Longest a server keeps any one connection.
-pub const SERVER_CONN_LIMIT: Duration = Duration::from_secs(300);
+const SERVER_CONN_LIMIT: Duration = Duration::from_secs(300);
 /// Where the loopback cases' upstreams listen.
 pub const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 #[derive(Clone, Copy, Debug)]
+/// Where the three upstream servers listen.
 pub struct Upstreams {
     pub bulk: SocketAddr,
     pub echo: SocketAddr,
@@ -35,6 +36,7 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
+    /// Their ports: bulk, echo, HTTP.
     pub fn ports(&self) -> [u16; 3] {
         [self.bulk.port(), self.echo.port(), self.http.port()]
     }
@@ -43,7 +45,7 @@ impl Upstreams {
 /// Download: sends the pattern up to the limit (or until the client goes).
 /// Upload: reads up to the end mark, then answers the byte count (u64 BE)
 /// and `1` if every byte matched (or was not checked), `0` otherwise.
-pub async fn bulk_conn(mut s: TcpStream) -> io::Result<()> {
+async fn bulk_conn(mut s: TcpStream) -> io::Result<()> {
     let mut hdr = [0u8; 16];
     s.read_exact(&mut hdr).await?;
     if &hdr[..4] != b"bulk" {
@@ -92,7 +94,7 @@ pub async fn bulk_conn(mut s: TcpStream) -> io::Result<()> {
     }
 }
 
-pub async fn echo_conn(mut s: TcpStream) -> io::Result<()> {
+async fn echo_conn(mut s: TcpStream) -> io::Result<()> {
     let mut buf = [0u8; 2048];
     loop {
         let n = s.read(&mut buf).await?;
@@ -104,7 +106,7 @@ pub async fn echo_conn(mut s: TcpStream) -> io::Result<()> {
 }
 
 /// Keep-alive HTTP/1.1: `GET /x` → 200 with [`HTTP_BODY`], anything else 404.
-pub async fn http_conn(s: TcpStream) -> io::Result<()> {
+async fn http_conn(s: TcpStream) -> io::Result<()> {
     let svc = service_fn(|req: Request<Incoming>| async move {
         let mut resp = Response::new(Full::new(Bytes::from_static(HTTP_BODY)));
         if req.uri().path() != "/x" {
@@ -120,7 +122,7 @@ pub async fn http_conn(s: TcpStream) -> io::Result<()> {
 }
 
 /// Accepts until the runtime shuts down; each connection is bounded in time.
-pub async fn serve<F, Fut>(listener: TcpListener, handler: F)
+async fn serve<F, Fut>(listener: TcpListener, handler: F)
 where
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: Future<Output = io::Result<()>> + Send + 'static,

@@ -12,7 +12,7 @@ pub const HOST: &str = "load.test";
 /// Ends an upload: a byte the pattern never holds (it holds 0..=250).
 pub const UPLOAD_END: u8 = 0xff;
 /// Bulk data is `offset % 251`, so any lost, duplicated or reordered byte shows.
-pub const PATTERN_PERIOD: usize = 251;
+const PATTERN_PERIOD: usize = 251;
 /// One write of bulk data: a whole number of periods, so writes join seamlessly.
 pub const PATTERN_LEN: usize = PATTERN_PERIOD * 261;
 /// What each new tunnel sends and expects back. Starts with a lowercase
@@ -21,6 +21,7 @@ pub const ECHO_PAYLOAD: &[u8; 32] = b"echo-0123456789abcdefghijklmnopq";
 /// Body of every HTTP response of the upstream server.
 pub const HTTP_BODY: &[u8] = b"portcullis load test: a small keep-alive response body.\n";
 
+/// [`PATTERN_LEN`] bytes of the bulk pattern, built once.
 pub fn pattern() -> &'static [u8] {
     static P: OnceLock<Vec<u8>> = OnceLock::new();
     P.get_or_init(|| {
@@ -47,6 +48,7 @@ pub fn pattern_matches(offset: u64, data: &[u8]) -> bool {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which way a bulk stream goes.
 pub enum Dir {
     /// Upstream → client.
     Down,
