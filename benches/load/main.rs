@@ -29,6 +29,15 @@
 //! (`cargo test --benches`) it runs a few-second smoke check that bytes
 //! arrive intact through portcullis (and, as root, through both transparent
 //! paths), so the tool cannot rot.
+//!
+//! Modules, from the settings to the report: `settings` (sizes, options),
+//! `wire` (the bytes on the wire), `upstreams` (in-process servers),
+//! `clients` and `http` (the traffic), `sample` (what a run measured),
+//! `proxies` (portcullis and Squid children), `netns` and `transparent`
+//! (the namespace cases and the `--ns-role` processes), `cases` (what is
+//! measured, row by row), `run` (the full measurement), `smoke` (the check
+//! mode) and `report` (the markdown table). `host` is the tests' own
+//! `tests/support/host.rs` (root, tools, CI).
 
 mod cases;
 mod clients;
