@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use support::{
-    BLOB_SIZE, HELLO, Head, Proxy, Response, TestCa, UPSTREAM_IP, Upstream, WHEEL, client_command,
-    connect, have_python, is_timeout, output_text, read_head, read_response, read_until_closed,
-    require, run_command, tool_works, wait_until,
+    BLOB_SIZE, HELLO, Proxy, Response, TestCa, UPSTREAM_IP, Upstream, WHEEL, client_command,
+    connect, connect_via, have, have_python, is_timeout, output_text, read_head, read_response,
+    read_until_closed, require, run_command, tool_works, wait_until,
 };
 
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -137,25 +137,8 @@ fn have_http_backend() -> bool {
         .is_some_and(|dir| std::path::Path::new(&dir).join("git-http-backend").exists())
 }
 
-fn have(program: &str, args: &[&str]) -> bool {
-    require(tool_works(program, args), &format!("{program} not found"))
-}
-
 // ---------------------------------------------------------------------------
 // Raw helpers
-
-/// Sends `CONNECT authority` and reads the response head; the stream is left
-/// right after the head (tunnel bytes follow on 200).
-fn connect_via(proxy: SocketAddr, authority: &str) -> (TcpStream, Head) {
-    let mut s = connect(proxy).expect("connect to proxy");
-    write!(
-        s,
-        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
-    )
-    .unwrap();
-    let head = read_head(&mut s).unwrap_or_else(|e| panic!("CONNECT {authority}: {e}"));
-    (s, head)
-}
 
 /// CONNECT and read the whole response (for refusals, which carry a body).
 fn connect_refusal(proxy: SocketAddr, authority: &str) -> Response {

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{
-    ChildGuard, Head, Lines, Proxy, TestCa, Upstream, client_command, connect, have_python,
-    http_get, metric_sum, output_text, parse_metrics, read_head, read_response, read_until_closed,
-    require, run_command, tool_works, wait_until,
+    ChildGuard, Lines, Proxy, TestCa, Upstream, client_command, connect, connect_via, have,
+    have_python, http_get, metric_sum, output_text, parse_metrics, read_response,
+    read_until_closed, run_command, wait_until,
 };
 
 const METRIC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,24 +91,8 @@ ports = [{ports}]
     )
 }
 
-fn have(program: &str, args: &[&str]) -> bool {
-    require(tool_works(program, args), &format!("{program} not found"))
-}
-
 // ---------------------------------------------------------------------------
 // Traffic
-
-/// Sends `CONNECT authority` and reads the response head.
-fn connect_via(proxy: SocketAddr, authority: &str) -> (TcpStream, Head) {
-    let mut s = connect(proxy).expect("connect to proxy");
-    write!(
-        s,
-        "CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n"
-    )
-    .unwrap();
-    let head = read_head(&mut s).unwrap_or_else(|e| panic!("CONNECT {authority}: {e}"));
-    (s, head)
-}
 
 /// Downloads `path` from the plain-HTTP upstream through a CONNECT tunnel;
 /// returns every byte the client received after the CONNECT response.

@@ -15,16 +15,13 @@
 
 mod support;
 
-#[path = "support/netns.rs"]
-mod netns;
-
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Output;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use netns::{
-    Echo, Layout, NsUpstream, Portcullis, Scratch, Side, TcpOpts, Topology, require_root,
+use support::netns::{
+    self, Echo, Layout, NsUpstream, Portcullis, Scratch, Side, TcpOpts, Topology, require_root,
     tests_path,
 };
 use support::{TestCa, output_text, run_command};

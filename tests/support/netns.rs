@@ -17,7 +17,6 @@
 //! Every process runs through `ip netns exec` and is owned by the
 //! [`Topology`]; dropping it (also on panic) kills them, deletes the
 //! namespaces and removes their `/etc/netns` directories.
-#![allow(dead_code)]
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -26,32 +25,24 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::support::{
-    HELLO, Lines, TestCa, blob_bytes, client_command, metric_sum, output_text, require,
-    run_command, tool_works, wait_until,
-};
+use super::host::{in_ci, is_root, require, tool_works};
+use super::metrics::{metric_sum, wait_value};
+use super::process::{Lines, client_command, output_text, pipes, printed, run_command};
+use super::proxy::{Listening, portcullis_run, wait_ready};
+use super::tls::TestCa;
+use super::upstream::{Site, ready_ports};
+
+// The nettools clients and servers are `Topology` methods too; tests import
+// them from here with the rest of the namespace harness.
+#[allow(unused_imports)]
+pub use super::nettools::{Echo, TcpOpts, TcpResult, background_tcp_result, hex, unhex};
 
 /// Deadline for set-up commands (`ip`, `nft`, `render`).
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
-/// Deadline for a child to print its ready line.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 // ---------------------------------------------------------------------------
 // Root and tools
-
-/// Whether this process runs with uid 0.
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
 
 /// True when root and the tools are there; otherwise prints
 /// `SKIPPED: TEST needs root (network namespaces)` and returns false, or
@@ -59,7 +50,7 @@ pub fn is_root() -> bool {
 pub fn require_root(test: &str) -> bool {
     if !is_root() {
         let why = format!("{test} needs root (network namespaces)");
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
+        if in_ci() {
             panic!("{why}");
         }
         eprintln!("SKIPPED: {why}");
@@ -83,23 +74,21 @@ fn must(cmd: &mut Command) -> Output {
     out
 }
 
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// `ip netns exec NAME PROGRAM` with proxy variables removed; add the arguments.
+fn netns_exec(name: &str, program: &str) -> Command {
+    let mut cmd = client_command("ip");
+    cmd.args(["netns", "exec", name, program]);
+    cmd
 }
 
-/// Bytes of a hex string (panics on bad input: test data).
-pub fn unhex(text: &str) -> Vec<u8> {
-    let text = text.trim();
-    assert!(text.len().is_multiple_of(2), "odd hex length: {text:?}");
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex digit"))
-        .collect()
-}
-
-fn nettools() -> &'static str {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nettools.py")
+/// Deletes a namespace (best effort: it may be gone already).
+fn delete_netns(name: &str) {
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 // ---------------------------------------------------------------------------
@@ -171,11 +160,7 @@ impl Topology {
         for name in topo.names.clone() {
             if Path::new("/run/netns").join(&name).exists() {
                 // Left over by a killed run with the same pid.
-                let _ = run_command(
-                    Command::new("ip").args(["netns", "del", &name]),
-                    None,
-                    SETUP_TIMEOUT,
-                );
+                delete_netns(&name);
             }
             must(Command::new("ip").args(["netns", "add", &name]));
             topo.created.push(name.clone());
@@ -277,9 +262,7 @@ impl Topology {
 
     /// `ip netns exec NS PROGRAM` with proxy variables removed; add the arguments.
     pub fn exec(&self, side: Side, program: &str) -> Command {
-        let mut cmd = client_command("ip");
-        cmd.args(["netns", "exec", self.name(side), program]);
-        cmd
+        netns_exec(self.name(side), program)
     }
 
     /// Runs `PROGRAM ARGS` in a namespace to completion (killed after `timeout`).
@@ -304,8 +287,7 @@ impl Topology {
         let mut child = full
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {full:?}: {e}"));
-        let stdout = Lines::spawn_reader(child.stdout.take().unwrap());
-        let stderr = Lines::spawn_reader(child.stderr.take().unwrap());
+        let (stdout, stderr) = pipes(&mut child);
         let pid = child.id();
         self.children.lock().unwrap().push(child);
         Spawned {
@@ -359,40 +341,20 @@ impl Topology {
         );
         must(self.exec(Side::Gateway, "nft").arg("-f").arg(&path));
 
-        let mut cmd = Command::new(bin);
-        cmd.arg("run")
-            .arg("-c")
-            .arg(&config_path)
-            .env_remove("RUST_LOG");
-        let p = self.spawn(Side::Gateway, cmd);
-        let ready = p.stdout.wait(READY_TIMEOUT, |lines| {
-            lines.iter().any(|l| l.trim() == "ready")
-        });
-        if !ready {
-            p.stderr.wait(Duration::from_secs(2), |_| false);
+        let p = self.spawn(Side::Gateway, portcullis_run(&config_path));
+        if !wait_ready(&p.stdout) {
             panic!(
-                "portcullis did not print `ready`\nconfig:\n{config}\nstdout:\n{}\nstderr:\n{}",
-                p.stdout.snapshot().join("\n"),
-                p.stderr.snapshot().join("\n")
+                "portcullis did not print `ready`\nconfig:\n{config}\n{}",
+                printed(&p.stdout, &p.stderr)
             );
         }
-        let mut admin = None;
-        let mut transparent = None;
-        for line in p.stdout.snapshot() {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            if let ["listening", kind, addr] = words[..] {
-                let addr: SocketAddr = addr.parse().expect("listening address");
-                match kind {
-                    "admin" => admin = Some(addr),
-                    "transparent" => transparent = Some(addr),
-                    _ => {}
-                }
-            }
-        }
+        let listening = Listening::parse(&p.stdout.snapshot()).expect("listening address");
         Portcullis {
             ns: self.name(Side::Gateway).to_string(),
-            admin: admin.expect("no `listening admin ADDR` line"),
-            transparent: transparent.expect("no `listening transparent ADDR` line"),
+            admin: listening.admin.expect("no `listening admin ADDR` line"),
+            transparent: listening
+                .transparent
+                .expect("no `listening transparent ADDR` line"),
             ruleset,
             proc: p,
         }
@@ -401,153 +363,22 @@ impl Topology {
     /// Starts `tests/fixtures/upstream.py` in the server namespace on `ip`,
     /// with a certificate from `ca` for `names`.
     pub fn start_upstream(&self, ca: &TestCa, ip: Ipv4Addr, names: &[&str]) -> NsUpstream {
-        let root = self.dir().join(format!("upstream-{ip}"));
-        let www = root.join("www");
-        let git_root = root.join("git");
-        std::fs::create_dir_all(&www).unwrap();
-        std::fs::create_dir_all(&git_root).unwrap();
-        let blob = blob_bytes();
-        std::fs::write(www.join("blob"), &blob).unwrap();
-        std::fs::write(www.join("hello.txt"), HELLO).unwrap();
-        std::fs::write(www.join("name.txt"), format!("{}\n", names[0])).unwrap();
-        let (cert, key) = ca.leaf(names);
-        let mut cmd = Command::new("python3");
-        cmd.arg("-u")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/upstream.py"
-            ))
-            .arg("serve")
-            .arg("--host")
-            .arg(ip.to_string())
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
-            .arg("--www")
-            .arg(&www)
-            .arg("--git-root")
-            .arg(&git_root);
-        let p = self.spawn(Side::Server, cmd);
-        let Some(ready) = p
-            .stdout
-            .wait_line(READY_TIMEOUT, |l| l.starts_with("ready "))
-        else {
-            p.stderr.wait(Duration::from_secs(2), |_| false);
+        let site = Site::create(&self.dir().join(format!("upstream-{ip}")), ca, names);
+        std::fs::write(site.www.join("name.txt"), format!("{}\n", names[0])).unwrap();
+        let p = self.spawn(Side::Server, site.serve_command(ip));
+        let Some((https_port, http_port)) = ready_ports(&p.stdout) else {
             panic!(
-                "upstream.py on {ip} did not become ready\nstdout: {:?}\nstderr:\n{}",
-                p.stdout.snapshot(),
-                p.stderr.snapshot().join("\n")
+                "upstream.py on {ip} did not become ready\n{}",
+                printed(&p.stdout, &p.stderr)
             );
-        };
-        let port = |key: &str| -> u16 {
-            ready
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no {key} in {ready:?}"))
         };
         NsUpstream {
             ip,
-            https_port: port("https="),
-            http_port: port("http="),
-            blob,
+            https_port,
+            http_port,
+            blob: site.blob,
             proc: p,
         }
-    }
-
-    /// Starts `nettools.py serve` in the server namespace: TCP and UDP echo
-    /// servers on `host` (`0.0.0.0` for every server address).
-    pub fn start_echo(&self, host: Ipv4Addr, tcp: &[u16], udp: &[u16]) -> Echo {
-        let mut cmd = Command::new("python3");
-        cmd.arg("-u")
-            .arg("-S")
-            .arg(nettools())
-            .arg("serve")
-            .arg("--host")
-            .arg(host.to_string());
-        for p in tcp {
-            cmd.arg("--tcp").arg(p.to_string());
-        }
-        for p in udp {
-            cmd.arg("--udp").arg(p.to_string());
-        }
-        let p = self.spawn(Side::Server, cmd);
-        if p.stdout
-            .wait_line(READY_TIMEOUT, |l| l == "ready")
-            .is_none()
-        {
-            p.stderr.wait(Duration::from_secs(2), |_| false);
-            panic!(
-                "nettools.py serve did not become ready\nstderr:\n{}",
-                p.stderr.snapshot().join("\n")
-            );
-        }
-        Echo { proc: p }
-    }
-
-    // -----------------------------------------------------------------------
-    // Clients
-
-    /// A raw TCP client in a namespace (`nettools.py tcp`).
-    pub fn tcp(&self, side: Side, dest: SocketAddr, opts: &TcpOpts) -> TcpResult {
-        let mut cmd = self.exec(side, "python3");
-        cmd.arg("-S")
-            .arg(nettools())
-            .arg("tcp")
-            .arg(dest.ip().to_string())
-            .arg(dest.port().to_string())
-            .arg("--send")
-            .arg(hex(&opts.send))
-            .arg("--want")
-            .arg(opts.want.to_string())
-            .arg("--timeout")
-            .arg(format!("{}", opts.timeout.as_secs_f64()));
-        if let Some(hello) = &opts.hello {
-            cmd.arg("--hello").arg(hello.as_deref().unwrap_or("-"));
-        }
-        let out = run_command(&mut cmd, None, opts.timeout + Duration::from_secs(20));
-        parse_tcp_result(&out)
-    }
-
-    /// Starts the same TCP client in the background (killed on drop).
-    pub fn tcp_background(&self, side: Side, dest: SocketAddr, opts: &TcpOpts) -> Spawned {
-        let mut cmd = Command::new("python3");
-        cmd.arg("-S")
-            .arg(nettools())
-            .arg("tcp")
-            .arg(dest.ip().to_string())
-            .arg(dest.port().to_string())
-            .arg("--send")
-            .arg(hex(&opts.send))
-            .arg("--want")
-            .arg(opts.want.to_string())
-            .arg("--timeout")
-            .arg(format!("{}", opts.timeout.as_secs_f64()));
-        self.spawn(side, cmd)
-    }
-
-    /// Sends one UDP datagram from the client namespace and waits up to
-    /// `timeout` for an answer.
-    pub fn udp(&self, dest: SocketAddr, data: &[u8], timeout: Duration) -> Option<Vec<u8>> {
-        let out = run_command(
-            self.exec(Side::Client, "python3")
-                .arg("-S")
-                .arg(nettools())
-                .arg("udp")
-                .arg(dest.ip().to_string())
-                .arg(dest.port().to_string())
-                .arg("--send")
-                .arg(hex(data))
-                .arg("--timeout")
-                .arg(format!("{}", timeout.as_secs_f64())),
-            None,
-            timeout + Duration::from_secs(20),
-        );
-        assert!(out.status.success(), "udp client: {}", output_text(&out));
-        let v: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("udp client prints JSON");
-        v["received"].as_str().map(unhex)
     }
 }
 
@@ -562,83 +393,10 @@ impl Drop for Topology {
             let _ = child.wait();
         }
         for name in &self.created {
-            let _ = Command::new("ip")
-                .args(["netns", "del", name])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            delete_netns(name);
             let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
         }
     }
-}
-
-/// Options of the raw TCP client.
-#[derive(Debug, Clone)]
-pub struct TcpOpts {
-    /// Bytes sent after connecting.
-    pub send: Vec<u8>,
-    /// Send a ClientHello (generated by Python's ssl) first: `Some(Some(sni))`
-    /// or `Some(None)` for one without SNI.
-    pub hello: Option<Option<String>>,
-    /// Stop reading after this many bytes (0: read until EOF or timeout).
-    pub want: usize,
-    /// How long to read.
-    pub timeout: Duration,
-}
-
-impl Default for TcpOpts {
-    fn default() -> Self {
-        TcpOpts {
-            send: Vec::new(),
-            hello: None,
-            want: 0,
-            timeout: Duration::from_secs(5),
-        }
-    }
-}
-
-/// What the raw TCP client saw.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TcpResult {
-    /// `ok` or the connect error.
-    pub connect: String,
-    /// Bytes received.
-    pub received: Vec<u8>,
-    /// `enough`, `eof`, `reset`, `timeout` or `error ...`.
-    pub end: String,
-    /// Milliseconds from the end of sending to the end of reading.
-    pub elapsed_ms: u64,
-}
-
-fn parse_tcp_result(out: &Output) -> TcpResult {
-    assert!(out.status.success(), "tcp client: {}", output_text(out));
-    tcp_result_json(&String::from_utf8_lossy(&out.stdout))
-}
-
-fn tcp_result_json(text: &str) -> TcpResult {
-    let v: serde_json::Value = serde_json::from_str(text.trim())
-        .unwrap_or_else(|e| panic!("tcp client JSON: {e}: {text:?}"));
-    TcpResult {
-        connect: v["connect"].as_str().unwrap_or_default().to_string(),
-        received: unhex(v["received"].as_str().unwrap_or_default()),
-        end: v["end"].as_str().unwrap_or_default().to_string(),
-        elapsed_ms: v["elapsed_ms"].as_u64().unwrap_or_default(),
-    }
-}
-
-/// Parses the output of a finished [`Topology::tcp_background`] client.
-pub fn background_tcp_result(p: &Spawned, timeout: Duration) -> TcpResult {
-    let done = p
-        .stdout
-        .wait_line(timeout, |l| l.starts_with('{'))
-        .unwrap_or_else(|| {
-            panic!(
-                "background tcp client printed nothing within {timeout:?}; stderr: {:?}",
-                p.stderr.snapshot()
-            )
-        });
-    tcp_result_json(&done)
 }
 
 // ---------------------------------------------------------------------------
@@ -660,11 +418,7 @@ impl Portcullis {
     /// `/metrics`, fetched with curl inside the gateway namespace.
     pub fn metrics_text(&self) -> String {
         let out = run_command(
-            client_command("ip").args([
-                "netns",
-                "exec",
-                &self.ns,
-                "curl",
+            netns_exec(&self.ns, "curl").args([
                 "-sS",
                 "--fail",
                 "--max-time",
@@ -691,12 +445,7 @@ impl Portcullis {
         timeout: Duration,
         pred: impl Fn(f64) -> bool,
     ) -> f64 {
-        let mut last = f64::NAN;
-        wait_until(timeout, || {
-            last = self.metric(name, labels);
-            pred(last)
-        });
-        last
+        wait_value(timeout, pred, || self.metric(name, labels))
     }
 
     /// The JSON log lines (stderr).
@@ -762,23 +511,6 @@ impl NsUpstream {
     }
 }
 
-/// `nettools.py serve`: TCP and UDP echo servers.
-pub struct Echo {
-    proc: Spawned,
-}
-
-impl Echo {
-    /// Event lines so far.
-    pub fn events(&self) -> Vec<String> {
-        self.proc.stdout.snapshot()
-    }
-
-    /// Event lines, to wait on.
-    pub fn log(&self) -> &Lines {
-        &self.proc.stdout
-    }
-}
-
 /// Path of a file under `tests/`.
 pub fn tests_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -802,19 +534,12 @@ impl Scratch {
 
     /// `ip netns exec NAME PROGRAM`; add the arguments.
     pub fn exec(&self, program: &str) -> Command {
-        let mut cmd = client_command("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
-        cmd
+        netns_exec(&self.name, program)
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        delete_netns(&self.name);
     }
 }
