@@ -660,6 +660,11 @@ impl Metrics {
         self.decisions.handle(verdict, via, reason).inc();
     }
 
+    /// How many decisions were counted for this combination.
+    pub fn decisions_counted(&self, verdict: Verdict, via: Via, reason: Reason) -> u64 {
+        self.decisions.handle(verdict, via, reason).get()
+    }
+
     /// The text exposition (our families and the process collector's).
     pub fn render(&self) -> String {
         let mut families = self.registry.gather();
@@ -903,10 +908,15 @@ cidrs = ["10.1.0.0/16", "203.0.113.0/24"]
                 seen.push((d.verdict, d.reason));
             }
         }
-        // The destinations reach every reason but scenario_disabled (that
-        // needs a profile scenario), so this check does not pass vacuously.
+        // The destinations reach every reason `decide` gives but
+        // scenario_disabled (that needs a profile scenario), so this check
+        // does not pass vacuously. The data path's cuts are added by hand.
         let reasons: std::collections::HashSet<Reason> = seen.iter().map(|&(_, r)| r).collect();
-        assert_eq!(reasons.len(), Reason::ALL.len() - 1, "{seen:?}");
+        let decided = Reason::ALL.iter().filter(|r| !r.is_data_path()).count();
+        assert_eq!(reasons.len(), decided - 1, "{seen:?}");
+        for reason in Reason::ALL.into_iter().filter(|r| r.is_data_path()) {
+            seen.push((Verdict::Deny, reason));
+        }
         let series = decision_series(&Metrics::new(10).render());
         for (verdict, reason) in seen {
             for via in Via::ALL {

@@ -12,6 +12,7 @@ pub mod access;
 pub mod authority;
 pub mod body;
 pub mod explicit;
+pub mod http_relay;
 pub mod inspect;
 pub mod respond;
 pub mod spare;

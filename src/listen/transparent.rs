@@ -21,6 +21,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
+use super::http_relay::{self, Expect};
 use super::respond::{Refusal, Speech};
 use super::{AccessLog, Close, Conn, log_denial, normalized_host, relay_and_log};
 use crate::classify::{self, Classified, OpaqueReason};
@@ -199,8 +200,8 @@ async fn unreadable(
 /// `[policy] upstream`, and relays.
 async fn decide_and_relay(
     mut client: TcpStream,
-    conn: &Conn,
-    gw: &Gateway,
+    conn: &Arc<Conn>,
+    gw: &Arc<Gateway>,
     orig: SocketAddr,
     heard: Heard,
     prefix: BytesMut,
@@ -251,7 +252,26 @@ async fn decide_and_relay(
     {
         Ok((upstream, addr)) => {
             log.upstream = Some(addr);
-            relay_and_log(gw, &client, &upstream, prefix, log).await;
+            if heard.speech == Speech::Http {
+                // Every request is decided, not just the first.
+                let expect = Expect {
+                    host: heard.name.clone(),
+                    port,
+                    decided: (d, conn.policy.generation()),
+                };
+                http_relay::serve(
+                    client,
+                    prefix,
+                    upstream,
+                    expect,
+                    conn.clone(),
+                    gw.clone(),
+                    log,
+                )
+                .await;
+            } else {
+                relay_and_log(gw, &client, &upstream, prefix, log).await;
+            }
         }
         Err(err) => {
             count_dial_error(gw, &heard, &err);

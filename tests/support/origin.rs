@@ -23,6 +23,9 @@ pub enum Answer {
     Stall,
     /// `101 Switching Protocols`, then silence (an idle WebSocket).
     Upgrade,
+    /// Reads everything, counting it in `body_bytes`, and never answers (a
+    /// TLS server that waits for a whole hello).
+    Sink,
 }
 
 /// A running origin.
@@ -57,6 +60,13 @@ impl Origin {
 }
 
 async fn serve(mut s: TcpStream, answer: Answer, requests: Arc<AtomicU64>, body: Arc<AtomicU64>) {
+    if let Answer::Sink = answer {
+        let mut chunk = [0u8; 16384];
+        while let Ok(n @ 1..) = s.read(&mut chunk).await {
+            body.fetch_add(n as u64, Relaxed);
+        }
+        return;
+    }
     let mut buf = Vec::new();
     loop {
         let Some(head_end) = read_head(&mut s, &mut buf).await else {
@@ -99,6 +109,7 @@ async fn serve(mut s: TcpStream, answer: Answer, requests: Arc<AtomicU64>, body:
                 while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
                 false
             }
+            Answer::Sink => false,
         };
         if !ok {
             return;

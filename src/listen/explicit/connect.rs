@@ -18,14 +18,15 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::classify::{self, Classified};
+use crate::classify;
 use crate::gateway::Gateway;
 use crate::listen::authority::authority;
+use crate::listen::http_relay::{self, Expect};
+use crate::listen::inspect::{self, Carried, Tunnel};
 use crate::listen::respond::{Body, Refusal, full, write_and_close};
-use crate::listen::{AccessLog, Close, Conn, decide, normalized_host, relay_and_log};
+use crate::listen::{AccessLog, Close, Conn, decide, normalized_host, record, relay_and_log};
 use crate::metrics::{NameMismatch, Via};
-use crate::policy::{Decision, Policy, Target, Verdict, host};
-use crate::tunnel::CloseReason;
+use crate::policy::{Decision, Policy, Reason, Target, Verdict};
 use crate::upstream::{ConnectError, DialPlan};
 
 /// How long a refused CONNECT's answer may take to be written and read out.
@@ -43,7 +44,11 @@ const FAST_HEAD_BYTES: usize = 4096;
 /// client sends nothing in time, closes, or draining starts. Everything else
 /// is handed back untouched (`Some`), for hyper to answer exactly as it would
 /// have.
-pub(super) async fn fast(stream: TcpStream, conn: &Conn, gw: &Gateway) -> Option<TcpStream> {
+pub(super) async fn fast(
+    stream: TcpStream,
+    conn: &Arc<Conn>,
+    gw: &Arc<Gateway>,
+) -> Option<TcpStream> {
     let mut peeked = vec![0u8; FAST_HEAD_BYTES];
     let head_timeout = Duration::from_millis(gw.limits.head_timeout_ms);
     let n = tokio::select! {
@@ -226,9 +231,17 @@ async fn open(
     }
 }
 
-/// Runs an answered CONNECT's tunnel: the SNI check, then the relay and its
-/// log line. `prefix` is what was already read from the client.
-async fn tunnel(gw: &Gateway, conn: &Conn, mut client: TcpStream, open: Open, prefix: BytesMut) {
+/// Runs an answered CONNECT's tunnel: its first bytes are checked against
+/// the decision (`inspect`), then relayed as they are, served as HTTP
+/// requests each checked (`http_relay`), or cut. `prefix` is what was
+/// already read from the client.
+async fn tunnel(
+    gw: &Arc<Gateway>,
+    conn: &Arc<Conn>,
+    mut client: TcpStream,
+    open: Open,
+    mut prefix: BytesMut,
+) {
     let Open {
         policy,
         host,
@@ -237,77 +250,79 @@ async fn tunnel(gw: &Gateway, conn: &Conn, mut client: TcpStream, open: Open, pr
         upstream,
         addr,
     } = open;
-    let mut prefix = prefix;
     let mut log =
         AccessLog::new(conn, "CONNECT", &host, port, Some(&decision), Close::Unset).under(&policy);
     log.upstream = Some(addr);
-    if let Some(cut) = check_sni(
+    let inspected = Tunnel {
+        host: &host,
+        port,
+        decision: &decision,
+    };
+    let carried = inspect::first_bytes(
         gw,
-        conn,
+        &policy,
+        &inspected,
         &mut client,
         &upstream,
         &mut prefix,
-        &host,
-        &mut log,
+        &mut log.ech,
     )
-    .await
-    {
-        log.close = cut;
-        log.emit();
-        return;
-    }
-    relay_and_log(gw, &client, &upstream, prefix, log).await;
-}
-
-/// Reads the tunnel's first client bytes when the client speaks first, and
-/// cuts the tunnel when a ClientHello names another host. Returns the close
-/// reason when cut.
-async fn check_sni(
-    gw: &Gateway,
-    conn: &Conn,
-    client: &mut TcpStream,
-    upstream: &TcpStream,
-    prefix: &mut BytesMut,
-    host: &str,
-    log: &mut AccessLog<'_>,
-) -> Option<Close> {
-    if !log.policy.require_matching_sni() || matches!(Target::parse(host), Target::Ip(_)) {
-        return None;
-    }
-    if prefix.is_empty() {
-        // Server-speaks-first protocols (SSH, SMTP) must not wait for a
-        // hello; a tunnel where nobody speaks ends at the idle timeout.
-        let idle = Duration::from_millis(gw.limits.idle_timeout_ms);
-        tokio::select! {
-            r = client.readable() => if r.is_err() { return None },
-            _ = upstream.readable() => return None,
-            () = tokio::time::sleep(idle) => return Some(Close::Tunnel(CloseReason::IdleTimeout)),
+    .await;
+    match carried {
+        Carried::Relay => relay_and_log(gw, &client, &upstream, prefix, log).await,
+        Carried::Http => {
+            let expect = Expect {
+                host: Some(host.clone()),
+                port,
+                decided: (decision, policy.generation()),
+            };
+            http_relay::serve(
+                client,
+                prefix,
+                upstream,
+                expect,
+                conn.clone(),
+                gw.clone(),
+                log,
+            )
+            .await;
+        }
+        Carried::Cut {
+            reason,
+            speech,
+            sni,
+        } => {
+            let cut = Decision {
+                verdict: Verdict::Deny,
+                rule: decision.rule,
+                reason,
+            };
+            if reason == Reason::SniMismatch {
+                gw.count_name_mismatch(NameMismatch::ConnectSni);
+                tracing::warn!(
+                    target: "portcullis::deny",
+                    client = %conn.peer,
+                    host,
+                    sni = sni.as_deref().unwrap_or("-"),
+                    "TLS SNI names another host than CONNECT (domain fronting?): tunnel cut"
+                );
+            }
+            record(gw, conn, &policy, Via::Sni, &host, port, &cut);
+            let refusal = Refusal::Denied {
+                policy: &policy,
+                decision: &cut,
+                ip_literal: false,
+            };
+            speech.answer(&mut client, &refusal, "").await;
+            log.decision = Some(&cut);
+            log.close = Close::Denied;
+            log.emit();
+        }
+        Carried::Ended(close) => {
+            log.close = Close::Tunnel(close);
+            log.emit();
         }
     }
-    let timeout = Duration::from_millis(gw.limits.sniff_timeout_ms);
-    let classified =
-        match classify::read_classified(client, prefix, gw.limits.sniff_max_bytes, timeout).await {
-            Ok(c) => c,
-            Err(_) => return Some(Close::Tunnel(CloseReason::ClientError)),
-        };
-    let Classified::Tls { sni, ech } = classified else {
-        return None;
-    };
-    log.ech = ech;
-    let sni = sni.as_deref()?;
-    if host::normalize(sni).ok().as_deref() == Some(host) {
-        return None;
-    }
-    gw.count_name_mismatch(NameMismatch::ConnectSni);
-    tracing::warn!(
-        target: "portcullis::deny",
-        client = %conn.peer,
-        host,
-        sni,
-        "TLS SNI names another host than CONNECT (domain fronting?): tunnel cut"
-    );
-    let _ = client.write_all(&classify::TLS_ACCESS_DENIED_ALERT).await;
-    Some(Close::SniMismatch)
 }
 
 #[cfg(test)]

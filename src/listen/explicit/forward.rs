@@ -9,22 +9,20 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
 use crate::gateway::Gateway;
 use crate::listen::authority::{authority, authority_text};
 use crate::listen::body::{Metered, PendingLine};
+use crate::listen::http_relay::relay_upgrade;
 use crate::listen::respond::{Body, Refusal};
 use crate::listen::{AccessLog, Close, Conn, decide, normalized_host, record};
 use crate::metrics::{NameMismatch, UpstreamError, Via};
 use crate::policy::{Decision, Policy, Reason, Target, Verdict};
-use crate::tunnel::{CloseReason, relay_io};
 use crate::upstream::pool;
 
 const VIA: &str = "1.1 portcullis";
@@ -176,43 +174,6 @@ fn host_agrees(
     } else {
         Err(None)
     }
-}
-
-/// Answers `101` and, once both sides have upgraded, relays the two
-/// connections in a task of their own, with the tunnels' idle timer, until
-/// either closes or the grace period ends.
-fn relay_upgrade(
-    mut resp: Response<Incoming>,
-    client_upgrade: hyper::upgrade::OnUpgrade,
-    conn: &Arc<Conn>,
-    gw: &Arc<Gateway>,
-) -> Response<Body> {
-    let upstream_upgrade = hyper::upgrade::on(&mut resp);
-    let (gw, conn) = (gw.clone(), conn.clone());
-    tokio::spawn(async move {
-        let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else {
-            return;
-        };
-        let idle = Duration::from_millis(gw.limits.idle_timeout_ms);
-        let stats = relay_io(
-            TokioIo::new(c),
-            TokioIo::new(u),
-            idle,
-            gw.counters(),
-            gw.shutdown.cutting(),
-        )
-        .await;
-        let mut log = AccessLog::new(&conn, "UPGRADE", "", 0, None, Close::UpgradeClosed);
-        if stats.close != CloseReason::ClientClosed {
-            log.close = Close::Tunnel(stats.close);
-        }
-        log.upload = stats.upload;
-        log.download = stats.download;
-        log.emit();
-    });
-    let (mut parts, body) = resp.into_parts();
-    add_via(&mut parts.headers);
-    Response::from_parts(parts, body.map_err(Into::into).boxed())
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) plus those named in Connection.
