@@ -17,7 +17,12 @@ use prometheus::{IntCounter, IntGauge};
 
 use crate::config::Limits;
 use crate::metrics::{ByteDirection, Listener, Metrics, NameMismatch, UpstreamError, Via};
-use crate::policy::{Decision, Policy, Verdict};
+use crate::policy::{Decision, Policy, Reason, Verdict};
+
+/// The longest valid host name (RFC 1035 §2.3.4, without the trailing dot).
+pub const MAX_NAME: usize = 253;
+/// The denied-destination label of every malformed name.
+pub const MALFORMED_LABEL: &str = "__malformed__";
 use crate::shutdown::Shutdown;
 use crate::tunnel::Counters;
 use crate::upstream::Upstream;
@@ -161,7 +166,13 @@ impl Gateway {
     ) {
         self.metrics.decision(d.verdict, via, d.reason);
         if d.verdict != Verdict::Allow {
-            self.metrics.denied.record(host, port);
+            // A malformed name may be any length: one bucket, never the name.
+            let label = if d.reason == Reason::MalformedHost || host.len() > MAX_NAME {
+                MALFORMED_LABEL
+            } else {
+                host
+            };
+            self.metrics.denied.record(label, port);
             self.metrics
                 .client_denials
                 .with_label_values(&[client_subnet.to_string().as_str()])

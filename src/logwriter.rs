@@ -8,18 +8,20 @@
 //! woken by the first line, then gathers for [`GATHER`] (or until
 //! [`BATCH_BYTES`] wait, or a flush) before it writes: under load that is a
 //! wake-up and a write per few milliseconds, not per line. When the sink is
-//! slower than the traffic for long (journald throttling, a full pipe), at
-//! most [`MAX_PENDING`] bytes wait and further writers block until there is
-//! room again: memory stays bounded and no line is dropped. [`flush`] waits
-//! until everything handed over has been written; `run` calls it before the
-//! process exits. Until [`start`] (and in `check`/`explain`) lines go to
-//! stderr directly.
+//! slower than the traffic for long (journald throttling, a stalled pipe), at
+//! most [`MAX_PENDING`] bytes wait and further lines are dropped and counted
+//! ([`dropped`], exported as `portcullis_log_lines_dropped_total`): memory
+//! stays bounded and no connection, signal or health probe ever waits on the
+//! log. [`flush`] waits (bounded) until everything handed over has been
+//! written; `run` calls it before the process exits. Until [`start`] (and in
+//! `check`/`explain`) lines go to stderr directly.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
 
-/// Bytes that may wait for the writer before writers block.
+/// Bytes that may wait for the writer before lines are dropped.
 pub const MAX_PENDING: usize = 4 << 20;
 
 /// How long the writer gathers lines after the first one of a batch.
@@ -58,11 +60,17 @@ pub fn write(line: &[u8]) {
     }
 }
 
-/// Waits until every line handed over so far is written.
-pub fn flush() {
+/// Waits until every line handed over so far is written, or `limit` passed
+/// (a stalled sink must not keep the process from exiting).
+pub fn flush(limit: Duration) {
     if let Some(sink) = GLOBAL.get() {
-        sink.flush();
+        sink.flush(limit);
     }
+}
+
+/// Lines dropped so far because the sink was full.
+pub fn dropped() -> u64 {
+    GLOBAL.get().map_or(0, |sink| sink.dropped())
 }
 
 /// A `tracing_subscriber` writer that sends formatted events through [`write`].
@@ -100,6 +108,8 @@ pub struct Sink {
     /// Blocked writers and [`Sink::flush`] wait here for the writer.
     written: Condvar,
     max_pending: usize,
+    /// Lines dropped because `max_pending` bytes were waiting.
+    dropped: AtomicU64,
 }
 
 #[derive(Default)]
@@ -122,6 +132,7 @@ impl Sink {
             wake: Condvar::new(),
             written: Condvar::new(),
             max_pending,
+            dropped: AtomicU64::new(0),
         }
     }
 
@@ -140,14 +151,12 @@ impl Sink {
             .map(drop)
     }
 
-    /// Appends `line`, waiting while the sink is full.
+    /// Appends `line`; drops it (and counts it) when the sink is full.
     pub fn push(&self, line: &[u8]) {
         let mut st = self.lock();
-        while !st.pending.is_empty() && st.pending.len() + line.len() > self.max_pending {
-            st = self
-                .written
-                .wait(st)
-                .unwrap_or_else(PoisonError::into_inner);
+        if !st.pending.is_empty() && st.pending.len() + line.len() > self.max_pending {
+            self.dropped.fetch_add(1, Relaxed);
+            return;
         }
         let before = st.pending.len();
         st.pending.extend_from_slice(line);
@@ -157,16 +166,27 @@ impl Sink {
         }
     }
 
-    /// Waits until every line pushed so far is written.
-    pub fn flush(&self) {
+    /// Lines dropped so far because the sink was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Relaxed)
+    }
+
+    /// Waits until every line pushed so far is written, or `limit` passed.
+    pub fn flush(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
         let mut st = self.lock();
         st.flushing += 1;
         self.wake.notify_one();
         while !st.pending.is_empty() || st.writing {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
             st = self
                 .written
-                .wait(st)
-                .unwrap_or_else(PoisonError::into_inner);
+                .wait_timeout(st, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
         st.flushing -= 1;
     }
@@ -272,7 +292,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        sink.flush();
+        sink.flush(Duration::from_secs(30));
         let text = String::from_utf8(out.bytes.lock().unwrap().clone()).unwrap();
         let mut next = [0usize; 4];
         for line in text.lines() {
@@ -287,7 +307,7 @@ mod tests {
     }
 
     #[test]
-    fn a_slow_sink_blocks_writers_instead_of_growing_or_dropping() {
+    fn a_slow_sink_drops_and_counts_lines_instead_of_blocking_or_growing() {
         let out = Capture::slow(2);
         let max = 4096;
         let sink = sink(max, &out);
@@ -295,13 +315,32 @@ mod tests {
         for _ in 0..2_000 {
             sink.push(&line);
         }
-        sink.flush();
-        assert_eq!(out.bytes.lock().unwrap().len(), 2_000 * line.len());
+        sink.flush(Duration::from_secs(30));
+        let written = out.bytes.lock().unwrap().len();
+        assert_eq!(written % line.len(), 0, "lines stay whole");
+        let dropped = sink.dropped() as usize;
+        assert!(dropped > 0, "a 2 ms sink cannot take 2,000 lines at once");
+        assert_eq!(
+            written / line.len() + dropped,
+            2_000,
+            "every line written or counted"
+        );
         let largest = out.largest.load(Ordering::Relaxed);
         assert!(
             largest <= max,
             "a batch of {largest} bytes: over the bound {max}"
         );
+    }
+
+    #[test]
+    fn a_stalled_sink_never_blocks_a_writer_and_flush_gives_up() {
+        let out = Capture::slow(60_000);
+        let sink = sink(1024, &out);
+        for _ in 0..1_000 {
+            sink.push(&[b'z'; 100]);
+        }
+        sink.flush(Duration::from_millis(50));
+        assert!(sink.dropped() >= 900, "{}", sink.dropped());
     }
 
     #[test]
@@ -312,7 +351,7 @@ mod tests {
         for i in 0..1_000 {
             sink.push(format!("line {i}\n").as_bytes());
         }
-        sink.flush();
+        sink.flush(Duration::from_secs(30));
         let writes = out.writes.load(Ordering::Relaxed);
         assert!(writes <= 100, "{writes} writes for 1,000 lines");
         let text = String::from_utf8(out.bytes.lock().unwrap().clone()).unwrap();
@@ -324,7 +363,7 @@ mod tests {
         let out = Capture::slow(50);
         let sink = sink(MAX_PENDING, &out);
         sink.push(b"one\n");
-        sink.flush();
+        sink.flush(Duration::from_secs(30));
         assert_eq!(out.bytes.lock().unwrap().as_slice(), b"one\n");
     }
 }

@@ -598,6 +598,32 @@ impl prometheus::core::Collector for Conntrack {
     }
 }
 
+/// Log lines dropped because the log sink stalled, read from the log
+/// writer at every scrape.
+struct LogDropped(IntCounter);
+
+impl prometheus::core::Collector for LogDropped {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let now = crate::logwriter::dropped();
+        self.0.inc_by(now.saturating_sub(self.0.get()));
+        self.0.collect()
+    }
+}
+
+fn register_log(r: &Registry) {
+    let dropped = IntCounter::with_opts(prometheus::Opts::new(
+        "log_lines_dropped_total",
+        "Log lines dropped because the log sink (stderr, journald) did not keep up.",
+    ))
+    .expect("valid counter");
+    r.register(Box::new(LogDropped(dropped)))
+        .expect("log counter registers once");
+}
+
 fn register_conntrack(r: &Registry) {
     let gauge = |name: &str, help: &str| {
         IntGauge::with_opts(prometheus::Opts::new(name, help)).expect("valid gauge")
@@ -630,6 +656,7 @@ impl Metrics {
         let reload = register_reload(&r);
         register_info(&r);
         register_conntrack(&r);
+        register_log(&r);
         Metrics {
             decisions: decisions.decisions,
             denied: decisions.denied,

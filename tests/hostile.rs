@@ -291,3 +291,29 @@ async fn an_idle_upgraded_connection_is_closed_at_the_idle_timeout() {
     );
     assert!(started.elapsed() >= Duration::from_secs(60));
 }
+
+#[tokio::test]
+async fn a_huge_malformed_name_is_one_bounded_series_not_a_label() {
+    let origin = Origin::start(Answer::Bytes(2)).await;
+    let gw = InProc::start(&config(origin.addr, "\"127.0.0.0/8\"", true, "")).await;
+    // Under [limits] max_head_bytes (64 KiB), far over any valid name.
+    let name = "a".repeat(30_000);
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(gw.addr("proxy")).await.unwrap();
+        send(&mut c, &format!("CONNECT {name}:443 HTTP/1.1\r\n\r\n")).await;
+        let (status, head, _) = response(&mut c).await;
+        assert_eq!(status, 403, "{head}");
+        assert!(head.contains("malformed_host"), "{head}");
+    }
+    let text = gw.gw.metrics.render();
+    assert!(!text.contains(&name[..300]), "the name is a label");
+    assert!(
+        text.len() < 64 * 1024,
+        "/metrics grew to {} bytes",
+        text.len()
+    );
+    assert!(
+        text.contains("host=\"__malformed__\",port=\"443\"} 3"),
+        "{text}"
+    );
+}

@@ -164,8 +164,9 @@ fn run_gateway(loaded: Loaded, input: LoadInput) -> Result<ExitCode> {
         .build()
         .context("failed to start the async runtime")?;
     let result = runtime.block_on(run_process(loaded, input));
-    // Every log line handed over is on stderr before the process exits.
-    crate::logwriter::flush();
+    // Every log line handed over is on stderr before the process exits,
+    // unless the sink is stalled: then exiting wins.
+    crate::logwriter::flush(std::time::Duration::from_secs(2));
     result
 }
 

@@ -7,6 +7,7 @@
 //! tracing JSON layer's, because that formatter costs microseconds per line
 //! and this is written for every connection (`benches/path.rs`).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime};
@@ -151,7 +152,7 @@ impl<'a> AccessLog<'a> {
             client = %self.client,
             listener = self.listener.as_str(),
             method = self.method,
-            host = self.host,
+            host = %shown_host(self.host),
             port = self.port,
             upstream = self.upstream.map(|a| a.to_string()).as_deref().unwrap_or("-"),
             verdict,
@@ -194,7 +195,7 @@ impl AccessLog<'_> {
         let _ = write!(o, ",\"client\":\"{}\"", self.client);
         field(&mut o, "listener", self.listener.as_str());
         field(&mut o, "method", self.method);
-        field(&mut o, "host", self.host);
+        field(&mut o, "host", &shown_host(self.host));
         let _ = write!(o, ",\"port\":{}", self.port);
         match self.upstream {
             Some(a) => {
@@ -224,6 +225,20 @@ impl AccessLog<'_> {
         );
         o
     }
+}
+
+/// A host as logged: whole up to the longest valid name, else its first 64
+/// bytes and its length (a hostile client's 60 KB "name" is not copied into
+/// every log line).
+pub fn shown_host(host: &str) -> Cow<'_, str> {
+    if host.len() <= crate::gateway::MAX_NAME {
+        return Cow::Borrowed(host);
+    }
+    let mut cut = 64;
+    while !host.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Cow::Owned(format!("{}…({} bytes)", &host[..cut], host.len()))
 }
 
 /// `,"key":"value"` with the value escaped per RFC 8259 §7.

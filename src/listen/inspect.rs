@@ -82,9 +82,14 @@ pub async fn first_bytes(
     };
     if prefix.is_empty() {
         let idle = Duration::from_millis(gw.limits.idle_timeout_ms);
+        // `peek`, not `readable`: readiness left over from the CONNECT head
+        // would wake at once, and a silent client be judged on no bytes.
+        let mut one = [0u8; 1];
         tokio::select! {
-            r = client.readable() => if r.is_err() {
-                return Carried::Ended(CloseReason::ClientError);
+            r = client.peek(&mut one) => match r {
+                Ok(0) => return Carried::Ended(CloseReason::ClientClosed),
+                Ok(_) => {}
+                Err(_) => return Carried::Ended(CloseReason::ClientError),
             },
             // A server that speaks first: no name will come from the client.
             _ = upstream.readable() => {

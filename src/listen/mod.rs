@@ -251,6 +251,8 @@ pub async fn relay_and_log(
 
 /// Logs a denial at decision time, with the command that explains it.
 pub fn log_denial(conn: &Conn, policy: &Policy, via: Via, host: &str, port: u16, d: &Decision) {
+    let host = access::shown_host(host);
+    let host = host.as_ref();
     tracing::info!(
         target: "portcullis::deny",
         client = %conn.peer,

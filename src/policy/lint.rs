@@ -42,8 +42,34 @@ pub(super) fn lint(rules: &[Rule], keyed: &[(HostKey, Grant)], d: &mut Diags<'_>
         .filter(|r| r.state == RuleState::Active && r.action == Action::Allow)
     {
         exfiltration(rule, d);
+        unchecked_tunnels(rule, d);
     }
     shadowing(rules, keyed, d);
+}
+
+/// Tunnels whose contents are not checked: `sni = "any"` reaches every
+/// tenant behind the rule's addresses; `opaque = true` lets any protocol
+/// through, so on a TLS port a fronted hello is not cut.
+fn unchecked_tunnels(rule: &Rule, d: &mut Diags<'_>) {
+    if rule.any_sni {
+        d.warn_at(
+            &rule.origin,
+            format!(
+                "rule '{}' accepts any TLS name in tunnels to its addresses (sni = \"any\"): every tenant behind them is reachable; remove it to accept only names a host rule allows",
+                rule.name
+            ),
+        );
+    }
+    let tls_port = rule.ports.iter().any(|&(lo, hi)| lo <= 443 && 443 <= hi);
+    if rule.opaque && tls_port {
+        d.warn_at(
+            &rule.origin,
+            format!(
+                "rule '{}' lets its tunnels on port 443 carry anything (opaque = true): TLS names are not checked there (domain fronting); keep opaque rules to ports of protocols that name no host",
+                rule.name
+            ),
+        );
+    }
 }
 
 /// Broad wildcards and storage service tags in an active allow rule.

@@ -560,3 +560,43 @@ fn multi_port_keys() {
         "share.com", 444 => Deny Some("https"), PortNotAllowed;
     );
 }
+
+#[test]
+fn unchecked_tunnels_are_linted_and_sni_any_needs_addresses() {
+    let warnings = |rules: &str| {
+        let text = format!("[policy]\nprofile = \"none\"\n{rules}");
+        let source = Source {
+            name: "t.toml".into(),
+            text,
+        };
+        let config = Config::parse(&source).expect("parses");
+        Policy::compile(&config, &source, &CompileInput::default()).map(|(_, w)| {
+            w.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+    };
+    let any = warnings("[[rule]]\nname = \"fd\"\ncidrs = [\"203.0.113.0/24\"]\nsni = \"any\"\n")
+        .expect("valid");
+    assert!(any.contains("rule 'fd' accepts any TLS name"), "{any}");
+    let opaque =
+        warnings("[[rule]]\nname = \"o\"\nhosts = [\"a.test\"]\nports = [443]\nopaque = true\n")
+            .expect("valid");
+    assert!(
+        opaque.contains("rule 'o' lets its tunnels on port 443 carry anything"),
+        "{opaque}"
+    );
+    let ssh =
+        warnings("[[rule]]\nname = \"ssh\"\nhosts = [\"a.test\"]\nports = [22]\nopaque = true\n")
+            .expect("valid");
+    assert!(!ssh.contains("opaque"), "{ssh}");
+    let err = warnings("[[rule]]\nname = \"h\"\nhosts = [\"a.test\"]\nsni = \"any\"\n")
+        .expect_err("sni = any on a host rule is an error");
+    let text: Vec<String> = err.iter().map(ToString::to_string).collect();
+    assert!(
+        text.join("\n")
+            .contains("sni = \"any\" is for address rules"),
+        "{text:?}"
+    );
+}
