@@ -24,6 +24,7 @@ pub mod classify;
 pub mod upstream;
 pub mod tunnel;
 pub mod admin;
+pub mod spare;
 pub mod metrics;
 pub mod conntrack;
 pub mod logwriter;

@@ -10,9 +10,9 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 
 use crate::config::{ExpectVerdict, Protocol};
-use crate::listen::normalized_host;
+
 use crate::load::Loaded;
-use crate::policy::{Decision, Dest, Policy, RuleState, Target, Verdict};
+use crate::policy::{Decision, Dest, Policy, RuleState, Target, Verdict, host};
 
 /// A destination argument, parsed and normalised.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +57,7 @@ pub fn parse_dest(text: &str, default_port: u16) -> Result<DestArg, String> {
             .ok_or_else(|| format!("'{text}': '{p}' is not a port (1-65535)"))?,
     };
     Ok(DestArg {
-        host: normalized_host(host),
+        host: host::normalized_or_kept(host),
         port,
     })
 }

@@ -76,7 +76,7 @@ fn parse_port(text: &str) -> Result<u16, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::listen::normalized_host;
+    use crate::policy::host;
 
     #[test]
     fn authority_forms() {
@@ -114,7 +114,7 @@ mod tests {
         ] {
             assert!(h(bad).is_err(), "{bad:?} must be refused");
         }
-        assert_eq!(normalized_host("[::1]"), "::1");
-        assert_eq!(normalized_host("PyPI.org."), "pypi.org");
+        assert_eq!(host::normalized_or_kept("[::1]"), "::1");
+        assert_eq!(host::normalized_or_kept("PyPI.org."), "pypi.org");
     }
 }

@@ -35,11 +35,11 @@ use tokio::sync::Mutex;
 use super::authority::{authority, authority_text};
 use super::body::Metered;
 use super::respond::{Body, Refusal};
-use super::{AccessLog, Close, Conn, normalized_host, record};
+use super::{AccessLog, Close, Conn, record};
 use crate::config::Protocol;
 use crate::gateway::Gateway;
 use crate::metrics::Via;
-use crate::policy::{Decision, Dest, Policy, Reason, Target, Verdict};
+use crate::policy::{Decision, Dest, Policy, Reason, Target, Verdict, host};
 use crate::tunnel::{CloseReason, relay_io};
 
 /// What every request on the connection must name, and what was decided for it.
@@ -226,7 +226,9 @@ fn request_name(req: &Request<Incoming>, port: u16) -> Result<Option<String>, ()
         None => None,
     };
     let (host, p) = match (from_uri, from_host) {
-        (Some(u), Some(h)) if normalized_host(&u.0) != normalized_host(&h.0) || u.1 != h.1 => {
+        (Some(u), Some(h))
+            if host::normalized_or_kept(&u.0) != host::normalized_or_kept(&h.0) || u.1 != h.1 =>
+        {
             return Err(());
         }
         (Some(u), _) => u,
@@ -236,7 +238,7 @@ fn request_name(req: &Request<Incoming>, port: u16) -> Result<Option<String>, ()
     if p != port {
         return Err(());
     }
-    Ok(Some(normalized_host(&host)))
+    Ok(Some(host::normalized_or_kept(&host)))
 }
 
 /// The response, with the connection closed after it.

@@ -15,7 +15,6 @@ pub mod explicit;
 pub mod http_relay;
 pub mod inspect;
 pub mod respond;
-pub mod spare;
 pub mod transparent;
 
 pub use access::{AccessLog, Close};
@@ -31,10 +30,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::gateway::Gateway;
 use crate::metrics::{Listener, RejectReason, Via};
-use crate::policy::{Decision, Policy, Target, Verdict, host};
+use crate::policy::{Decision, Policy, Target, Verdict};
 use crate::shutdown::TaskGuard;
+use crate::spare::Spare;
 use respond::Refusal;
-use spare::Spare;
 
 /// One accepted client connection: who, through which listener, under which policy.
 pub struct Conn {
@@ -134,7 +133,7 @@ where
 {
     let slots = Arc::new(Semaphore::new(gw.limits.max_connections));
     let lingering = Arc::new(Semaphore::new(MAX_LINGERING_REFUSALS));
-    let mut spare = spare::Spare::new();
+    let mut spare = Spare::new();
     gw.metrics
         .connections_limit
         .with_label_values(&[kind.as_str()])
@@ -300,16 +299,5 @@ pub fn record(
     gw.count_decision(&conn.client_subnet, via, d, host, port);
     if d.verdict != Verdict::Allow {
         log_denial(conn, policy, via, host, port, d);
-    }
-}
-
-/// The form of a host that policy, DNS and logs see: IP literals without
-/// brackets in canonical text, names normalised (lowercase, no trailing dot,
-/// A-labels); a malformed name is kept as sent, so `decide` answers
-/// `malformed_host` for it.
-pub fn normalized_host(raw: &str) -> String {
-    match Target::parse(raw) {
-        Target::Ip(ip) => ip.to_string(),
-        Target::Name(n) => host::normalize(n).unwrap_or_else(|_| n.to_string()),
     }
 }

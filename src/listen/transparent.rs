@@ -23,12 +23,12 @@ use tokio::net::TcpStream;
 
 use super::http_relay::{self, Expect};
 use super::respond::{Refusal, Speech};
-use super::{AccessLog, Close, Conn, log_denial, normalized_host, relay_and_log};
+use super::{AccessLog, Close, Conn, log_denial, relay_and_log};
 use crate::classify::{self, Classified, OpaqueReason};
 use crate::config::{Protocol, UpstreamMode};
 use crate::gateway::Gateway;
 use crate::metrics::{NameMismatch, Via};
-use crate::policy::{Decision, Dest, Reason, Target, Verdict};
+use crate::policy::{Decision, Dest, Reason, Target, Verdict, host};
 use crate::upstream::{ConnectError, DialPlan};
 
 /// The destination the client meant, before REDIRECT rewrote it.
@@ -71,7 +71,7 @@ fn heard(classified: &Classified) -> Heard {
             } else {
                 Via::Address
             },
-            name: sni.as_deref().map(normalized_host),
+            name: sni.as_deref().map(host::normalized_or_kept),
             speech: Speech::Tls,
             ech: *ech,
             request: None,
@@ -82,7 +82,7 @@ fn heard(classified: &Classified) -> Heard {
             target,
         } => Heard {
             via: Via::Host,
-            name: Some(normalized_host(host_without_port(h))),
+            name: Some(host::normalized_or_kept(host_without_port(h))),
             speech: Speech::Http,
             ech: false,
             request: Some(format!("{method} http://{h}{target}")),

@@ -24,9 +24,9 @@ use crate::listen::authority::authority;
 use crate::listen::http_relay::{self, Expect};
 use crate::listen::inspect::{self, Carried, Tunnel};
 use crate::listen::respond::{Body, Refusal, full, write_and_close};
-use crate::listen::{AccessLog, Close, Conn, decide, normalized_host, record, relay_and_log};
+use crate::listen::{AccessLog, Close, Conn, decide, record, relay_and_log};
 use crate::metrics::{NameMismatch, Via};
-use crate::policy::{Decision, Policy, Reason, Target, Verdict};
+use crate::policy::{Decision, Policy, Reason, Target, Verdict, host};
 use crate::upstream::{ConnectError, DialPlan};
 
 /// How long a refused CONNECT's answer may take to be written and read out.
@@ -196,7 +196,7 @@ async fn open(
     raw_host: &str,
     port: u16,
 ) -> Result<Open, OpenError> {
-    let host = normalized_host(raw_host);
+    let host = host::normalized_or_kept(raw_host);
     let target = Target::parse(&host);
     let d = decide(gw, conn, policy, Via::Connect, &host, port);
     if d.verdict == Verdict::Deny {

@@ -20,9 +20,9 @@ use crate::listen::authority::{authority, authority_text};
 use crate::listen::body::{Metered, PendingLine};
 use crate::listen::http_relay::relay_upgrade;
 use crate::listen::respond::{Body, Refusal};
-use crate::listen::{AccessLog, Close, Conn, decide, normalized_host, record};
+use crate::listen::{AccessLog, Close, Conn, decide, record};
 use crate::metrics::{NameMismatch, UpstreamError, Via};
-use crate::policy::{Decision, Policy, Reason, Target, Verdict};
+use crate::policy::{Decision, Policy, Reason, Target, Verdict, host};
 use crate::upstream::pool;
 
 const VIA: &str = "1.1 portcullis";
@@ -139,7 +139,7 @@ fn destination(uri: &Uri) -> Result<(String, u16), Refusal<'static>> {
         ));
     }
     let (raw_host, port) = authority(uri, Some(80)).map_err(Refusal::BadRequest)?;
-    Ok((normalized_host(&raw_host), port))
+    Ok((host::normalized_or_kept(&raw_host), port))
 }
 
 /// One Host header, naming the URI's host and port (when there is one).
@@ -169,7 +169,7 @@ fn host_agrees(
         .map_err(|_| Some(Refusal::BadRequest("the Host header is not ASCII")))?;
     let (h_host, h_port) =
         authority_text(text, Some(80)).map_err(|msg| Some(Refusal::BadRequest(msg)))?;
-    if normalized_host(&h_host) == host && h_port == port {
+    if host::normalized_or_kept(&h_host) == host && h_port == port {
         Ok(())
     } else {
         Err(None)

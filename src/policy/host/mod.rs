@@ -106,6 +106,17 @@ pub fn normalize(name: &str) -> Result<String, NameError> {
     Ok(trimmed.to_string())
 }
 
+/// The form of a host that policy, DNS and logs see: IP literals without
+/// brackets in canonical text, names normalised (lowercase, no trailing dot,
+/// A-labels); a malformed name is kept as sent, so `decide` answers
+/// `malformed_host` for it.
+pub fn normalized_or_kept(raw: &str) -> String {
+    match super::Target::parse(raw) {
+        super::Target::Ip(ip) => ip.to_string(),
+        super::Target::Name(n) => normalize(n).unwrap_or_else(|_| n.to_string()),
+    }
+}
+
 /// Checks a name without its trailing dot (either case): 1 to 253 bytes,
 /// labels of 1 to 63 letters, digits, `-` or `_`. Reports the first problem
 /// left to right (a bad byte before a later label's length).
