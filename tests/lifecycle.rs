@@ -30,10 +30,12 @@ allow = ["127.0.0.0/8"]
 [policy]
 profile = "none"
 
+# The echo upstream speaks no TLS: its tunnels are relayed unchecked.
 [[rule]]
 name = "allowed"
 hosts = ["allowed.test"]
 ports = [{port}]
+opaque = true
 
 [[rule]]
 name = "upstreams"
