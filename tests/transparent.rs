@@ -669,6 +669,58 @@ fn no_sni_and_opaque_tcp_are_decided_by_address() {
 }
 
 #[test]
+fn every_keep_alive_request_is_decided_on_its_own_host() {
+    let _serial = serial();
+    let Some(env) = setup("every_keep_alive_request_is_decided_on_its_own_host", "resolve") else {
+        return;
+    };
+    // Two requests on one connection to allowed.test's address: the first
+    // names allowed.test, the second denied.test (which the old code sent
+    // to allowed.test's server). An absolute-form URI counts as its name.
+    let first = "GET /name.txt HTTP/1.1\r\nHost: allowed.test\r\n\r\n";
+    for second in [
+        "GET /name.txt HTTP/1.1\r\nHost: denied.test\r\n\r\n",
+        "GET http://denied.test/name.txt HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+    ] {
+        let before = env
+            .allowed
+            .events()
+            .iter()
+            .filter(|l| l.starts_with("request "))
+            .count();
+        let raw = env.topo.tcp(
+            Side::Client,
+            env.allowed.http_addr(),
+            &TcpOpts {
+                send: format!("{first}{second}").into_bytes(),
+                ..TcpOpts::default()
+            },
+        );
+        let text = String::from_utf8_lossy(&raw.received).to_string();
+        assert!(
+            text.starts_with("HTTP/1.1 200 ") && text.contains("allowed.test\n"),
+            "{raw:?}\n{}",
+            env.context()
+        );
+        let second_answer = &text[text.find("allowed.test\n").unwrap_or(0)..];
+        assert!(
+            second_answer.contains("HTTP/1.1 403 ") && second_answer.contains("host_mismatch"),
+            "the second request must be refused: {text}\n{}",
+            env.context()
+        );
+        let requests = env
+            .allowed
+            .events()
+            .iter()
+            .filter(|l| l.starts_with("request "))
+            .count();
+        assert_eq!(requests - before, 1, "only the first request reached the server");
+    }
+    assert_eq!(env.denied.accepts(), 0, "{}", env.context());
+    env.assert_no_active_connections();
+}
+
+#[test]
 fn udp_reaches_only_udp_address_rules_and_quic_is_dropped() {
     let _serial = serial();
     let Some(env) = setup(
