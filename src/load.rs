@@ -124,3 +124,128 @@ fn tags_path_from_config(config: &Config, config_path: Option<&Path>) -> Option<
         _ => rel,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// splitmix64: small, seedable, reproducible.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// Fragments a hostile or careless edit might put anywhere.
+    const FRAGMENTS: &[&str] = &[
+        "\n[[rule]]\nname = \"x\"\nhosts = [\"*\"]\n",
+        "\nports = [\"70000\"]\n",
+        "\nports = [\"9-1\"]\n",
+        "\ncidrs = [\"10.0.0.0/33\"]\n",
+        "\nhosts = [\"a.*.com\", \"\", \"<nope>\"]\n",
+        "\nsni = \"any\"\n",
+        "\nopaque = \"yes\"\n",
+        "\n[policy]\n",
+        "\"\u{0}\u{7f}é\"",
+        "= = =",
+        "[[expect]]\ndest = \"::::\"\nverdict = \"allow\"\n",
+        "\n[limits]\nmax_head_bytes = -1\n",
+        "\n[vars]\nregion = \"<region>\"\n",
+        "]]]]",
+    ];
+
+    /// Mutates `text`: byte flips, cuts, deleted and doubled lines, fragments.
+    fn mutate(text: &str, rng: &mut Rng) -> String {
+        let mut s = text.to_string();
+        for _ in 0..1 + rng.below(4) {
+            let at = s
+                .char_indices()
+                .nth(rng.below(s.chars().count()))
+                .map_or(0, |(i, _)| i);
+            match rng.below(5) {
+                0 => s.truncate(at),
+                1 => s.insert_str(at, FRAGMENTS[rng.below(FRAGMENTS.len())]),
+                2 => {
+                    let end = s[at..].find('\n').map_or(s.len(), |i| at + i);
+                    s.replace_range(at..end, "");
+                }
+                3 => {
+                    let end = s[at..].find('\n').map_or(s.len(), |i| at + i);
+                    let line = s[at..end].to_string();
+                    s.insert_str(at, &line);
+                }
+                _ => {
+                    let c = char::from(32 + rng.below(95) as u8);
+                    s.insert(at, c);
+                }
+            }
+        }
+        s
+    }
+
+    /// Any edit of the shipped configs loads or fails with located errors,
+    /// never a panic. The seed comes from `PORTCULLIS_SEED` or the clock
+    /// and is printed on failure.
+    #[test]
+    fn mutated_configs_fail_with_located_errors_never_a_panic() {
+        let seed = std::env::var("PORTCULLIS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        let mut rng = Rng(seed);
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let bases: Vec<String> = ["config/azureml.toml", "config/minimal.toml"]
+            .iter()
+            .map(|p| std::fs::read_to_string(root.join(p)).expect("shipped config"))
+            .collect();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("mutated.toml");
+        for case in 0..300 {
+            let text = mutate(&bases[case % bases.len()], &mut rng);
+            std::fs::write(&path, &text).expect("write");
+            let loaded = std::panic::catch_unwind(|| load(Some(&path), &[], None, 1));
+            let Ok(result) = loaded else {
+                panic!("seed {seed}, case {case}: load panicked on:\n{text}");
+            };
+            let message = match result {
+                Ok(_) => continue,
+                Err(LoadError::Config(e)) => e.to_string(),
+                Err(LoadError::Invalid(d)) => {
+                    let errors: Vec<String> = d
+                        .iter()
+                        .filter(|d| d.severity == Severity::Error)
+                        .map(ToString::to_string)
+                        .collect();
+                    assert!(
+                        !errors.is_empty(),
+                        "seed {seed}, case {case}: invalid, no error"
+                    );
+                    errors.join("\n")
+                }
+                Err(LoadError::ServiceTags(e)) => e.to_string(),
+            };
+            // Errors point at the config or at the profile rule they are about.
+            let located = message.lines().all(|l| {
+                l.starts_with(&format!("{}:", path.display())) || l.starts_with("profile:azureml:")
+            });
+            assert!(
+                located,
+                "seed {seed}, case {case}: error without file:line: {message}\n{text}"
+            );
+        }
+    }
+}

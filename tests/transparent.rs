@@ -671,7 +671,10 @@ fn no_sni_and_opaque_tcp_are_decided_by_address() {
 #[test]
 fn every_keep_alive_request_is_decided_on_its_own_host() {
     let _serial = serial();
-    let Some(env) = setup("every_keep_alive_request_is_decided_on_its_own_host", "resolve") else {
+    let Some(env) = setup(
+        "every_keep_alive_request_is_decided_on_its_own_host",
+        "resolve",
+    ) else {
         return;
     };
     // Two requests on one connection to allowed.test's address: the first
@@ -714,7 +717,11 @@ fn every_keep_alive_request_is_decided_on_its_own_host() {
             .iter()
             .filter(|l| l.starts_with("request "))
             .count();
-        assert_eq!(requests - before, 1, "only the first request reached the server");
+        assert_eq!(
+            requests - before,
+            1,
+            "only the first request reached the server"
+        );
     }
     assert_eq!(env.denied.accepts(), 0, "{}", env.context());
     env.assert_no_active_connections();
