@@ -65,11 +65,11 @@ impl Drop for PendingLine {
     }
 }
 
-/// A body whose data bytes are counted, cut at the end of the grace period.
+/// A body cut at the end of the grace period, its data bytes counted.
 pub struct Metered<B> {
     inner: B,
-    counter: IntCounter,
-    total: Arc<AtomicU64>,
+    /// Where data bytes are counted (none: the connection counts its own).
+    counted: Option<(IntCounter, Arc<AtomicU64>)>,
     cut: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
     /// Written when the body ends or is dropped (response bodies only).
     line: Option<PendingLine>,
@@ -85,8 +85,17 @@ impl<B> Metered<B> {
     ) -> Self {
         Metered {
             inner,
-            counter,
-            total,
+            counted: Some((counter, total)),
+            cut: Box::pin(cut),
+            line: None,
+        }
+    }
+
+    /// Wraps `inner` to be cut by `cut`, counting nothing.
+    pub fn uncounted(inner: B, cut: impl Future<Output = ()> + Send + Sync + 'static) -> Self {
+        Metered {
+            inner,
+            counted: None,
             cut: Box::pin(cut),
             line: None,
         }
@@ -119,10 +128,10 @@ where
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
+                if let (Some(data), Some((counter, total))) = (frame.data_ref(), &self.counted) {
                     let n = data.len() as u64;
-                    self.counter.inc_by(n);
-                    self.total.fetch_add(n, Relaxed);
+                    counter.inc_by(n);
+                    total.fetch_add(n, Relaxed);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

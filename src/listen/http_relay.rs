@@ -28,6 +28,7 @@ use hyper::client::conn::http1 as client_http1;
 use hyper::server::conn::http1 as server_http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -35,12 +36,12 @@ use tokio::sync::Mutex;
 use super::authority::{authority, authority_text};
 use super::body::Metered;
 use super::respond::{Body, Refusal};
-use super::{AccessLog, Close, Conn, record};
+use super::{AccessLog, Close, Conn, Judge};
 use crate::config::Protocol;
 use crate::gateway::Gateway;
 use crate::metrics::Via;
 use crate::policy::{Decision, Dest, Policy, Reason, Target, Verdict, host};
-use crate::tunnel::{CloseReason, relay_io};
+use crate::tunnel::{CloseReason, Counters, relay_io};
 
 /// What every request on the connection must name, and what was decided for it.
 #[derive(Debug, Clone)]
@@ -90,7 +91,15 @@ pub async fn serve(
         upload: Arc::new(AtomicU64::new(0)),
         download: Arc::new(AtomicU64::new(0)),
     });
+    // Bytes are counted on the client's side of the wire, heads included,
+    // as a tunnel counts them.
     let (upload, download) = (state.upload.clone(), state.download.clone());
+    let rewind = Rewind {
+        prefix,
+        io: client,
+        up: (gw.counters().upload.clone(), upload.clone()),
+        down: (gw.counters().download.clone(), download.clone()),
+    };
     let svc = service_fn(move |req| {
         let state = state.clone();
         async move { Ok::<_, Infallible>(state.handle(req).await) }
@@ -99,7 +108,7 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(gw.limits.head_timeout_ms))
         .max_buf_size(gw.limits.max_head_bytes.max(8192))
-        .serve_connection(TokioIo::new(Rewind { prefix, io: client }), svc)
+        .serve_connection(TokioIo::new(rewind), svc)
         .with_upgrades();
     tokio::pin!(http);
     let close = tokio::select! {
@@ -121,9 +130,9 @@ struct Relay {
     expect: Expect,
     conn: Arc<Conn>,
     gw: Arc<Gateway>,
-    /// Body bytes client → upstream.
+    /// Bytes client → gateway.
     upload: Arc<AtomicU64>,
-    /// Body bytes upstream → client.
+    /// Bytes gateway → client.
     download: Arc<AtomicU64>,
 }
 
@@ -144,8 +153,7 @@ impl Relay {
             .contains_key(header::UPGRADE)
             .then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let up = self.gw.counters().upload.clone();
-        let body = Metered::new(body, up, self.upload.clone(), self.gw.shutdown.cutting());
+        let body = Metered::uncounted(body, self.gw.shutdown.cutting());
         let sent = {
             let mut sender = self.sender.lock().await;
             sender.send_request(Request::from_parts(parts, body.boxed()))
@@ -159,13 +167,12 @@ impl Relay {
         };
         match client_upgrade {
             Some(c) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                relay_upgrade(resp, c, &self.conn, &self.gw)
+                // This connection's bytes are counted as they pass `Rewind`.
+                relay_upgrade(resp, c, &self.conn, &self.gw, false)
             }
             _ => {
                 let (parts, body) = resp.into_parts();
-                let down = self.gw.counters().download.clone();
-                let cut = self.gw.shutdown.cutting();
-                let body = Metered::new(body, down, self.download.clone(), cut);
+                let body = Metered::uncounted(body, self.gw.shutdown.cutting());
                 Response::from_parts(parts, body.boxed())
             }
         }
@@ -176,6 +183,11 @@ impl Relay {
     fn check(&self, req: &Request<Incoming>, policy: &Policy) -> Result<(), Decision> {
         let port = self.expect.port;
         let named = request_name(req, port);
+        let judge = Judge {
+            gw: &self.gw,
+            conn: &self.conn,
+            policy,
+        };
         let (host, d) = match (&named, &self.expect.host) {
             (Ok(Some(name)), Some(want)) if name == want => {
                 let d = policy.decide(&Dest {
@@ -184,7 +196,7 @@ impl Relay {
                     proto: Protocol::Tcp,
                 });
                 if (d, policy.generation()) != self.expect.decided {
-                    record(&self.gw, &self.conn, policy, Via::Host, name, port, &d);
+                    judge.record(Via::Host, name, port, &d);
                 }
                 (name.clone(), d)
             }
@@ -194,7 +206,7 @@ impl Relay {
             (Err(()), _) => (String::new(), Decision::denied(Reason::HostMismatch)),
         };
         if d.reason == Reason::HostMismatch {
-            record(&self.gw, &self.conn, policy, Via::Host, &host, port, &d);
+            judge.record(Via::Host, &host, port, &d);
         }
         if d.verdict != Verdict::Deny {
             return Ok(());
@@ -250,12 +262,14 @@ fn closing(mut resp: Response<Body>) -> Response<Body> {
 
 /// Answers `101` and, once both sides have upgraded, relays the two
 /// connections in a task of their own, with the tunnels' idle timer, until
-/// either closes or the grace period ends.
+/// either closes or the grace period ends. `count`: add the bytes to
+/// `portcullis_bytes_total` (false when the client's stream counts them).
 pub fn relay_upgrade(
     mut resp: Response<Incoming>,
     client_upgrade: hyper::upgrade::OnUpgrade,
     conn: &Arc<Conn>,
     gw: &Arc<Gateway>,
+    count: bool,
 ) -> Response<Body> {
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
     let (gw, conn) = (gw.clone(), conn.clone());
@@ -264,14 +278,15 @@ pub fn relay_upgrade(
             return;
         };
         let idle = Duration::from_millis(gw.limits.idle_timeout_ms);
-        let stats = relay_io(
-            TokioIo::new(c),
-            TokioIo::new(u),
-            idle,
-            gw.counters(),
-            gw.shutdown.cutting(),
-        )
-        .await;
+        let uncounted;
+        let counters = if count {
+            gw.counters()
+        } else {
+            uncounted = Counters::detached();
+            &uncounted
+        };
+        let (c, u) = (TokioIo::new(c), TokioIo::new(u));
+        let stats = relay_io(c, u, idle, counters, gw.shutdown.cutting()).await;
         let mut log = AccessLog::new(&conn, "UPGRADE", "", 0, None, Close::UpgradeClosed);
         if stats.close != CloseReason::ClientClosed {
             log.close = Close::Tunnel(stats.close);
@@ -287,10 +302,18 @@ pub fn relay_upgrade(
     Response::from_parts(parts, body.map_err(Into::into).boxed())
 }
 
-/// A stream that yields `prefix` before reading from `io`.
+/// The client's stream: yields `prefix` before reading from `io`, and
+/// counts bytes each way.
 struct Rewind {
     prefix: BytesMut,
     io: TcpStream,
+    up: (IntCounter, Arc<AtomicU64>),
+    down: (IntCounter, Arc<AtomicU64>),
+}
+
+fn count((counter, total): &(IntCounter, Arc<AtomicU64>), n: usize) {
+    counter.inc_by(n as u64);
+    total.fetch_add(n as u64, Relaxed);
 }
 
 impl AsyncRead for Rewind {
@@ -303,9 +326,13 @@ impl AsyncRead for Rewind {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            count(&self.up, n);
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        count(&self.up, buf.filled().len() - before);
+        r
     }
 }
 
@@ -315,7 +342,11 @@ impl AsyncWrite for Rewind {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            count(&self.down, n);
+        }
+        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

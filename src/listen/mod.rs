@@ -213,10 +213,44 @@ fn refuse(
     }
 }
 
+/// The two ends of an allowed connection, and what the client already sent.
+pub struct Ends {
+    /// The client.
+    pub client: TcpStream,
+    /// The upstream it was allowed to reach.
+    pub upstream: TcpStream,
+    /// Bytes read from the client and not yet sent upstream.
+    pub prefix: bytes::BytesMut,
+}
+
+/// Relays an allowed connection and writes its log line at the end: its
+/// bytes as they are (`http: None`), or HTTP requests each checked against
+/// `http` ([`http_relay`]).
+pub async fn relay(
+    gw: &Arc<Gateway>,
+    conn: &Arc<Conn>,
+    ends: Ends,
+    http: Option<http_relay::Expect>,
+    log: AccessLog<'_>,
+) {
+    let Ends {
+        client,
+        upstream,
+        prefix,
+    } = ends;
+    match http {
+        Some(expect) => {
+            let (conn, gw) = (conn.clone(), gw.clone());
+            http_relay::serve(client, prefix, upstream, expect, conn, gw, log).await;
+        }
+        None => relay_and_log(gw, &client, &upstream, prefix, log).await,
+    }
+}
+
 /// Replays the client's already-read bytes upstream, frees their buffer (a
 /// sniff buffer held for a tunnel's life would be most of an idle tunnel's
 /// memory), relays until the tunnel ends, then writes its log line.
-pub async fn relay_and_log(
+async fn relay_and_log(
     gw: &Gateway,
     client: &TcpStream,
     upstream: &TcpStream,
@@ -267,37 +301,36 @@ pub fn log_denial(conn: &Conn, policy: &Policy, via: Via, host: &str, port: u16,
     );
 }
 
-/// Decides `host:port` over TCP under `policy`, counts the decision and logs a denial.
-pub fn decide(
-    gw: &Gateway,
-    conn: &Conn,
-    policy: &Policy,
-    via: Via,
-    host: &str,
-    port: u16,
-) -> Decision {
-    let d = policy.decide(&crate::policy::Dest {
-        target: Target::parse(host),
-        port,
-        proto: crate::config::Protocol::Tcp,
-    });
-    record(gw, conn, policy, via, host, port, &d);
-    d
+/// Decides for one connection under one policy, and counts and logs what
+/// it decides: `decide`'s answers and the data path's cuts alike.
+pub struct Judge<'a> {
+    /// Where decisions are counted.
+    pub gw: &'a Gateway,
+    /// The connection decided for.
+    pub conn: &'a Conn,
+    /// The policy deciding (the connection's snapshot, or the one in force
+    /// when a request arrived).
+    pub policy: &'a Policy,
 }
 
-/// Counts a decision and logs it if it is a denial: `decide`'s, or a
-/// data-path cut (a name that disagrees inside an allowed connection).
-pub fn record(
-    gw: &Gateway,
-    conn: &Conn,
-    policy: &Policy,
-    via: Via,
-    host: &str,
-    port: u16,
-    d: &Decision,
-) {
-    gw.count_decision(&conn.client_subnet, via, d, host, port);
-    if d.verdict != Verdict::Allow {
-        log_denial(conn, policy, via, host, port, d);
+impl Judge<'_> {
+    /// Decides `host:port` over TCP, counts it and logs a denial.
+    pub fn decide(&self, via: Via, host: &str, port: u16) -> Decision {
+        let d = self.policy.decide(&crate::policy::Dest {
+            target: Target::parse(host),
+            port,
+            proto: crate::config::Protocol::Tcp,
+        });
+        self.record(via, host, port, &d);
+        d
+    }
+
+    /// Counts `d` and logs it if it is a denial.
+    pub fn record(&self, via: Via, host: &str, port: u16, d: &Decision) {
+        self.gw
+            .count_decision(&self.conn.client_subnet, via, d, host, port);
+        if d.verdict != Verdict::Allow {
+            log_denial(self.conn, self.policy, via, host, port, d);
+        }
     }
 }

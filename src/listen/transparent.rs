@@ -21,14 +21,14 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::net::TcpStream;
 
-use super::http_relay::{self, Expect};
+use super::http_relay::Expect;
 use super::respond::{Refusal, Speech};
-use super::{AccessLog, Close, Conn, log_denial, relay_and_log};
+use super::{AccessLog, Close, Conn, Ends, Judge, relay};
 use crate::classify::{self, Classified, OpaqueReason};
-use crate::config::{Protocol, UpstreamMode};
+use crate::config::UpstreamMode;
 use crate::gateway::Gateway;
 use crate::metrics::{NameMismatch, Via};
-use crate::policy::{Decision, Dest, Reason, Target, Verdict, host};
+use crate::policy::{Decision, Reason, Target, Verdict, host};
 use crate::upstream::{ConnectError, DialPlan};
 
 /// The destination the client meant, before REDIRECT rewrote it.
@@ -197,7 +197,8 @@ async fn unreadable(
 }
 
 /// Decides on the name heard (or the original address), dials per
-/// `[policy] upstream`, and relays.
+/// `[policy] upstream`, and relays: HTTP request by request, anything else
+/// as bytes.
 async fn decide_and_relay(
     mut client: TcpStream,
     conn: &Arc<Conn>,
@@ -209,31 +210,20 @@ async fn decide_and_relay(
     let ip_text = orig.ip().to_string();
     let shown_host = heard.name.as_deref().unwrap_or(&ip_text);
     let port = orig.port();
-    let target = match &heard.name {
-        Some(n) => Target::parse(n),
-        None => Target::Ip(orig.ip()),
+    let judge = Judge {
+        gw,
+        conn,
+        policy: &conn.policy,
     };
-    let d = conn.policy.decide(&Dest {
-        target,
-        port,
-        proto: Protocol::Tcp,
-    });
-    gw.count_decision(&conn.client_subnet, heard.via, &d, shown_host, port);
+    let d = judge.decide(heard.via, shown_host, port);
     let what = heard
         .request
         .clone()
         .unwrap_or_else(|| format!("{} {shown_host}:{port}", heard.speech.as_str()));
-    let mut log = AccessLog::new(
-        conn,
-        heard.speech.as_str(),
-        shown_host,
-        port,
-        Some(&d),
-        Close::Unset,
-    );
+    let method = heard.speech.as_str();
+    let mut log = AccessLog::new(conn, method, shown_host, port, Some(&d), Close::Unset);
     log.ech = heard.ech;
     if d.verdict == Verdict::Deny {
-        log_denial(conn, &conn.policy, heard.via, shown_host, port, &d);
         let refusal = Refusal::Denied {
             policy: &conn.policy,
             decision: &d,
@@ -244,34 +234,30 @@ async fn decide_and_relay(
         log.emit();
         return;
     }
+    let target = heard
+        .name
+        .as_deref()
+        .map_or(Target::Ip(orig.ip()), Target::parse);
     let plan = dial_plan(conn.policy.upstream(), &heard, target, orig);
-    match gw
+    let dialled = gw
         .upstream
         .connect(&conn.policy, plan, port, &gw.metrics)
-        .await
-    {
+        .await;
+    match dialled {
         Ok((upstream, addr)) => {
             log.upstream = Some(addr);
-            if heard.speech == Speech::Http {
-                // Every request is decided, not just the first.
-                let expect = Expect {
-                    host: heard.name.clone(),
-                    port,
-                    decided: (d, conn.policy.generation()),
-                };
-                http_relay::serve(
-                    client,
-                    prefix,
-                    upstream,
-                    expect,
-                    conn.clone(),
-                    gw.clone(),
-                    log,
-                )
-                .await;
-            } else {
-                relay_and_log(gw, &client, &upstream, prefix, log).await;
-            }
+            // HTTP: every request is decided, not just the first.
+            let http = (heard.speech == Speech::Http).then(|| Expect {
+                host: heard.name.clone(),
+                port,
+                decided: (d, conn.policy.generation()),
+            });
+            let ends = Ends {
+                client,
+                upstream,
+                prefix,
+            };
+            relay(gw, conn, ends, http, log).await;
         }
         Err(err) => {
             count_dial_error(gw, &heard, &err);
@@ -280,14 +266,7 @@ async fn decide_and_relay(
             // The gateway's own refusals are answered; a destination that
             // does not answer (refused, timeout, unreachable) is passed on
             // as a close, as the client would have seen without a gateway.
-            let ours = matches!(
-                err,
-                ConnectError::Prohibited { .. }
-                    | ConnectError::NotAmong { .. }
-                    | ConnectError::NotFound(_)
-                    | ConnectError::Dns { .. }
-            );
-            if ours {
+            if err.is_refusal() {
                 heard.speech.answer(&mut client, &refusal, &what).await;
             }
             log.emit();

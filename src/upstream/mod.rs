@@ -108,6 +108,20 @@ impl ConnectError {
         }
     }
 
+    /// Whether the gateway refused (an address check, a name that does not
+    /// resolve, a forged name), rather than the destination failing to answer.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            ConnectError::Prohibited { .. }
+            | ConnectError::NotAmong { .. }
+            | ConnectError::NotFound(_)
+            | ConnectError::Dns { .. } => true,
+            ConnectError::Refused(_)
+            | ConnectError::Timeout(_)
+            | ConnectError::Unreachable { .. } => false,
+        }
+    }
+
     /// The `error` label it counts under in `upstream_errors_total`; None
     /// for a forged name under `verify`, which counts as a name mismatch.
     pub fn label(&self) -> Option<UpstreamError> {
@@ -215,6 +229,45 @@ impl Upstream {
                 Cached::NotFound => Err(ConnectError::NotFound(name.to_string())),
             };
         }
+        let (answer, ttl) = self.lookup(name, now, metrics).await?;
+        if self.cache.len() >= self.cache_max {
+            self.cache.retain(|_, e| e.expires > now);
+            if self.cache.len() >= self.cache_max {
+                self.cache.clear();
+            }
+        }
+        self.cache.insert(
+            name.to_string(),
+            Entry {
+                answer: answer.clone(),
+                expires: now + ttl,
+            },
+        );
+        match answer {
+            Cached::Addrs(a) => {
+                metrics
+                    .dns_lookups
+                    .with_label_values(&[DnsResult::Ok.as_str()])
+                    .inc();
+                Ok(a)
+            }
+            Cached::NotFound => {
+                metrics
+                    .dns_lookups
+                    .with_label_values(&[DnsResult::Nxdomain.as_str()])
+                    .inc();
+                Err(ConnectError::NotFound(name.to_string()))
+            }
+        }
+    }
+
+    /// Asks DNS for `name`'s addresses: the answer to cache and for how long.
+    async fn lookup(
+        &self,
+        name: &str,
+        now: Instant,
+        metrics: &Metrics,
+    ) -> Result<(Cached, Duration), ConnectError> {
         let Some(resolver) = self.resolver().await else {
             metrics
                 .dns_lookups
@@ -251,35 +304,7 @@ impl Upstream {
                 });
             }
         };
-        if self.cache.len() >= self.cache_max {
-            self.cache.retain(|_, e| e.expires > now);
-            if self.cache.len() >= self.cache_max {
-                self.cache.clear();
-            }
-        }
-        self.cache.insert(
-            name.to_string(),
-            Entry {
-                answer: answer.clone(),
-                expires: now + ttl,
-            },
-        );
-        match answer {
-            Cached::Addrs(a) => {
-                metrics
-                    .dns_lookups
-                    .with_label_values(&[DnsResult::Ok.as_str()])
-                    .inc();
-                Ok(a)
-            }
-            Cached::NotFound => {
-                metrics
-                    .dns_lookups
-                    .with_label_values(&[DnsResult::Nxdomain.as_str()])
-                    .inc();
-                Err(ConnectError::NotFound(name.to_string()))
-            }
-        }
+        Ok((answer, ttl))
     }
 
     /// Addresses a destination may be dialled at: resolved (names) or as

@@ -21,10 +21,10 @@ use tokio::net::TcpStream;
 use crate::classify;
 use crate::gateway::Gateway;
 use crate::listen::authority::authority;
-use crate::listen::http_relay::{self, Expect};
+use crate::listen::http_relay::Expect;
 use crate::listen::inspect::{self, Carried, Tunnel};
 use crate::listen::respond::{Body, Refusal, full, write_and_close};
-use crate::listen::{AccessLog, Close, Conn, decide, record, relay_and_log};
+use crate::listen::{AccessLog, Close, Conn, Ends, Judge, relay};
 use crate::metrics::{NameMismatch, Via};
 use crate::policy::{Decision, Policy, Reason, Target, Verdict, host};
 use crate::upstream::{ConnectError, DialPlan};
@@ -198,7 +198,8 @@ async fn open(
 ) -> Result<Open, OpenError> {
     let host = host::normalized_or_kept(raw_host);
     let target = Target::parse(&host);
-    let d = decide(gw, conn, policy, Via::Connect, &host, port);
+    let judge = Judge { gw, conn, policy };
+    let d = judge.decide(Via::Connect, &host, port);
     if d.verdict == Verdict::Deny {
         AccessLog::new(conn, "CONNECT", &host, port, Some(&d), Close::Denied)
             .under(policy)
@@ -258,56 +259,35 @@ async fn tunnel(
         port,
         decision: &decision,
     };
+    let (client_ref, ech) = (&mut client, &mut log.ech);
     let carried = inspect::first_bytes(
         gw,
         &policy,
         &inspected,
-        &mut client,
+        client_ref,
         &upstream,
         &mut prefix,
-        &mut log.ech,
+        ech,
     )
     .await;
-    match carried {
-        Carried::Relay => relay_and_log(gw, &client, &upstream, prefix, log).await,
-        Carried::Http => {
-            let expect = Expect {
-                host: Some(host.clone()),
-                port,
-                decided: (decision, policy.generation()),
-            };
-            http_relay::serve(
-                client,
-                prefix,
-                upstream,
-                expect,
-                conn.clone(),
-                gw.clone(),
-                log,
-            )
-            .await;
-        }
+    let http = match carried {
+        Carried::Relay => None,
+        Carried::Http => Some(Expect {
+            host: Some(host.clone()),
+            port,
+            decided: (decision, policy.generation()),
+        }),
         Carried::Cut {
             reason,
             speech,
             sni,
         } => {
-            let cut = Decision {
-                verdict: Verdict::Deny,
-                rule: decision.rule,
-                reason,
+            let judge = Judge {
+                gw,
+                conn,
+                policy: &policy,
             };
-            if reason == Reason::SniMismatch {
-                gw.count_name_mismatch(NameMismatch::ConnectSni);
-                tracing::warn!(
-                    target: "portcullis::deny",
-                    client = %conn.peer,
-                    host,
-                    sni = sni.as_deref().unwrap_or("-"),
-                    "TLS SNI names another host than CONNECT (domain fronting?): tunnel cut"
-                );
-            }
-            record(gw, conn, &policy, Via::Sni, &host, port, &cut);
+            let cut = cut(&judge, &inspected, reason, sni.as_deref());
             let refusal = Refusal::Denied {
                 policy: &policy,
                 decision: &cut,
@@ -317,12 +297,41 @@ async fn tunnel(
             log.decision = Some(&cut);
             log.close = Close::Denied;
             log.emit();
+            return;
         }
         Carried::Ended(close) => {
             log.close = Close::Tunnel(close);
             log.emit();
+            return;
         }
+    };
+    let ends = Ends {
+        client,
+        upstream,
+        prefix,
+    };
+    relay(gw, conn, ends, http, log).await;
+}
+
+/// The denial for a tunnel cut on its first bytes, counted and logged.
+fn cut(judge: &Judge<'_>, tunnel: &Tunnel<'_>, reason: Reason, sni: Option<&str>) -> Decision {
+    let cut = Decision {
+        verdict: Verdict::Deny,
+        rule: tunnel.decision.rule,
+        reason,
+    };
+    if reason == Reason::SniMismatch {
+        judge.gw.count_name_mismatch(NameMismatch::ConnectSni);
+        tracing::warn!(
+            target: "portcullis::deny",
+            client = %judge.conn.peer,
+            host = tunnel.host,
+            sni = sni.unwrap_or("-"),
+            "TLS SNI names another host than CONNECT (domain fronting?): tunnel cut"
+        );
     }
+    judge.record(Via::Sni, tunnel.host, tunnel.port, &cut);
+    cut
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use crate::listen::authority::{authority, authority_text};
 use crate::listen::body::{Metered, PendingLine};
 use crate::listen::http_relay::relay_upgrade;
 use crate::listen::respond::{Body, Refusal};
-use crate::listen::{AccessLog, Close, Conn, decide, record};
+use crate::listen::{AccessLog, Close, Conn, Judge};
 use crate::metrics::{NameMismatch, UpstreamError, Via};
 use crate::policy::{Decision, Policy, Reason, Target, Verdict, host};
 use crate::upstream::pool;
@@ -30,7 +30,7 @@ const VIA: &str = "1.1 portcullis";
 /// Decides (under `policy`, the policy in force when the request arrived)
 /// and forwards one absolute-URI request.
 pub(super) async fn forward(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     conn: Arc<Conn>,
     gw: Arc<Gateway>,
     policy: Arc<Policy>,
@@ -43,13 +43,18 @@ pub(super) async fn forward(
     // Only answers other than the upstream's need it: made on demand.
     let uri = req.uri().clone();
     let what = || format!("{method} {uri}");
+    let judge = Judge {
+        gw: &gw,
+        conn: &conn,
+        policy: &policy,
+    };
     let d = match host_agrees(&req, &host, port) {
-        Ok(()) => decide(&gw, &conn, &policy, Via::Http, &host, port),
+        Ok(()) => judge.decide(Via::Http, &host, port),
         Err(Some(refusal)) => return refusal.response(&what()),
         Err(None) => {
             gw.count_name_mismatch(NameMismatch::HostUri);
             let d = Decision::denied(Reason::HostMismatch);
-            record(&gw, &conn, &policy, Via::Http, &host, port, &d);
+            judge.record(Via::Http, &host, port, &d);
             d
         }
     };
@@ -66,24 +71,7 @@ pub(super) async fn forward(
         .response(&what());
     }
 
-    let upgrade = is_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    add_via(&mut parts.headers);
-    parts.version = Version::HTTP_11;
-    let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let body = Metered::new(
-        body,
-        gw.counters().upload.clone(),
-        up.clone(),
-        gw.shutdown.cutting(),
-    );
-    let sent = gw
-        .http_client()
-        .request(Request::from_parts(parts, body.boxed()))
-        .await;
-    let mut line = PendingLine {
+    let line = PendingLine {
         conn: conn.clone(),
         policy: policy.clone(),
         method: method.to_string(),
@@ -92,43 +80,61 @@ pub(super) async fn forward(
         decision: d,
         upstream: None,
         close: Close::Unset,
-        upload: up,
-        download: down.clone(),
+        upload: Arc::new(AtomicU64::new(0)),
+        download: Arc::new(AtomicU64::new(0)),
     };
-    let resp = match sent {
-        Ok(r) => r,
-        Err(err) => {
-            let (refusal, label) = match pool::connect_error(&err) {
-                Some(ce) => (Refusal::Upstream(ce), ce.label()),
-                None => (
-                    Refusal::UpstreamProtocol(&err),
-                    Some(UpstreamError::HttpProtocolError),
-                ),
-            };
-            if let Some(label) = label {
-                gw.count_upstream_error(label);
-            }
-            line.close = refusal.close();
-            drop(line);
-            return refusal.response(&what());
+    send(req, line, &conn, &gw).await.unwrap_or_else(|e| e)
+}
+
+/// Sends an allowed request upstream through the pool and returns the
+/// response to relay, bodies metered both ways; `Err` is the answer when
+/// the upstream failed. `line` is written when the response ends.
+async fn send(
+    mut req: Request<Incoming>,
+    mut line: PendingLine,
+    conn: &Arc<Conn>,
+    gw: &Arc<Gateway>,
+) -> Result<Response<Body>, Response<Body>> {
+    // Only an answer of our own needs it.
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    add_via(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    let up = gw.counters().upload.clone();
+    let body = Metered::new(body, up, line.upload.clone(), gw.shutdown.cutting());
+    let sent = gw
+        .http_client()
+        .request(Request::from_parts(parts, body.boxed()))
+        .await;
+    let resp = sent.map_err(|err| {
+        let (refusal, label) = match pool::connect_error(&err) {
+            Some(ce) => (Refusal::Upstream(ce), ce.label()),
+            None => (
+                Refusal::UpstreamProtocol(&err),
+                Some(UpstreamError::HttpProtocolError),
+            ),
+        };
+        if let Some(label) = label {
+            gw.count_upstream_error(label);
         }
-    };
+        line.close = refusal.close();
+        refusal.response(&format!("{method} {uri}"))
+    })?;
     line.upstream = resp.extensions().get::<pool::UpstreamAddr>().map(|a| a.0);
     line.close = Close::Status(resp.status().as_u16());
-    match client_upgrade {
-        Some(client_upgrade) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            drop(line);
-            relay_upgrade(resp, client_upgrade, &conn, &gw)
-        }
-        _ => {
-            let (mut parts, body) = resp.into_parts();
-            strip_hop_by_hop(&mut parts.headers, false);
-            add_via(&mut parts.headers);
-            let cut = gw.shutdown.cutting();
-            let body = Metered::new(body, gw.counters().download.clone(), down, cut);
-            Response::from_parts(parts, body.with_line(line).boxed())
-        }
+    if let Some(c) = client_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
+        drop(line);
+        return Ok(relay_upgrade(resp, c, conn, gw, true));
     }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    add_via(&mut parts.headers);
+    let down = gw.counters().download.clone();
+    let body = Metered::new(body, down, line.download.clone(), gw.shutdown.cutting());
+    Ok(Response::from_parts(parts, body.with_line(line).boxed()))
 }
 
 /// The normalised host and port of an `http://` URL.
