@@ -31,3 +31,5 @@ pub mod logwriter;
 pub mod shutdown;
 pub mod render;
 pub mod cli;
+#[cfg(test)]
+mod testing;

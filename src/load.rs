@@ -128,23 +128,7 @@ fn tags_path_from_config(config: &Config, config_path: Option<&Path>) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// splitmix64: small, seedable, reproducible.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n.max(1) as u64) as usize
-        }
-    }
+    use crate::testing::{Rng, seed};
 
     /// Fragments a hostile or careless edit might put anywhere.
     const FRAGMENTS: &[&str] = &[
@@ -198,14 +182,7 @@ mod tests {
     /// and is printed on failure.
     #[test]
     fn mutated_configs_fail_with_located_errors_never_a_panic() {
-        let seed = std::env::var("PORTCULLIS_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            });
+        let seed = seed();
         let mut rng = Rng(seed);
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let bases: Vec<String> = ["config/azureml.toml", "config/minimal.toml"]

@@ -120,32 +120,27 @@ fn nftables_renders_a_multibyte_name_and_description() {
     );
 }
 
-/// xorshift64*: deterministic, so a failing seed reproduces.
-struct Rng(u64);
+use crate::testing::Rng;
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
+/// Random text for `one_line`.
+trait Text {
     /// A character of 1, 2, 3 or 4 UTF-8 bytes, or one `one_line` drops.
+    fn char(&mut self) -> char;
+    /// Up to `max_chars` such characters.
+    fn string(&mut self, max_chars: usize) -> String;
+}
+
+impl Text for Rng {
     fn char(&mut self) -> char {
         let range = match self.below(6) {
-            0 => return ['"', '\n', ' ', '\t'][self.below(4) as usize],
+            0 => return ['"', '\n', ' ', '\t'][self.below(4)],
             1 => 0x20..0x7f,
             2 => 0x80..0x800,
             3 => 0x800..0x1_0000,
             _ => 0x1_0000..0x11_0000,
         };
         loop {
-            let code = range.start + self.below(u64::from(range.end - range.start)) as u32;
+            let code = range.start + self.below((range.end - range.start) as usize) as u32;
             // Surrogates are not chars: draw again.
             if let Some(c) = char::from_u32(code) {
                 return c;
@@ -153,7 +148,7 @@ impl Rng {
         }
     }
 
-    fn string(&mut self, max_chars: u64) -> String {
+    fn string(&mut self, max_chars: usize) -> String {
         let len = self.below(max_chars + 1);
         (0..len).map(|_| self.char()).collect()
     }

@@ -169,17 +169,7 @@ fn keys_sharing_a_sketch_are_told_apart() {
     );
 }
 
-/// Tiny deterministic PRNG (xorshift64) for the differential test.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
-}
+use crate::testing::Rng;
 
 /// The semantics written plainly: what `most_specific` must return for `name`.
 fn reference(patterns: &[HostKey], name: &str) -> Result<Option<u32>, NameError> {
