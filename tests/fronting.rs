@@ -53,37 +53,17 @@ fn split_in_sni(hello: &[u8], sni: &str) -> Vec<u8> {
     out
 }
 
+/// `allowed.test` and `other.test` allowed on the origin (both resolve to
+/// it), the origin's address allowed by an address rule, then `extra`.
 fn config(origin: SocketAddr, limits: &str, extra: &str) -> String {
-    let (ip, port) = (origin.ip(), origin.port());
-    format!(
-        r#"[listen]
-proxy = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
-[clients]
-allow = ["127.0.0.0/8"]
-
-[policy]
-profile = "none"
-
-[[rule]]
-name = "allowed"
-hosts = ["allowed.test", "other.test"]
-ports = [{port}]
-
-[[rule]]
-name = "origins"
-cidrs = ["{ip}/32"]
-ports = [{port}]
-{extra}
-[resolve]
-"allowed.test" = ["{ip}"]
-"other.test" = ["{ip}"]
-
-[limits]
-{limits}
-"#
-    )
+    inproc::Site {
+        origin,
+        hosts: &["allowed.test", "other.test"],
+        extra,
+        limits,
+        ..inproc::Site::default()
+    }
+    .toml()
 }
 
 /// Opens `CONNECT authority`, expecting 200.

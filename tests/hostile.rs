@@ -22,43 +22,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// A proxy for `127.0.0.0/8` clients allowing `allowed.test` (→ `origin`)
-/// on the origin's port, plus `extra` TOML lines (rules or `[limits]`).
+/// A proxy for `clients` allowing `allowed.test` (→ `origin`) on the
+/// origin's port when `rule`, with `limits`.
 fn config(origin: SocketAddr, clients: &str, rule: bool, limits: &str) -> String {
-    let rule = if rule {
-        format!(
-            "[[rule]]\nname = \"allowed\"\nhosts = [\"allowed.test\"]\nports = [{}]\n",
-            origin.port()
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        r#"[listen]
-proxy = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
-[clients]
-allow = [{clients}]
-
-[policy]
-profile = "none"
-
-{rule}
-[[rule]]
-name = "origins"
-cidrs = ["{ip}/32"]
-ports = [{port}]
-
-[resolve]
-"allowed.test" = ["{ip}"]
-
-[limits]
-{limits}
-"#,
-        ip = origin.ip(),
-        port = origin.port(),
-    )
+    inproc::Site {
+        origin,
+        clients,
+        hosts: if rule { &["allowed.test"] } else { &[] },
+        limits,
+        ..inproc::Site::default()
+    }
+    .toml()
 }
 
 /// Reads one response: status, lower-cased head, body (by Content-Length).

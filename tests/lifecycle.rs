@@ -16,41 +16,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-/// A config with an explicit proxy, an admin listener, and one allowed
-/// name that resolves to `upstream`.
+/// One allowed name resolving to `upstream`; the echo upstream speaks no
+/// TLS, so its tunnels are relayed unchecked (`opaque`).
 fn config(upstream: SocketAddr, limits: &str) -> String {
-    format!(
-        r#"[listen]
-proxy = "127.0.0.1:0"
-admin = "127.0.0.1:0"
-
-[clients]
-allow = ["127.0.0.0/8"]
-
-[policy]
-profile = "none"
-
-# The echo upstream speaks no TLS: its tunnels are relayed unchecked.
-[[rule]]
-name = "allowed"
-hosts = ["allowed.test"]
-ports = [{port}]
-opaque = true
-
-[[rule]]
-name = "upstreams"
-cidrs = ["{ip}/32"]
-ports = [{port}]
-
-[resolve]
-"allowed.test" = ["{ip}"]
-
-[limits]
-{limits}
-"#,
-        port = upstream.port(),
-        ip = upstream.ip(),
-    )
+    inproc::Site {
+        origin: upstream,
+        rule_extra: "opaque = true",
+        limits,
+        ..inproc::Site::default()
+    }
+    .toml()
 }
 
 /// An upstream that accepts connections and echoes what it reads.

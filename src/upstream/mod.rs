@@ -269,14 +269,7 @@ impl Upstream {
         metrics: &Metrics,
     ) -> Result<(Cached, Duration), ConnectError> {
         let Some(resolver) = self.resolver().await else {
-            metrics
-                .dns_lookups
-                .with_label_values(&[DnsResult::Error.as_str()])
-                .inc();
-            return Err(ConnectError::Dns {
-                name: name.to_string(),
-                message: "no resolver configured".into(),
-            });
+            return Err(dns_failed(metrics, name, "no resolver configured".into()));
         };
         // A fully qualified name: no search domains for egress names.
         let fqdn = format!("{name}.");
@@ -293,16 +286,7 @@ impl Upstream {
             Err(err) if err.is_nx_domain() || err.is_no_records_found() => {
                 (Cached::NotFound, NEGATIVE_TTL)
             }
-            Err(err) => {
-                metrics
-                    .dns_lookups
-                    .with_label_values(&[DnsResult::Error.as_str()])
-                    .inc();
-                return Err(ConnectError::Dns {
-                    name: name.to_string(),
-                    message: err.to_string(),
-                });
-            }
+            Err(err) => return Err(dns_failed(metrics, name, err.to_string())),
         };
         Ok((answer, ttl))
     }
@@ -470,6 +454,18 @@ impl Upstream {
             }),
             Err(_) => Err(ConnectError::Timeout(shown())),
         }
+    }
+}
+
+/// A failed lookup, counted.
+fn dns_failed(metrics: &Metrics, name: &str, message: String) -> ConnectError {
+    metrics
+        .dns_lookups
+        .with_label_values(&[DnsResult::Error.as_str()])
+        .inc();
+    ConnectError::Dns {
+        name: name.to_string(),
+        message,
     }
 }
 

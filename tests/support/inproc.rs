@@ -18,6 +18,68 @@ use portcullis::serve::{Bound, Stopped, serve};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// A config for in-process tests: an explicit proxy and an admin listener
+/// on free loopback ports, `clients` (TOML array items), no profile, a rule
+/// `allowed` for `hosts` on `origin`'s port (with `rule_extra` lines), the
+/// address rule the origin needs (loopback is guarded), every host resolving
+/// to the origin, then `extra` (more rules) and `[limits]` lines.
+pub struct Site<'a> {
+    /// The origin every name resolves to.
+    pub origin: SocketAddr,
+    /// `[clients] allow` items.
+    pub clients: &'a str,
+    /// Names the `allowed` rule lists (none: no such rule).
+    pub hosts: &'a [&'a str],
+    /// Extra lines inside the `allowed` rule (`opaque = true`, ...).
+    pub rule_extra: &'a str,
+    /// More TOML after the rules (other `[[rule]]`s).
+    pub extra: &'a str,
+    /// `[limits]` lines.
+    pub limits: &'a str,
+}
+
+impl Default for Site<'_> {
+    fn default() -> Self {
+        Site {
+            origin: SocketAddr::from(([127, 0, 0, 2], 0)),
+            clients: "\"127.0.0.0/8\"",
+            hosts: &["allowed.test"],
+            rule_extra: "",
+            extra: "",
+            limits: "",
+        }
+    }
+}
+
+impl Site<'_> {
+    /// The config text.
+    pub fn toml(&self) -> String {
+        let (ip, port) = (self.origin.ip(), self.origin.port());
+        let list = |f: &dyn Fn(&str) -> String| -> Vec<String> {
+            self.hosts.iter().map(|h| f(h)).collect()
+        };
+        let rule = if self.hosts.is_empty() {
+            String::new()
+        } else {
+            let hosts = list(&|h| format!("{h:?}")).join(", ");
+            format!(
+                "[[rule]]\nname = \"allowed\"\nhosts = [{hosts}]\nports = [{port}]\n{}\n",
+                self.rule_extra
+            )
+        };
+        let resolve = list(&|h| format!("{h:?} = [\"{ip}\"]")).join("\n");
+        format!(
+            "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n\n\
+             [clients]\nallow = [{clients}]\n\n[policy]\nprofile = \"none\"\n\n{rule}\
+             [[rule]]\nname = \"origins\"\ncidrs = [\"{ip}/32\"]\nports = [{port}]\n\n{extra}\n\
+             [resolve]\n{resolve}\n\n[limits]\n{limits}\n",
+            clients = self.clients,
+            extra = self.extra,
+            limits = self.limits,
+        )
+    }
+}
+
 /// A gateway served by a task of the calling runtime.
 pub struct InProc {
     /// The shared runtime state (metrics, policy, shutdown).
