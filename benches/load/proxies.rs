@@ -175,12 +175,16 @@ name = "load-test"
 description = "benches/load upstream servers"
 hosts = ["{HOST}"]
 ports = [{ports}]
+# The load shapes (bulk, echo) tunnel raw bytes, not TLS: relayed unchecked
+# after the first bytes are read (the inspection still runs).
+opaque = true
 
 [[rule]]
 name = "load-test-loopback"
 description = "loopback is guarded: the load upstreams need an explicit address rule"
 cidrs = ["127.0.0.1/32"]
 ports = [{ports}]
+opaque = true
 
 [resolve]
 "{HOST}" = ["127.0.0.1"]
