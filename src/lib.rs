@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod conntrack;
 pub mod logwriter;
 pub mod shutdown;
+pub mod notify;
 pub mod render;
 pub mod cli;
 #[cfg(test)]

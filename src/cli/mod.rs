@@ -201,15 +201,44 @@ async fn run_process(loaded: Loaded, input: LoadInput) -> Result<ExitCode> {
         }
         let _ = writeln!(out, "ready");
         let _ = out.flush();
+        tell_manager("READY=1\nSTATUS=serving");
     };
+    spawn_watchdog();
+    // systemd waits this long for the stop: the grace period, the drain's
+    // 2 s cut allowance and a margin (so TimeoutStopSec need not know it).
+    let stop_usec = (loaded.config.limits.grace_period_ms + 5_000) * 1_000;
     let stop = async move {
         let _ = stop.await;
+        tell_manager(&format!(
+            "STOPPING=1\nSTATUS=draining\nEXTEND_TIMEOUT_USEC={stop_usec}"
+        ));
     };
     let force = async move {
         let _ = force.await;
     };
     serve(bound, gw, on_ready, stop, force).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Tells systemd (`Type=notify`) what state the gateway is in; outside
+/// systemd there is no socket and nothing happens.
+fn tell_manager(state: &str) {
+    if let Err(err) = crate::notify::notify(state) {
+        tracing::warn!(error = %err, "cannot notify the service manager");
+    }
+}
+
+/// Pets systemd's watchdog (`WatchdogSec=`) from the runtime, so a stalled
+/// runtime is restarted.
+fn spawn_watchdog() {
+    if let Some(every) = crate::notify::watchdog_interval() {
+        tokio::spawn(async move {
+            loop {
+                tell_manager("WATCHDOG=1");
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
 }
 
 fn log_started(gw: &Gateway, config_name: &str) {
@@ -250,8 +279,10 @@ fn spawn_reloads(reloader: Reloader, gw: Arc<Gateway>) -> Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            tell_manager("RELOADING=1");
             // Counted and logged by `reload` itself.
             let _ = reloader.reload(&gw).await;
+            tell_manager("READY=1\nSTATUS=serving");
         }
     });
     Ok(())
