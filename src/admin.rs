@@ -42,7 +42,7 @@ fn route(req: &Request<Incoming>, gw: &Gateway) -> Response<Full<Bytes>> {
         ),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => {
-            if gw.shutdown.is_draining() {
+            if gw.shutdown.is_stopping() {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
             } else if !gw.ready.load(Ordering::Acquire) {
                 reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n")

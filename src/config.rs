@@ -412,6 +412,11 @@ pub struct Limits {
     pub sniff_max_bytes: usize,
     /// On shutdown, open tunnels may run this long before being cut. Default 30000.
     pub grace_period_ms: u64,
+    /// On shutdown, `/readyz` answers 503 this long before the listeners
+    /// close, so a load balancer's health probe takes the gateway out of
+    /// rotation while it still accepts (longer than probe interval times
+    /// unhealthy threshold). Default 0 (close at once).
+    pub drain_delay_ms: u64,
     /// Distinct denied hosts tracked as metric series; the rest fold into `__other__`. Default 500.
     pub max_denied_hosts: usize,
     /// DNS answers kept in the cache. Default 10000.
@@ -430,6 +435,7 @@ impl Default for Limits {
             sniff_timeout_ms: 2_000,
             sniff_max_bytes: 16 * 1024,
             grace_period_ms: 30_000,
+            drain_delay_ms: 0,
             max_denied_hosts: 500,
             dns_cache_entries: 10_000,
         }

@@ -90,10 +90,12 @@ pub enum Stopped {
     Forced(usize),
 }
 
-/// Runs `gw` on `bound` until `shutdown` resolves, then drains: listeners
-/// stop accepting, `/readyz` answers 503, open connections get
-/// `grace_period_ms` to finish, then are cut. `force` resolving during the
-/// drain cuts at once. `on_ready` runs once the listeners are serving.
+/// Runs `gw` on `bound` until `shutdown` resolves, then stops: `/readyz`
+/// answers 503 at once while the listeners keep accepting for
+/// `drain_delay_ms` (a load balancer's probe sees it first), then listeners
+/// stop accepting and open connections get `grace_period_ms` to finish
+/// before they are cut. `force` resolving meanwhile cuts at once.
+/// `on_ready` runs once the listeners are serving.
 pub async fn serve(
     bound: Bound,
     gw: Arc<Gateway>,
@@ -105,6 +107,22 @@ pub async fn serve(
     gw.ready.store(true, Ordering::Release);
     on_ready();
     shutdown.await;
+    let delay = Duration::from_millis(gw.limits.drain_delay_ms);
+    gw.shutdown.announce();
+    tokio::pin!(force);
+    if !delay.is_zero() {
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "stopping: /readyz answers 503; still accepting until the drain delay ends"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = &mut force => {
+                gw.shutdown.cut();
+                return Stopped::Forced(gw.shutdown.active());
+            }
+        }
+    }
     drain(&gw, force).await
 }
 

@@ -7,7 +7,7 @@
 //! their current request, tunnels go on) → cut (grace elapsed: tunnels end).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::sync::{Notify, watch};
 
@@ -18,6 +18,7 @@ pub struct Shutdown {
     cut: watch::Sender<bool>,
     active: Arc<AtomicUsize>,
     idle: Arc<Notify>,
+    announced: Arc<AtomicBool>,
 }
 
 impl Default for Shutdown {
@@ -55,7 +56,18 @@ impl Shutdown {
             cut: watch::channel(false).0,
             active: Arc::new(AtomicUsize::new(0)),
             idle: Arc::new(Notify::new()),
+            announced: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Says the gateway is going away (`/readyz` 503) while it still accepts.
+    pub fn announce(&self) {
+        self.announced.store(true, Ordering::Release);
+    }
+
+    /// Whether stopping was announced (or draining started).
+    pub fn is_stopping(&self) -> bool {
+        self.announced.load(Ordering::Acquire) || self.is_draining()
     }
 
     /// Starts draining.

@@ -146,3 +146,32 @@ async fn a_silent_client_is_closed_at_the_head_timeout() {
         "closed after {waited:?}; head_timeout_ms is 10 s"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn readyz_turns_503_before_the_listeners_close_for_the_drain_delay() {
+    let upstream = echo_upstream().await;
+    let limits = "drain_delay_ms = 10000\ngrace_period_ms = 1000";
+    let mut gw = InProc::start(&config(upstream, limits)).await;
+    gw.stop();
+    while !gw.gw.shutdown.is_stopping() {
+        tokio::task::yield_now().await;
+    }
+    let announced = Instant::now();
+    assert_eq!(admin_status(&gw, "/readyz").await, 503);
+    // Still accepting: a load balancer that has not probed yet loses nothing.
+    let mut tunnel = open_tunnel(&gw, upstream).await;
+    assert!(announced.elapsed() < Duration::from_secs(10));
+    let stopped = gw.stopped().await;
+    assert!(
+        announced.elapsed() >= Duration::from_secs(10),
+        "listeners closed after {:?}, before the 10 s drain delay",
+        announced.elapsed()
+    );
+    assert_eq!(
+        stopped,
+        Stopped::Cut(1),
+        "the late tunnel is cut at the grace period"
+    );
+    let mut rest = Vec::new();
+    let _ = tunnel.read_to_end(&mut rest).await;
+}

@@ -166,6 +166,7 @@ where
             }
         };
         let _ = stream.set_nodelay(true);
+        crate::upstream::keep_alive(&stream);
         match admitted {
             Ok(conn) => {
                 tokio::spawn(handle(stream, Arc::new(conn), gw.clone()));

@@ -439,6 +439,7 @@ impl Upstream {
         match result {
             Ok(Ok((stream, sa))) => {
                 let _ = stream.set_nodelay(true);
+                keep_alive(&stream);
                 Ok((stream, sa))
             }
             Ok(Err(Some((_, e)))) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -455,6 +456,22 @@ impl Upstream {
             Err(_) => Err(ConnectError::Timeout(shown())),
         }
     }
+}
+
+/// TCP keepalive probes after this long idle: well under the 4-minute idle
+/// timeout of Azure's NAT gateway and load balancer, so a quiet tunnel
+/// through them is not silently dropped.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+
+/// Turns on TCP keepalives (every [`KEEPALIVE_IDLE`], then every 15 s, 4
+/// tries): on client sockets as they are accepted and on upstream sockets
+/// as they connect.
+pub fn keep_alive(stream: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(Duration::from_secs(15))
+        .with_retries(4);
+    let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&ka);
 }
 
 /// A failed lookup, counted.
@@ -490,6 +507,25 @@ fn interleave(addrs: &[IpAddr]) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn dialled_sockets_keep_alive_under_the_nat_timeout() {
+        let m = Metrics::new(10);
+        let up = Upstream::new(10, Duration::from_secs(2));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (s, _) = up
+            .dial(&["127.0.0.1".parse().unwrap()], port, &m)
+            .await
+            .unwrap();
+        let sock = socket2::SockRef::from(&s);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), KEEPALIVE_IDLE);
+        assert!(
+            KEEPALIVE_IDLE < Duration::from_secs(240),
+            "Azure NAT idle timeout is 4 min"
+        );
+    }
 
     #[test]
     fn families_alternate() {
