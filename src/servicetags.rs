@@ -1,7 +1,9 @@
 //! Azure Service Tags: the `ServiceTags_Public_*.json` download, by tag name.
 //!
 //! In: the JSON text Microsoft publishes (`{changeNumber, cloud, values: [{name,
-//! properties: {addressPrefixes}}]}`). Out: tag name (case-insensitive: the
+//! properties: {addressPrefixes}}]}`), as the weekly download (numbers) or as
+//! `az network list-service-tags` prints it (numbers as strings, more
+//! fields). Out: tag name (case-insensitive: the
 //! file spells `AzureFrontDoor.Frontend`, the docs `AzureFrontDoor.FrontEnd`)
 //! → its prefixes. Reading the file is the caller's job; policy only looks up.
 
@@ -34,6 +36,14 @@ pub enum ServiceTagsError {
         /// serde_json's message.
         message: String,
     },
+    /// Two tags with the same name (compared case-insensitively).
+    #[error("{path}: tag {tag} appears twice")]
+    Duplicate {
+        /// Path given.
+        path: String,
+        /// The tag.
+        tag: String,
+    },
     /// A prefix that is not a CIDR.
     #[error("{path}: tag {tag}: '{prefix}' is not a CIDR")]
     Prefix {
@@ -49,11 +59,28 @@ pub enum ServiceTagsError {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct File {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "number_or_string")]
     change_number: u64,
     #[serde(default)]
     cloud: String,
     values: Vec<Value>,
+}
+
+/// `123` (the weekly download) or `"123"` (`az network list-service-tags`).
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Number(u64),
+        Text(String),
+    }
+    match Either::deserialize(d)? {
+        Either::Number(n) => Ok(n),
+        Either::Text(t) => t
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("changeNumber '{t}' is not a number"))),
+    }
 }
 
 #[derive(Deserialize)]
@@ -104,7 +131,14 @@ impl ServiceTags {
                     })?;
                 nets.push(net.trunc());
             }
-            tags.insert(value.name.to_ascii_lowercase(), (value.name, nets));
+            let key = value.name.to_ascii_lowercase();
+            if tags.contains_key(&key) {
+                return Err(ServiceTagsError::Duplicate {
+                    path: path.to_string(),
+                    tag: value.name,
+                });
+            }
+            tags.insert(key, (value.name, nets));
         }
         Ok(ServiceTags {
             change_number: file.change_number,
@@ -182,6 +216,63 @@ mod tests {
             "case-insensitive"
         );
         assert!(tags.get("NoSuchTag").is_none());
+    }
+
+    /// The subset as `az network list-service-tags` prints it: change numbers
+    /// as strings, and the extra fields the CLI adds.
+    fn az_shaped(subset: &str) -> String {
+        let mut doc: serde_json::Value = serde_json::from_str(subset).unwrap();
+        let n = doc["changeNumber"].as_u64().unwrap();
+        doc["changeNumber"] = serde_json::json!(n.to_string());
+        doc["id"] = serde_json::json!(
+            "/subscriptions/00000000-0000-0000-0000-000000000000/providers/Microsoft.Network/serviceTags/Public"
+        );
+        doc["name"] = serde_json::json!("Public");
+        doc["type"] = serde_json::json!("Microsoft.Network/serviceTags");
+        doc["nextLink"] = serde_json::Value::Null;
+        for v in doc["values"].as_array_mut().unwrap() {
+            v["serviceTagChangeNumber"] = serde_json::json!("1");
+            let p = &mut v["properties"];
+            p["changeNumber"] = serde_json::json!("7");
+            p["state"] = serde_json::json!("GA");
+            p["networkFeatures"] = serde_json::json!(["API", "NSG"]);
+        }
+        serde_json::to_string_pretty(&doc).unwrap()
+    }
+
+    #[test]
+    fn the_az_cli_shape_loads_like_the_download() {
+        let tags = ServiceTags::parse("az.json", &az_shaped(SUBSET)).unwrap();
+        assert_eq!(tags.change_number, 376);
+        assert_eq!(tags.len(), 85);
+        assert_eq!(tags.get("AzureMachineLearning").unwrap().len(), 336);
+    }
+
+    #[test]
+    fn malformed_files_are_refused_with_a_reason() {
+        let dup = r#"{"values": [
+            {"name": "A", "properties": {"addressPrefixes": ["10.0.0.0/8"]}},
+            {"name": "a", "properties": {"addressPrefixes": []}}]}"#;
+        let err = ServiceTags::parse("d.json", dup).unwrap_err().to_string();
+        assert!(err.contains("tag a appears twice"), "{err}");
+        let bad_number = r#"{"changeNumber": "12x", "values": []}"#;
+        let err = ServiceTags::parse("n.json", bad_number)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("changeNumber '12x' is not a number"), "{err}");
+        let truncated = &SUBSET[..SUBSET.len() / 2];
+        assert!(
+            ServiceTags::parse("t.json", truncated)
+                .unwrap_err()
+                .to_string()
+                .starts_with("t.json:")
+        );
+        let prefix =
+            r#"{"values": [{"name": "A", "properties": {"addressPrefixes": ["10.0.0.0/33"]}}]}"#;
+        let err = ServiceTags::parse("p.json", prefix)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("'10.0.0.0/33' is not a CIDR"), "{err}");
     }
 
     #[test]

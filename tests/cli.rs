@@ -208,6 +208,29 @@ fn check_says_which_rules_wait_for_service_tags() {
         "{}",
         text(&out)
     );
+    assert!(
+        text(&out).contains("servicetags-public-subset.json (change number 376, "),
+        "check says which tags file it loaded: {}",
+        text(&out)
+    );
+    // A month-old copy is flagged: the ranges change weekly.
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("tags.json");
+    std::fs::copy(&tags, &old).unwrap();
+    let month_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(40 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(month_ago)
+        .unwrap();
+    let old = old.to_string_lossy().to_string();
+    let out = portcullis(&["--service-tags", &old, "--var", "region=eastus", "check"]);
+    assert!(
+        text(&out).contains("warning: the service tags file is 40 days old"),
+        "{}",
+        text(&out)
+    );
     let out = portcullis(&[
         "--service-tags",
         &tags,

@@ -126,6 +126,9 @@ pub(super) fn check(loaded: &Loaded) -> Result<ExitCode> {
         .filter(|r| r.state == RuleState::WaitingForServiceTags)
         .map(|r| r.name.as_str())
         .collect();
+    if let Some(line) = service_tags_line(loaded) {
+        writeln!(out, "{line}")?;
+    }
     if !waiting.is_empty() {
         writeln!(
             out,
@@ -181,6 +184,32 @@ pub(super) fn check(loaded: &Loaded) -> Result<ExitCode> {
         loaded.warnings.len()
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Service tags older than this draw a warning: Microsoft publishes weekly.
+const SERVICE_TAGS_STALE_DAYS: u64 = 30;
+
+/// Which service tags file was loaded, its change number and age; a warning
+/// when it is older than [`SERVICE_TAGS_STALE_DAYS`].
+fn service_tags_line(loaded: &Loaded) -> Option<String> {
+    let path = loaded.service_tags_path.as_ref()?;
+    let change = loaded.policy.service_tags_change().unwrap_or(0);
+    let days = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map(|d| d.as_secs() / 86_400);
+    let age = days.map_or("age unknown".to_string(), |d| format!("{d} day(s) old"));
+    let line = format!(
+        "service tags: {} (change number {change}, {age})",
+        path.display()
+    );
+    Some(match days {
+        Some(d) if d > SERVICE_TAGS_STALE_DAYS => format!(
+            "{line}\nwarning: the service tags file is {d} days old: Azure's address ranges change weekly; refresh it (az network list-service-tags --location <region> > FILE)"
+        ),
+        _ => line,
+    })
 }
 
 /// Prints the scenarios: on/off, rule count, description.
