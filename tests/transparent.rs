@@ -723,6 +723,21 @@ fn every_keep_alive_request_is_decided_on_its_own_host() {
             "only the first request reached the server"
         );
     }
+    // A malformed head (two Hosts) is answered, not silently closed.
+    let raw = env.topo.tcp(
+        Side::Client,
+        env.allowed.http_addr(),
+        &TcpOpts {
+            send: b"GET / HTTP/1.1\r\nHost: allowed.test\r\nHost: denied.test\r\n\r\n".to_vec(),
+            ..TcpOpts::default()
+        },
+    );
+    let text = String::from_utf8_lossy(&raw.received);
+    assert!(
+        text.starts_with("HTTP/1.1 403 ") && text.contains("malformed_host"),
+        "{raw:?}\n{}",
+        env.context()
+    );
     assert_eq!(env.denied.accepts(), 0, "{}", env.context());
     env.assert_no_active_connections();
 }

@@ -166,10 +166,14 @@ async fn unreadable(
     prefix: &[u8],
     why: OpaqueReason,
 ) {
-    let speech = if prefix.first() == Some(&0x16) {
-        Speech::Tls
-    } else {
-        Speech::Opaque
+    // Answered in the protocol it started: a TLS alert, or a 403 to a
+    // request head that was malformed (two Hosts, a bad version, ...).
+    let speech = match why {
+        _ if prefix.first() == Some(&0x16) => Speech::Tls,
+        OpaqueReason::MalformedHttp
+        | OpaqueReason::DuplicateHost
+        | OpaqueReason::UnsupportedHttpVersion => Speech::Http,
+        _ => Speech::Opaque,
     };
     let d = Decision {
         verdict: Verdict::Deny,
