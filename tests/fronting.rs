@@ -287,3 +287,155 @@ async fn plain_http_in_a_tunnel_must_name_the_tunnel_host_on_every_request() {
         1
     );
 }
+
+/// Sends `req` (an h2c upgrade), reads the answer's head, then sends a
+/// request for `other.test`; the head as text.
+async fn h2c_then_fronted(s: &mut TcpStream, req: &str, port: u16) -> String {
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed in the head");
+        head.push(b[0]);
+    }
+    let fronted = format!("GET / HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n");
+    let _ = s.write_all(fronted.as_bytes()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    String::from_utf8_lossy(&head).to_string()
+}
+
+#[tokio::test]
+async fn an_h2c_upgrade_cannot_carry_requests_for_other_hosts() {
+    let origin = Origin::start(Answer::Upgrade).await;
+    let gw = InProc::start(&config(origin.addr, "", "")).await;
+    let port = origin.addr.port();
+    // The request names the tunnel's host and passes; after a 101 to h2c the
+    // client would speak HTTP/2, whose :authority nobody checks.
+    let h2c = "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n";
+    let mut s = connect(&gw, &format!("allowed.test:{port}")).await;
+    let req = format!("GET / HTTP/1.1\r\nHost: allowed.test:{port}\r\n{h2c}");
+    let head = h2c_then_fronted(&mut s, &req, port).await;
+    assert_eq!(
+        origin.body_bytes.load(Relaxed),
+        0,
+        "tunnel: a request for other.test reached the origin undecided, after: {head}"
+    );
+    assert!(!head.starts_with("HTTP/1.1 101"), "tunnel: {head}");
+    // The same through the explicit proxy (HTTP2-Settings not in Connection).
+    let mut s = TcpStream::connect(gw.addr("proxy")).await.unwrap();
+    let req = format!(
+        "GET http://allowed.test:{port}/ HTTP/1.1\r\nHost: allowed.test:{port}\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+    );
+    let head = h2c_then_fronted(&mut s, &req, port).await;
+    assert_eq!(
+        origin.body_bytes.load(Relaxed),
+        0,
+        "forward: a request for other.test reached the origin undecided, after: {head}"
+    );
+    assert!(!head.starts_with("HTTP/1.1 101"), "forward: {head}");
+}
+
+#[tokio::test]
+async fn a_server_that_speaks_first_is_cut_unless_the_rule_says_opaque() {
+    let origin = Origin::start(Answer::Banner).await;
+    let port = origin.addr.port();
+    let gw = InProc::start(&config(origin.addr, "", "")).await;
+    // The client waits for the banner: no name will ever come from it.
+    let mut s = connect(&gw, &format!("allowed.test:{port}")).await;
+    let answer = until_closed(&mut s, Duration::from_secs(10)).await;
+    assert_eq!(
+        answer.as_deref(),
+        Some(&b""[..]),
+        "the banner of a server that speaks first must not reach the client"
+    );
+    assert_eq!(
+        decisions(&gw, Verdict::Deny, Via::Sni, Reason::SniUnreadable),
+        1
+    );
+
+    let opaque = format!(
+        "[[rule]]\nname = \"smtp\"\nhosts = [\"smtp.test\"]\nports = [{port}]\nopaque = true\n"
+    );
+    let gw = InProc::start(&config(origin.addr, "", &opaque).replace(
+        "[resolve]\n",
+        &format!("[resolve]\n\"smtp.test\" = [\"{}\"]\n", origin.addr.ip()),
+    ))
+    .await;
+    let mut s = connect(&gw, &format!("smtp.test:{port}")).await;
+    let mut banner = vec![0u8; origin::BANNER.len()];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut banner))
+        .await
+        .expect("the banner in time")
+        .expect("the banner");
+    assert_eq!(banner, origin::BANNER, "an opaque rule relays the banner");
+}
+
+#[tokio::test]
+async fn every_way_a_request_in_a_tunnel_can_name_another_host_is_refused() {
+    let origin = Origin::start(Answer::Bytes(2)).await;
+    let gw = InProc::start(&config(origin.addr, "", "")).await;
+    let port = origin.addr.port();
+    let other = port.wrapping_add(1).max(1);
+    let cases = [
+        (
+            "HTTP/1.0 without Host",
+            "GET / HTTP/1.0\r\n\r\n".to_string(),
+        ),
+        (
+            "absolute URI naming another host",
+            format!("GET http://other.test:{port}/ HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n"),
+        ),
+        (
+            "absolute URI and Host both naming another host",
+            format!("GET http://other.test:{port}/ HTTP/1.1\r\nHost: other.test:{port}\r\n\r\n"),
+        ),
+        (
+            "two Host headers",
+            format!(
+                "GET / HTTP/1.1\r\nHost: allowed.test:{port}\r\nHost: other.test:{port}\r\n\r\n"
+            ),
+        ),
+        (
+            "the tunnel's host on another port",
+            format!("GET / HTTP/1.1\r\nHost: allowed.test:{other}\r\n\r\n"),
+        ),
+    ];
+    // Each after a request that names the tunnel's host, on the same tunnel
+    // (a first request with two Hosts is cut earlier, as unreadable).
+    let good = format!("GET / HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n");
+    for (n, (what, request)) in cases.into_iter().enumerate() {
+        let mut s = connect(&gw, &format!("allowed.test:{port}")).await;
+        s.write_all(good.as_bytes()).await.unwrap();
+        let mut first = Vec::new();
+        while !first.ends_with(b"\r\n\r\nxx") {
+            let mut chunk = [0u8; 256];
+            let got = s.read(&mut chunk).await.unwrap();
+            assert!(got > 0, "{what}: closed after the first request");
+            first.extend_from_slice(&chunk[..got]);
+        }
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer)).await;
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.1 403") || text.starts_with("HTTP/1.0 403"),
+            "{what}: {text}"
+        );
+        assert!(text.contains("host_mismatch"), "{what}: {text}");
+        assert_eq!(
+            origin.requests.load(Relaxed),
+            n as u64 + 1,
+            "{what} reached the origin"
+        );
+    }
+    let before = origin.requests.load(Relaxed);
+    // The control: an absolute URI naming the tunnel's host goes through.
+    let mut s = connect(&gw, &format!("allowed.test:{port}")).await;
+    let ok =
+        format!("GET http://Allowed.Test.:{port}/ HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n");
+    s.write_all(ok.as_bytes()).await.unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    assert_eq!(origin.requests.load(Relaxed), before + 1);
+}

@@ -291,3 +291,113 @@ async fn a_huge_malformed_name_is_one_bounded_series_not_a_label() {
         "{text}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_nobody_answers_is_closed_at_the_idle_timeout_on_every_path() {
+    // The origin reads everything and never answers.
+    let origin = Origin::start(Answer::Sink).await;
+    let limits = "idle_timeout_ms = 60000";
+    let gw = InProc::start(&config(origin.addr, "\"127.0.0.0/8\"", true, limits)).await;
+    let port = origin.addr.port();
+    let in_tunnel = format!("GET / HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n");
+    let stalled_body =
+        format!("POST / HTTP/1.1\r\nHost: allowed.test:{port}\r\ncontent-length: 10\r\n\r\n");
+    for (what, tunnel, request) in [
+        ("forwarded", false, get(origin.addr)),
+        ("in a tunnel", true, in_tunnel),
+        ("body stalled in a tunnel", true, stalled_body),
+    ] {
+        let mut c = TcpStream::connect(gw.addr("proxy")).await.unwrap();
+        if tunnel {
+            let head = format!(
+                "CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n"
+            );
+            send(&mut c, &head).await;
+            assert_eq!(response(&mut c).await.0, 200);
+        }
+        send(&mut c, &request).await;
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(3600), c.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "{what}: a request nobody answers must not hold its connection for an hour"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(60),
+            "{what}: closed after {waited:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_connect_head_is_decided_by_the_policy_in_force_when_it_arrives() {
+    let origin = Origin::start(Answer::Bytes(2)).await;
+    let clients = "\"127.0.0.0/8\"";
+    let gw = InProc::start(&config(origin.addr, clients, true, "")).await;
+    let port = origin.addr.port();
+    let head = format!("CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n");
+    // Accepted under the old policy; its head arrives after the rule went.
+    let mut c = TcpStream::connect(gw.addr("proxy")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gw.reload(&config(origin.addr, clients, false, ""))
+        .await
+        .expect("reload");
+    send(&mut c, &head).await;
+    let (status, head_text, _) = response(&mut c).await;
+    assert_eq!(status, 403, "{head_text}");
+    // And with the client's subnet gone.
+    gw.reload(&config(origin.addr, clients, true, ""))
+        .await
+        .expect("reload");
+    let mut c = TcpStream::connect(gw.addr("proxy")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gw.reload(&config(origin.addr, "\"10.9.9.0/24\"", true, ""))
+        .await
+        .expect("reload");
+    send(&mut c, &head).await;
+    let (status, head_text, _) = response(&mut c).await;
+    assert_eq!(status, 403, "{head_text}");
+    assert!(head_text.contains("client_not_allowed"), "{head_text}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_response_body_that_stalls_is_cut_at_the_idle_timeout_on_every_path() {
+    // The origin sends a head and one chunk, then nothing, forever.
+    let origin = Origin::start(Answer::Stall).await;
+    let limits = "idle_timeout_ms = 60000";
+    let gw = InProc::start(&config(origin.addr, "\"127.0.0.0/8\"", true, limits)).await;
+    let port = origin.addr.port();
+    for tunnel in [false, true] {
+        let mut c = TcpStream::connect(gw.addr("proxy")).await.unwrap();
+        if tunnel {
+            let head = format!(
+                "CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n"
+            );
+            send(&mut c, &head).await;
+            assert_eq!(response(&mut c).await.0, 200);
+            send(
+                &mut c,
+                &format!("GET / HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n"),
+            )
+            .await;
+        } else {
+            send(&mut c, &get(origin.addr)).await;
+        }
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(3600), c.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "tunnel {tunnel}: a stalled response body must not hold its connection for an hour"
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(60),
+            "tunnel {tunnel}: closed after {waited:?}"
+        );
+    }
+}

@@ -23,6 +23,34 @@ use super::{AccessLog, Close, Conn};
 use crate::policy::{Decision, Policy};
 use crate::upstream::pool::BoxError;
 
+/// Awaits `f` (an upstream's answer) while the request makes progress:
+/// `None` once `idle` passes without the answer and without a request body
+/// byte counted in `progress` (an origin that never answers, a client that
+/// stalls its body).
+pub async fn within_idle<F: Future>(
+    f: F,
+    idle: std::time::Duration,
+    progress: &AtomicU64,
+) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut seen = progress.load(Relaxed);
+    loop {
+        match tokio::time::timeout(idle, &mut f).await {
+            Ok(out) => return Some(out),
+            Err(_) => {
+                let now = progress.load(Relaxed);
+                if now == seen {
+                    return None;
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+/// What a client is told when its upstream never answered.
+pub const NO_ANSWER: &str = "no answer from the upstream within the idle timeout";
+
 /// The access line of a forwarded request, written when dropped.
 pub struct PendingLine {
     /// The connection it came on.
@@ -73,6 +101,8 @@ pub struct Metered<B> {
     cut: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
     /// Written when the body ends or is dropped (response bodies only).
     line: Option<PendingLine>,
+    /// Ends the body when no frame comes for this long (see [`Metered::with_idle`]).
+    idle: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl<B> Metered<B> {
@@ -88,6 +118,7 @@ impl<B> Metered<B> {
             counted: Some((counter, total)),
             cut: Box::pin(cut),
             line: None,
+            idle: None,
         }
     }
 
@@ -98,7 +129,15 @@ impl<B> Metered<B> {
             counted: None,
             cut: Box::pin(cut),
             line: None,
+            idle: None,
         }
+    }
+
+    /// Ends the body with an error when `idle` passes without a frame (an
+    /// upstream that stops sending mid-body), as a tunnel's idle timer would.
+    pub fn with_idle(mut self, idle: std::time::Duration) -> Self {
+        self.idle = Some((idle, Box::pin(tokio::time::sleep(idle))));
+        self
     }
 
     /// Writes `line` when this body ends.
@@ -133,6 +172,10 @@ where
                     counter.inc_by(n);
                     total.fetch_add(n, Relaxed);
                 }
+                if let Some((idle, sleep)) = &mut self.idle {
+                    let next = tokio::time::Instant::now() + *idle;
+                    sleep.as_mut().reset(next);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -143,7 +186,17 @@ where
                 self.line.take();
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let idle = match &mut self.idle {
+                    Some((_, sleep)) => sleep.as_mut().poll(cx).is_ready(),
+                    None => false,
+                };
+                if idle {
+                    self.line.take();
+                    return Poll::Ready(Some(Err("no body byte within the idle timeout".into())));
+                }
+                Poll::Pending
+            }
         }
     }
 

@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use super::authority::{authority, authority_text};
-use super::body::Metered;
+use super::body::{Metered, NO_ANSWER, within_idle};
 use super::respond::{Body, Refusal};
 use super::{AccessLog, Close, Conn, Judge};
 use crate::config::Protocol;
@@ -148,22 +148,28 @@ impl Relay {
             };
             return closing(refusal.response(&what));
         }
-        let client_upgrade = req
-            .headers()
-            .contains_key(header::UPGRADE)
-            .then(|| hyper::upgrade::on(&mut req));
+        // Only WebSocket is relayed after a 101: an upgrade to h2c (or any
+        // protocol that carries requests) would carry requests nobody checks.
+        let upgrade = websocket_upgrade(req.headers());
+        if !upgrade {
+            req.headers_mut().remove(header::UPGRADE);
+            req.headers_mut().remove("http2-settings");
+        }
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let body = Metered::uncounted(body, self.gw.shutdown.cutting());
         let sent = {
             let mut sender = self.sender.lock().await;
             sender.send_request(Request::from_parts(parts, body.boxed()))
         };
-        let resp = match sent.await {
-            Ok(r) => r,
-            Err(err) => {
+        let idle = Duration::from_millis(self.gw.limits.idle_timeout_ms);
+        let resp = match within_idle(sent, idle, &self.upload).await {
+            Some(Ok(r)) => r,
+            Some(Err(err)) => {
                 let refusal = Refusal::UpstreamProtocol(&err);
                 return closing(refusal.response(&what));
             }
+            None => return closing(Refusal::UpstreamProtocol(&NO_ANSWER).response(&what)),
         };
         match client_upgrade {
             Some(c) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
@@ -172,7 +178,7 @@ impl Relay {
             }
             _ => {
                 let (parts, body) = resp.into_parts();
-                let body = Metered::uncounted(body, self.gw.shutdown.cutting());
+                let body = Metered::uncounted(body, self.gw.shutdown.cutting()).with_idle(idle);
                 Response::from_parts(parts, body.boxed())
             }
         }
@@ -251,6 +257,18 @@ fn request_name(req: &Request<Incoming>, port: u16) -> Result<Option<String>, ()
         return Err(());
     }
     Ok(Some(host::normalized_or_kept(&host)))
+}
+
+/// The request asks to upgrade to WebSocket and nothing else (`Upgrade`
+/// tokens compared without case or version).
+pub fn websocket_upgrade(headers: &http::HeaderMap) -> bool {
+    let mut tokens = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("\u{0}").split(','))
+        .map(|t| t.trim().split('/').next().unwrap_or(""))
+        .peekable();
+    tokens.peek().is_some() && tokens.all(|t| t.eq_ignore_ascii_case("websocket"))
 }
 
 /// The response, with the connection closed after it.

@@ -21,12 +21,19 @@ pub enum Answer {
     Bytes(usize),
     /// `200` with chunked encoding: one chunk, then silence forever.
     Stall,
-    /// `101 Switching Protocols`, then silence (an idle WebSocket).
+    /// `101 Switching Protocols` to a request with `Upgrade` (bytes after it
+    /// are counted in `body_bytes`), then silence (an idle WebSocket); an
+    /// empty `200` to any other request.
     Upgrade,
     /// Reads everything, counting it in `body_bytes`, and never answers (a
     /// TLS server that waits for a whole hello).
     Sink,
+    /// Speaks first (an SMTP-style banner), then reads like [`Answer::Sink`].
+    Banner,
 }
+
+/// What [`Answer::Banner`] says first.
+pub const BANNER: &[u8] = b"220 origin.test ESMTP\r\n";
 
 /// A running origin.
 pub struct Origin {
@@ -60,7 +67,10 @@ impl Origin {
 }
 
 async fn serve(mut s: TcpStream, answer: Answer, requests: Arc<AtomicU64>, body: Arc<AtomicU64>) {
-    if let Answer::Sink = answer {
+    if let Answer::Banner = answer {
+        let _ = s.write_all(BANNER).await;
+    }
+    if let Answer::Sink | Answer::Banner = answer {
         let mut chunk = [0u8; 16384];
         while let Ok(n @ 1..) = s.read(&mut chunk).await {
             body.fetch_add(n as u64, Relaxed);
@@ -102,14 +112,22 @@ async fn serve(mut s: TcpStream, answer: Answer, requests: Arc<AtomicU64>, body:
                 std::future::pending::<()>().await;
                 false
             }
-            Answer::Upgrade => {
+            Answer::Upgrade if head.contains("\r\nupgrade:") => {
                 let head = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n";
                 let _ = s.write_all(head.as_bytes()).await;
+                // Bytes after the switch count as body bytes.
                 let mut sink = [0u8; 1024];
-                while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
+                while let Ok(n @ 1..) = s.read(&mut sink).await {
+                    body.fetch_add(n as u64, Relaxed);
+                }
                 false
             }
-            Answer::Sink => false,
+            // A request that asks for no upgrade gets an empty 200.
+            Answer::Upgrade => s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .is_ok(),
+            Answer::Sink | Answer::Banner => false,
         };
         if !ok {
             return;

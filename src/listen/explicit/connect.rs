@@ -70,7 +70,13 @@ pub(super) async fn fast(
         return None;
     }
     drop(peeked);
-    let policy = conn.policy.clone();
+    // Decided by the policy in force now, as hyper's path does: the head
+    // may arrive up to `head_timeout_ms` after the accept-time snapshot.
+    let policy = gw.policy.load_full();
+    if policy.client_allowed(conn.peer.ip()).is_none() {
+        write_and_close(client, &Refusal::ClientNotAllowed.raw(""), ANSWER_LINGER).await;
+        return None;
+    }
     match open(conn, gw, &policy, &raw_host, port).await {
         Ok(open) => {
             if client

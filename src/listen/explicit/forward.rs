@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 
 use crate::gateway::Gateway;
 use crate::listen::authority::{authority, authority_text};
-use crate::listen::body::{Metered, PendingLine};
+use crate::listen::body::{Metered, NO_ANSWER, PendingLine, within_idle};
 use crate::listen::http_relay::relay_upgrade;
 use crate::listen::respond::{Body, Refusal};
 use crate::listen::{AccessLog, Close, Conn, Judge};
@@ -105,10 +105,20 @@ async fn send(
     parts.version = Version::HTTP_11;
     let up = gw.counters().upload.clone();
     let body = Metered::new(body, up, line.upload.clone(), gw.shutdown.cutting());
-    let sent = gw
+    let request = gw
         .http_client()
-        .request(Request::from_parts(parts, body.boxed()))
-        .await;
+        .request(Request::from_parts(parts, body.boxed()));
+    let idle = std::time::Duration::from_millis(gw.limits.idle_timeout_ms);
+    let Some(sent) = within_idle(request, idle, &line.upload).await else {
+        // No answer and no request byte for the idle timeout: close.
+        gw.count_upstream_error(UpstreamError::HttpProtocolError);
+        let refusal = Refusal::UpstreamProtocol(&NO_ANSWER);
+        line.close = refusal.close();
+        let mut resp = refusal.response(&format!("{method} {uri}"));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Err(resp);
+    };
     let resp = sent.map_err(|err| {
         let (refusal, label) = match pool::connect_error(&err) {
             Some(ce) => (Refusal::Upstream(ce), ce.label()),
@@ -134,7 +144,8 @@ async fn send(
     add_via(&mut parts.headers);
     let down = gw.counters().download.clone();
     let body = Metered::new(body, down, line.download.clone(), gw.shutdown.cutting());
-    Ok(Response::from_parts(parts, body.with_line(line).boxed()))
+    let body = body.with_idle(idle).with_line(line);
+    Ok(Response::from_parts(parts, body.boxed()))
 }
 
 /// The normalised host and port of an `http://` URL.
@@ -220,7 +231,7 @@ fn add_via(headers: &mut HeaderMap) {
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    crate::listen::http_relay::websocket_upgrade(headers)
         && headers
             .get_all(header::CONNECTION)
             .iter()
