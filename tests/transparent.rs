@@ -723,6 +723,25 @@ fn every_keep_alive_request_is_decided_on_its_own_host() {
             "only the first request reached the server"
         );
     }
+    // A request line the classifier does not take (leading CRLF, lower-case
+    // method) to an address an address rule allows is still HTTP: refused,
+    // never relayed with its Host unchecked (the echo would send it back).
+    let disguised = b"\r\nget / HTTP/1.1\r\nHost: denied.test\r\n\r\n".to_vec();
+    let raw = env.topo.tcp(
+        Side::Client,
+        SocketAddr::from((SERVER, ECHO_TCP)),
+        &TcpOpts {
+            send: disguised,
+            ..TcpOpts::default()
+        },
+    );
+    let text = String::from_utf8_lossy(&raw.received);
+    assert!(
+        text.starts_with("HTTP/1.1 403 ") && !text.contains("denied.test\r\n"),
+        "{raw:?}\n{}",
+        env.context()
+    );
+
     // A malformed head (two Hosts) is answered, not silently closed.
     let raw = env.topo.tcp(
         Side::Client,

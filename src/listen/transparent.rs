@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use super::http_relay::Expect;
@@ -145,8 +146,17 @@ pub async fn serve(mut client: TcpStream, conn: Arc<Conn>, gw: Arc<Gateway>) {
             // A client that left before saying anything: nothing to decide.
             OpaqueReason::Eof if prefix.is_empty() => return,
             // Unnamed protocols, and silent clients of server-speaks-first
-            // ones, are decided by address below.
-            OpaqueReason::NotTlsOrHttp => {}
+            // ones, are decided by address below; but a request line the
+            // classifier does not take (leading CRLFs, a lower-case or long
+            // method) is HTTP to a lenient server, and its Host would go
+            // unchecked: refused.
+            OpaqueReason::NotTlsOrHttp => {
+                let limits = (gw.limits.sniff_max_bytes, gw.limits.sniff_timeout_ms);
+                if http_in_disguise(&mut client, &mut prefix, limits).await {
+                    let why = OpaqueReason::MalformedHttp;
+                    return unreadable(&mut client, &conn, &gw, orig, &prefix, why).await;
+                }
+            }
             OpaqueReason::Timeout if prefix.is_empty() => {}
             // It started as TLS or HTTP but never named a host (stalled,
             // oversized, malformed): falling back to the address would let a
@@ -155,6 +165,50 @@ pub async fn serve(mut client: TcpStream, conn: Arc<Conn>, gw: Arc<Gateway>) {
         }
     }
     decide_and_relay(client, &conn, &gw, orig, heard, prefix).await;
+}
+
+/// Whether the first line is `<token> <target> HTTP/1.x`, after any empty
+/// lines (RFC 9112 §2.2 lets servers skip them). Reads on, bounded in size
+/// and time, while the bytes could still be such a line.
+async fn http_in_disguise(
+    client: &mut TcpStream,
+    prefix: &mut BytesMut,
+    (max, timeout_ms): (usize, u64),
+) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    loop {
+        match request_line(prefix) {
+            Some(answer) => return answer,
+            None if prefix.len() >= max => return false,
+            None => {}
+        }
+        prefix.reserve(1024);
+        let read = tokio::time::timeout_at(deadline, client.read_buf(prefix)).await;
+        if !matches!(read, Ok(Ok(1..))) {
+            return false;
+        }
+    }
+}
+
+/// `Some(true)`: a request line; `Some(false)`: cannot become one; `None`:
+/// not decided yet.
+fn request_line(buf: &[u8]) -> Option<bool> {
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let line = &buf[start..];
+    // RFC 9110 §5.6.2 token characters, up to the first space.
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    let method_end = line.iter().position(|&b| !tchar(b));
+    match method_end {
+        None => None,
+        Some(0) => Some(false),
+        Some(i) if line[i] != b' ' => Some(false),
+        Some(i) => {
+            let eol = line.iter().position(|&b| b == b'\n')?;
+            let rest = &line[i + 1..eol];
+            let version = rest.rsplit(|&b| b == b' ').next().unwrap_or(b"");
+            Some(version.len() >= 5 && version[..5].eq_ignore_ascii_case(b"HTTP/"))
+        }
+    }
 }
 
 /// Refuses a connection whose first bytes started a protocol but never named a host.
@@ -309,6 +363,36 @@ fn count_dial_error(gw: &Gateway, heard: &Heard, err: &ConnectError) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_lines_the_classifier_leaves_are_still_seen() {
+        for line in [
+            &b"\r\nGET / HTTP/1.1\r\nHost: x\r\n"[..],
+            b"get / HTTP/1.1\n",
+            b"VERYLONGMETHODNAMEOVERSIXTEEN /x http/1.0\r\n",
+        ] {
+            assert_eq!(
+                request_line(line),
+                Some(true),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        for line in [
+            &b"\0\0\0\x85\xffSMB"[..],
+            b"SSH-2.0-OpenSSH_9.6\r\n",
+            b"GET / FTP\r\n",
+        ] {
+            assert_eq!(
+                request_line(line),
+                Some(false),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert_eq!(request_line(b"\r\n\r\nGE"), None);
+        assert_eq!(request_line(b"GET /path-without-end"), None);
+    }
 
     #[test]
     fn host_header_forms() {
