@@ -233,7 +233,15 @@ fn request_name(req: &Request<Incoming>, port: u16) -> Result<Option<String>, ()
         return Err(());
     }
     let from_uri = match req.uri().authority() {
-        Some(_) => Some(authority(req.uri(), Some(port)).map_err(|_| ())?),
+        // An absolute URI without a port means its scheme's port.
+        Some(_) => {
+            let default = match req.uri().scheme_str() {
+                Some(s) if s.eq_ignore_ascii_case("https") => 443,
+                Some(_) => 80,
+                None => port,
+            };
+            Some(authority(req.uri(), Some(default)).map_err(|_| ())?)
+        }
         None => None,
     };
     let from_host = match hosts.first() {

@@ -84,7 +84,7 @@ pub async fn first_bytes(
         let idle = Duration::from_millis(gw.limits.idle_timeout_ms);
         // `peek`, not `readable`: readiness left over from the CONNECT head
         // would wake at once, and a silent client be judged on no bytes.
-        let mut one = [0u8; 1];
+        let (mut one, mut theirs) = ([0u8; 1], [0u8; 1]);
         tokio::select! {
             r = client.peek(&mut one) => match r {
                 Ok(0) => return Carried::Ended(CloseReason::ClientClosed),
@@ -92,8 +92,14 @@ pub async fn first_bytes(
                 Err(_) => return Carried::Ended(CloseReason::ClientError),
             },
             // A server that speaks first: no name will come from the client.
-            _ = upstream.readable() => {
-                return if opaque_ok { Carried::Relay } else { unreadable(Speech::Opaque) };
+            // (An upstream that closed or failed instead ends the tunnel.)
+            r = upstream.peek(&mut theirs) => {
+                return match r {
+                    Ok(0) => Carried::Ended(CloseReason::UpstreamClosed),
+                    Err(_) => Carried::Ended(CloseReason::UpstreamError),
+                    Ok(_) if opaque_ok => Carried::Relay,
+                    Ok(_) => unreadable(Speech::Opaque),
+                };
             }
             () = tokio::time::sleep(idle) => return Carried::Ended(CloseReason::IdleTimeout),
         }
