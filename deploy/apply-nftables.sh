@@ -6,11 +6,14 @@
 #
 #   apply-nftables.sh [--config FILE] [--dry-run]
 #   apply-nftables.sh --stop
+#   apply-nftables.sh --counters FILE
 #
 #   --config FILE  portcullis config (default /etc/portcullis/portcullis.toml)
 #   --dry-run      render and check only: print the ruleset, load nothing,
 #                  change no sysctl
 #   --stop         forwarding off, then delete table inet portcullis
+#   --counters FILE  write the forward chain's counters (nft -j) to FILE,
+#                  world-readable, for the gateway's /metrics
 #
 # Environment: PORTCULLIS (binary, default /usr/local/bin/portcullis),
 # NFT (default nft), RULESET (default /run/portcullis/ruleset.nft).
@@ -35,7 +38,7 @@ ruleset=${RULESET:-/run/portcullis/ruleset.nft}
 # The table `portcullis render nftables` creates (`table inet portcullis`).
 table="inet portcullis"
 
-usage() { sed -n '2,17s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,19s/^# \{0,1\}//p' "$0"; }
 die() { echo "apply-nftables: $*" >&2; exit 1; }
 
 # Writes /proc/sys directly rather than calling sysctl(8): one dependency
@@ -57,10 +60,26 @@ while [[ $# -gt 0 ]]; do
         --config=*) config=${1#--config=}; shift ;;
         --dry-run) action=dry-run; shift ;;
         --stop) action=stop; shift ;;
+        --counters) [[ $# -ge 2 ]] || die "$1 needs a file"; action=counters; counters=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
 done
+
+if [[ $action == counters ]]; then
+    # The gateway runs without CAP_NET_ADMIN and cannot read nft itself:
+    # this root-only step dumps the counters for it (atomically: a scrape
+    # never reads half a file).
+    command -v "$nft" >/dev/null || die "nft not found (apt-get install nftables)"
+    install -d -m 0755 "$(dirname "$counters")"
+    tmp=$(mktemp "$counters.XXXXXX")
+    trap 'rm -f "$tmp"' EXIT
+    "$nft" -j list chain $table forward >"$tmp" || die "nft -j list chain $table forward failed (is the ruleset loaded?)"
+    chmod 0644 "$tmp"
+    mv -f "$tmp" "$counters"
+    trap - EXIT
+    exit 0
+fi
 
 if [[ $action == stop ]]; then
     # Forwarding off comes first and needs nothing else: even without nft

@@ -624,6 +624,63 @@ fn register_log(r: &Registry) {
         .expect("log counter registers once");
 }
 
+/// The ruleset's packet counters, from the file the counters unit writes.
+struct RulesetCounters {
+    packets: IntCounterVec,
+    written: Gauge,
+}
+
+impl prometheus::core::Collector for RulesetCounters {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.packets
+            .desc()
+            .into_iter()
+            .chain(self.written.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Some((counters, written)) = crate::ruleset::read() else {
+            return Vec::new();
+        };
+        // The kernel's totals, as they are (a ruleset reload resets them,
+        // which Prometheus' rate() handles like any counter reset).
+        self.packets.reset();
+        for c in &counters {
+            self.packets
+                .with_label_values(&[c.name.as_str(), c.action])
+                .inc_by(c.packets);
+        }
+        let at = written
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.written.set(at);
+        self.packets
+            .collect()
+            .into_iter()
+            .chain(self.written.collect())
+            .collect()
+    }
+}
+
+fn register_ruleset(r: &Registry) {
+    let packets = IntCounterVec::new(
+        prometheus::Opts::new(
+            "ruleset_packets_total",
+            "Packets counted by the nftables forward chain, by counter and what the rule does (drop, accept).",
+        ),
+        &["counter", "action"],
+    )
+    .expect("valid counter");
+    let written = Gauge::with_opts(prometheus::Opts::new(
+        "ruleset_counters_timestamp_seconds",
+        "When the ruleset counters were last read from the kernel (Unix time).",
+    ))
+    .expect("valid gauge");
+    r.register(Box::new(RulesetCounters { packets, written }))
+        .expect("ruleset counters register once");
+}
+
 fn register_conntrack(r: &Registry) {
     let gauge = |name: &str, help: &str| {
         IntGauge::with_opts(prometheus::Opts::new(name, help)).expect("valid gauge")
@@ -657,6 +714,7 @@ impl Metrics {
         register_info(&r);
         register_conntrack(&r);
         register_log(&r);
+        register_ruleset(&r);
         Metrics {
             decisions: decisions.decisions,
             denied: decisions.denied,

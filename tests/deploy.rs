@@ -182,7 +182,12 @@ fn verify_root(dir: &Path) {
     put(Path::new(BIN), INSTALLED_BIN);
     put(&deploy("apply-nftables.sh"), INSTALLED_SCRIPT);
     put(Path::new("/bin/kill"), "/bin/kill");
-    for unit in ["portcullis.service", "portcullis-nftables.service"] {
+    for unit in [
+        "portcullis.service",
+        "portcullis-nftables.service",
+        "portcullis-ruleset-counters.service",
+        "portcullis-ruleset-counters.timer",
+    ] {
         put(
             &deploy(&format!("systemd/{unit}")),
             &format!("/etc/systemd/system/{unit}"),
@@ -216,7 +221,12 @@ fn units_pass_systemd_analyze_verify() {
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(format!("--root={}", dir.path().display()))
-        .args(["portcullis-nftables.service", "portcullis.service"])
+        .args([
+            "portcullis-nftables.service",
+            "portcullis.service",
+            "portcullis-ruleset-counters.service",
+            "portcullis-ruleset-counters.timer",
+        ])
         .output()
         .unwrap();
     // verify exits 0 on unknown keys and only warns: any output is a failure.
@@ -228,7 +238,11 @@ fn units_pass_systemd_analyze_verify() {
 
     // Exposure scores, as deploy/README.md records them (offline: no
     // running systemd needed).
-    for unit in ["portcullis-nftables.service", "portcullis.service"] {
+    for unit in [
+        "portcullis-nftables.service",
+        "portcullis.service",
+        "portcullis-ruleset-counters.service",
+    ] {
         let out = Command::new("systemd-analyze")
             .args(["security", "--offline=true", "--no-pager"])
             .arg(deploy(&format!("systemd/{unit}")))
@@ -262,7 +276,10 @@ struct Netns {
 
 impl Netns {
     fn create() -> Netns {
-        let name = format!("pc-deploy-{}", std::process::id());
+        // Unique per test: the tests of this file run in parallel.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("pc-deploy-{}-{n}", std::process::id());
         let out = Command::new("ip")
             .args(["netns", "add", &name])
             .output()
@@ -605,4 +622,101 @@ fn main_unit_check_fails_fast_on_a_broken_config() {
         "check names the file and line: {msg}"
     );
     eprintln!("ExecStartPre on a broken config: {}", msg.trim());
+}
+
+#[test]
+fn ruleset_counters_reach_the_gateways_metrics() {
+    const TEST: &str = "ruleset_counters_reach_the_gateways_metrics";
+    if !require(is_root(), TEST, "needs root (network namespaces, nft)")
+        || !require(
+            tool_works("nft", &["--version"]),
+            TEST,
+            "nft (nftables) not found",
+        )
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (good, _) = scratch(dir.path());
+    let ns = Netns::create();
+    let script = deploy("apply-nftables.sh");
+    let run = |args: &[&str]| {
+        let out = ns
+            .exec("env")
+            .arg(format!("PORTCULLIS={BIN}"))
+            .arg(format!(
+                "RULESET={}",
+                dir.path().join("run/ruleset.nft").display()
+            ))
+            .arg("bash")
+            .arg(&script)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "apply-nftables.sh {args:?}: {}",
+            text(&out)
+        );
+    };
+    run(&["--config", &good.to_string_lossy()]);
+    let counters = dir.path().join("run/ruleset-counters.json");
+    run(&["--counters", &counters.to_string_lossy()]);
+    let json = std::fs::read_to_string(&counters).unwrap();
+    let parsed = portcullis::ruleset::parse(&json).unwrap();
+    assert!(
+        parsed
+            .iter()
+            .any(|c| c.name == "quic" && c.action == "drop"),
+        "{parsed:?}"
+    );
+    assert!(
+        parsed
+            .iter()
+            .any(|c| c.name == "dropped" && c.action == "drop"),
+        "{parsed:?}"
+    );
+
+    // The gateway exports them on /metrics.
+    let config = dir.path().join("metrics.toml");
+    std::fs::write(
+        &config,
+        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[clients]\nallow = [\"127.0.0.0/8\"]\n[policy]\nprofile = \"none\"\n",
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("PORTCULLIS_RULESET_COUNTERS", &counters)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut admin = None;
+    for line in std::io::BufRead::lines(stdout).map_while(Result::ok) {
+        if let Some(a) = line.strip_prefix("listening admin ") {
+            admin = Some(a.to_string());
+        }
+        if line == "ready" {
+            break;
+        }
+    }
+    let admin = admin.expect("admin address");
+    let out = Command::new("curl")
+        .args(["-sS", "--noproxy", "*", &format!("http://{admin}/metrics")])
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let metrics = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        metrics.contains("portcullis_ruleset_packets_total{action=\"drop\",counter=\"quic\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_ruleset_counters_timestamp_seconds "),
+        "{metrics}"
+    );
 }
