@@ -615,13 +615,12 @@ fn no_sni_and_opaque_tcp_are_decided_by_address() {
         "{raw:?}\n{}",
         env.context()
     );
-    assert!(
-        env.echo.events().iter().any(|l| l.starts_with(&format!(
-            "tcp accept port={ECHO_TCP} local={SERVER} peer={GW_SERVER_SIDE}:"
-        ))),
-        "{:?}",
-        env.echo.events()
-    );
+    // The echo's log line is read from its output by another thread: wait for it.
+    let accepted = format!("tcp accept port={ECHO_TCP} local={SERVER} peer={GW_SERVER_SIDE}:");
+    let logged = support::wait_until(Duration::from_secs(10), || {
+        env.echo.events().iter().any(|l| l.starts_with(&accepted))
+    });
+    assert!(logged, "{:?}", env.echo.events());
 
     // Opaque TCP to the same port on an address no rule covers: closed.
     let raw = env.topo.tcp(
