@@ -13,7 +13,8 @@
 #                  change no sysctl
 #   --stop         forwarding off, then delete table inet portcullis
 #   --counters FILE  write the forward chain's counters (nft -j) to FILE,
-#                  world-readable, for the gateway's /metrics
+#                  world-readable, for the gateway's /metrics; if the
+#                  table is gone, turn forwarding off instead
 #
 # Environment: PORTCULLIS (binary, default /usr/local/bin/portcullis),
 # NFT (default nft), RULESET (default /run/portcullis/ruleset.nft).
@@ -71,6 +72,12 @@ if [[ $action == counters ]]; then
     # this root-only step dumps the counters for it (atomically: a scrape
     # never reads half a file).
     command -v "$nft" >/dev/null || die "nft not found (apt-get install nftables)"
+    # Also the watchman for a ruleset removed behind our back (a bare
+    # `nft flush ruleset`): no table means no filter, so no forwarding.
+    if ! table_loaded; then
+        set_forwarding 0
+        die "table $table is gone (flushed?): IP forwarding turned off; restart portcullis-nftables.service"
+    fi
     install -d -m 0755 "$(dirname "$counters")"
     tmp=$(mktemp "$counters.XXXXXX")
     trap 'rm -f "$tmp"' EXIT

@@ -719,4 +719,22 @@ fn ruleset_counters_reach_the_gateways_metrics() {
         metrics.contains("portcullis_ruleset_counters_timestamp_seconds "),
         "{metrics}"
     );
+
+    // A bare flush removes the filter: the next counters run turns
+    // forwarding off instead of leaving it on unfiltered.
+    ns.exec("sh")
+        .args(["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
+        .status()
+        .unwrap();
+    ns.exec("nft").args(["flush", "ruleset"]).status().unwrap();
+    let out = ns
+        .exec("env")
+        .arg(format!("PORTCULLIS={BIN}"))
+        .arg("bash")
+        .arg(&script)
+        .args(["--counters", &counters.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(ns.forwarding().0, 0, "forwarding left on without a table");
 }
