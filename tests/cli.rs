@@ -38,6 +38,39 @@ fn shipped_configs_check_clean() {
     }
 }
 
+/// Every whole config a user reads in the READMEs (a TOML block with
+/// `[listen]` or `[vars]`) passes `check`.
+#[test]
+fn configs_in_the_docs_check_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for doc in ["README.md", "deploy/README.md"] {
+        let text_of = std::fs::read_to_string(format!("{}/{doc}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_else(|e| panic!("{doc}: {e}"));
+        let mut rest = text_of.as_str();
+        while let Some(start) = rest.find("```toml\n") {
+            let body = &rest[start + 8..];
+            let end = body.find("```").expect("closed toml block");
+            let block = &body[..end];
+            rest = &body[end + 3..];
+            if !(block.contains("[listen]") || block.contains("[vars]")) {
+                continue;
+            }
+            checked += 1;
+            let path = dir.path().join(format!("block-{checked}.toml"));
+            std::fs::write(&path, block).unwrap();
+            let out = portcullis(&["check", "-c", &path.to_string_lossy()]);
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{doc} block {checked}:\n{block}\n{}",
+                text(&out)
+            );
+        }
+    }
+    assert!(checked >= 1, "no config block found in the docs");
+}
+
 #[test]
 fn explain_exit_codes_and_lines() {
     let out = portcullis(&["explain", "pypi.org:443", "files.pythonhosted.org"]);
