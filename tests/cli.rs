@@ -26,7 +26,11 @@ fn config(body: &str) -> tempfile::NamedTempFile {
 
 #[test]
 fn shipped_configs_check_clean() {
-    for file in ["config/azureml.toml", "config/minimal.toml"] {
+    for file in [
+        "config/azureml.toml",
+        "config/minimal.toml",
+        "config/package.toml",
+    ] {
         let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
         let out = portcullis(&["check", "-c", &path]);
         assert_eq!(out.status.code(), Some(0), "{file}: {}", text(&out));
