@@ -277,6 +277,21 @@ fn check_says_which_rules_wait_for_service_tags() {
         "20.42.0.1:443",
     ]);
     assert!(text(&out).contains("20.42.0.1:443"), "{}", text(&out));
+    // An address allowed by a service tag: explain says what its tunnels may carry.
+    let out = portcullis(&[
+        "--service-tags",
+        &tags,
+        "--var",
+        "region=eastus",
+        "explain",
+        "4.171.27.64:443",
+    ]);
+    assert!(
+        text(&out).contains("rule=tag-azure-machine-learning")
+            && text(&out).contains("a tunnel to it carries only TLS names a host rule allows"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]

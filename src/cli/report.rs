@@ -78,6 +78,16 @@ fn describe(policy: &Policy, dest: &Dest<'_>, d: &Decision) -> String {
         d.reason.as_str(),
         policy.explain(d)
     ));
+    // What the data path checks after the decision, so `explain` does not
+    // promise more than the gateway delivers.
+    if let (Verdict::Allow, Some(id), Target::Ip(_)) = (d.verdict, d.rule, dest.target) {
+        let r = policy.rule(id);
+        if !r.opaque && !r.any_sni {
+            line.push_str(
+                "; a tunnel to it carries only TLS names a host rule allows (sni = \"any\" or opaque = true on the rule to widen)",
+            );
+        }
+    }
     line
 }
 
