@@ -75,6 +75,28 @@ fn configs_in_the_docs_check_clean() {
     assert!(checked >= 1, "no config block found in the docs");
 }
 
+/// The config that `deploy/cloud-init.yaml` writes on a new VM passes `check`.
+#[test]
+fn the_cloud_init_config_checks_clean() {
+    let path = format!("{}/deploy/cloud-init.yaml", env!("CARGO_MANIFEST_DIR"));
+    let yaml = std::fs::read_to_string(&path).unwrap();
+    let start = yaml
+        .find("content: |\n")
+        .expect("a write_files content block")
+        + 11;
+    let config: String = yaml[start..]
+        .lines()
+        .take_while(|l| l.is_empty() || l.starts_with("      "))
+        .map(|l| format!("{}\n", l.get(6..).unwrap_or("")))
+        .collect();
+    assert!(config.contains("[listen]"), "{config}");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("portcullis.toml");
+    std::fs::write(&file, &config).unwrap();
+    let out = portcullis(&["check", "-c", &file.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(0), "{config}\n{}", text(&out));
+}
+
 #[test]
 fn explain_exit_codes_and_lines() {
     let out = portcullis(&["explain", "pypi.org:443", "files.pythonhosted.org"]);
