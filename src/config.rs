@@ -251,6 +251,11 @@ pub struct PolicyConfig {
     /// Cut a CONNECT tunnel whose TLS SNI names another host than the CONNECT authority. Default true.
     #[serde(default = "yes")]
     pub require_matching_sni: bool,
+    /// Rules switched off by name (the profile's or this file's), e.g. to
+    /// replace `microsoft-storage`'s `*.blob.core.windows.net` with the
+    /// accounts you own. Unknown names are errors. Default: none.
+    #[serde(default)]
+    pub disable_rules: Vec<Spanned<String>>,
 }
 
 fn default_profile() -> Spanned<String> {
@@ -270,6 +275,7 @@ impl Default for PolicyConfig {
             upstream: UpstreamMode::default(),
             service_tags: None,
             require_matching_sni: true,
+            disable_rules: Vec::new(),
         }
     }
 }

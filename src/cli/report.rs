@@ -276,6 +276,7 @@ pub(super) fn profile_show(policy: &Policy, scenario: Option<&str>) -> Result<Ex
                 RuleState::ScenarioDisabled => String::new(),
                 RuleState::MissingVars(v) => format!("  [needs --var {}]", v.join(", --var ")),
                 RuleState::WaitingForServiceTags => "  [waits for service tags file]".into(),
+                RuleState::Disabled => "  [switched off by [policy] disable_rules]".into(),
                 RuleState::NotEgress => {
                     format!("  [{:?}: not enforced by the proxy]", r.direction).to_lowercase()
                 }

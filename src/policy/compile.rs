@@ -9,7 +9,7 @@
 //! scenarios, rules, clients, static resolution, then (only without errors)
 //! lints and tables.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -258,11 +258,20 @@ fn rules(
         .chain((config.rules.iter().enumerate()).map(|(i, r)| (CFG, format!("rules[{i}]"), r)));
     let mut out = Compiled::default();
     let mut names: HashMap<String, usize> = HashMap::new();
+    let disabled: HashSet<&str> = (config.policy.disable_rules.iter())
+        .map(|n| n.get_ref().as_str())
+        .collect();
     for (src, path, rc) in all {
         let rule = RuleCx::new(rc, src, &path, vars, d).compile(input, enabled(&rc.scenario));
         let Some((rule, keys, nets)) = rule else {
             continue;
         };
+        let mut rule = rule;
+        // A switched-off rule still compiles its keys, so that `explain`
+        // can say which setting turned it off.
+        if disabled.contains(rule.name.as_str()) {
+            rule.state = RuleState::Disabled;
+        }
         if let Some(prev) = names.insert(rule.name.clone(), out.rules.len()) {
             d.error(
                 src,
@@ -276,7 +285,51 @@ fn rules(
         }
         out.add(rule, &keys, &nets);
     }
+    unknown_disabled(config, &names, d);
     out
+}
+
+/// `[policy] disable_rules` names no rule: an error, with the closest names.
+fn unknown_disabled(config: &Config, names: &HashMap<String, usize>, d: &mut Diags<'_>) {
+    for (i, name) in config.policy.disable_rules.iter().enumerate() {
+        if names.contains_key(name.get_ref()) {
+            continue;
+        }
+        let want = name.get_ref().to_ascii_lowercase();
+        let mut close: Vec<&String> = names
+            .keys()
+            .filter(|n| {
+                n.contains(want.as_str()) || want.contains(n.as_str()) || shares_words(n, &want)
+            })
+            .collect();
+        close.sort();
+        close.truncate(3);
+        let hint = if close.is_empty() {
+            "`portcullis profile show` lists the profile's rules".to_string()
+        } else {
+            let close: Vec<String> = close.iter().map(|n| format!("'{n}'")).collect();
+            format!("did you mean {}?", close.join(", "))
+        };
+        d.error(
+            CFG,
+            Some(&name.span()),
+            format!("policy.disable_rules[{i}]"),
+            format!("no rule is named '{}': {hint}", name.get_ref()),
+        );
+    }
+}
+
+/// Two rule names share a word of three letters or more (`storage` in
+/// `microsoft-storage` and `storage-blob`).
+fn shares_words(a: &str, b: &str) -> bool {
+    let words = |s: &str| -> Vec<String> {
+        s.split(['-', '_', '.'])
+            .filter(|w| w.len() >= 3)
+            .map(str::to_string)
+            .collect()
+    };
+    let wb = words(b);
+    words(a).iter().any(|w| wb.contains(w))
 }
 
 /// A compiled rule, with the host keys and nets it gives grants to.

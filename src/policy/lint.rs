@@ -88,8 +88,8 @@ fn exfiltration(rule: &Rule, d: &mut Diags<'_>) {
             d.warn_at(
                 &rule.origin,
                 format!(
-                    "rule '{}' allows '{h}': {why}, so data can be exfiltrated by design; name the accounts you own instead where you can",
-                    rule.name
+                    "rule '{}' allows '{h}': {why}, so data can be exfiltrated by design; name the accounts you own instead where you can ([policy] disable_rules = [\"{}\"] switches this rule off)",
+                    rule.name, rule.name
                 ),
             );
         }

@@ -207,6 +207,9 @@ impl Policy {
                 format!("rule '{name}' allows this host only over {proto}")
             }
             Reason::ScenarioDisabled => match rule.map(|r| (&r.state, &r.scenario)) {
+                Some((RuleState::Disabled, _)) => format!(
+                    "no rule allows this host (rule '{name}' is switched off by [policy] disable_rules)"
+                ),
                 Some((RuleState::MissingVars(vars), _)) => format!(
                     "no rule allows this host (rule '{name}' needs --var {})",
                     vars.iter().map(|v| format!("{v}=...")).collect::<Vec<_>>().join(" --var ")

@@ -23,6 +23,8 @@ pub enum RuleState {
     WaitingForServiceTags,
     /// Not an egress rule: documentation / nftables only.
     NotEgress,
+    /// Switched off by `[policy] disable_rules`.
+    Disabled,
 }
 
 /// A compiled rule, as `explain` and `profile show` print it.

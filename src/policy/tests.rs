@@ -600,3 +600,54 @@ fn unchecked_tunnels_are_linted_and_sni_any_needs_addresses() {
         "{text:?}"
     );
 }
+
+#[test]
+fn disable_rules_switches_rules_off_by_name_and_refuses_unknown_names() {
+    let compile = |policy: &str| {
+        let text = format!(
+            "[vars]\nregion = \"westus2\"\nstorage = \"mlstore\"\nacr = \"reg\"\nworkspace_id = \"w\"\nvnet = \"10.0.0.0/16\"\n\
+             [policy]\n{policy}\n[[rule]]\nname = \"mine\"\nhosts = [\"mine.example\"]\n"
+        );
+        let source = Source {
+            name: "t.toml".into(),
+            text,
+        };
+        let config = Config::parse(&source).expect("parses");
+        Policy::compile(&config, &source, &CompileInput::default())
+    };
+    let dest = |host: &'static str| Dest {
+        target: Target::parse(host),
+        port: 443,
+        proto: Protocol::Tcp,
+    };
+    let (p, _) = compile("").expect("valid");
+    assert_eq!(p.decide(&dest("pypi.org")).verdict, Verdict::Allow);
+    let (p, warnings) = compile("disable_rules = [\"pypi\", \"mine\"]").expect("valid");
+    for host in ["pypi.org", "mine.example"] {
+        let d = p.decide(&dest(host));
+        assert_eq!(d.verdict, Verdict::Deny, "{host}");
+        assert!(
+            p.explain(&d)
+                .contains("switched off by [policy] disable_rules"),
+            "{host}: {}",
+            p.explain(&d)
+        );
+    }
+    // Other rules are untouched, and the lint that names a rule points here.
+    assert_eq!(
+        p.decide(&dest("files.pythonhosted.org")).verdict,
+        Verdict::Allow
+    );
+    let warned: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        warned.iter().any(|w| w.contains("disable_rules = [")),
+        "{warned:?}"
+    );
+    let err = compile("disable_rules = [\"pypy\"]").expect_err("unknown name");
+    let text: Vec<String> = err.iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter()
+            .any(|e| e.contains("t.toml:") && e.contains("no rule is named 'pypy'")),
+        "{text:?}"
+    );
+}
