@@ -327,6 +327,8 @@ pub struct Metrics {
     pub rules: IntGaugeVec,
     /// `changeNumber` of the service tags file in use.
     pub service_tags_change: IntGauge,
+    /// `config_info{sha256}`: which config the gateway runs.
+    pub config_info: IntGaugeVec,
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -508,6 +510,7 @@ struct ReloadFamilies {
     last_reload_successful: IntGauge,
     rules: IntGaugeVec,
     service_tags_change: IntGauge,
+    config_info: IntGaugeVec,
 }
 
 fn register_reload(r: &Registry) -> ReloadFamilies {
@@ -545,6 +548,12 @@ fn register_reload(r: &Registry) -> ReloadFamilies {
             r,
             "service_tags_change_number",
             "changeNumber of the service tags file in use.",
+        ),
+        config_info: gauge_vec(
+            r,
+            "config_info",
+            "The config in force, by the SHA-256 of its file; always 1.",
+            &["sha256"],
         ),
     }
 }
@@ -734,6 +743,7 @@ impl Metrics {
             last_reload_successful: reload.last_reload_successful,
             rules: reload.rules,
             service_tags_change: reload.service_tags_change,
+            config_info: reload.config_info,
             registry: r,
         }
     }
@@ -773,6 +783,11 @@ impl Metrics {
         if let Some(c) = policy.service_tags_change() {
             self.service_tags_change.set(c as i64);
         }
+        // One series: the config in force now.
+        self.config_info.reset();
+        self.config_info
+            .with_label_values(&[policy.config_sha256()])
+            .set(1);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());

@@ -175,3 +175,27 @@ async fn readyz_turns_503_before_the_listeners_close_for_the_drain_delay() {
     let mut rest = Vec::new();
     let _ = tunnel.read_to_end(&mut rest).await;
 }
+
+#[tokio::test]
+async fn config_info_names_the_config_in_force_by_its_sha256() {
+    let upstream = echo_upstream().await;
+    let text = config(upstream, "");
+    let gw = InProc::start(&text).await;
+    let sha = |t: &str| {
+        let d = ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
+        d.as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let series = |t: &str| format!("portcullis_config_info{{sha256=\"{}\"}} 1", sha(t));
+    assert!(gw.gw.metrics.render().contains(&series(&text)));
+    let changed = config(upstream, "idle_timeout_ms = 60000");
+    gw.reload(&changed).await.expect("reload");
+    let metrics = gw.gw.metrics.render();
+    assert!(metrics.contains(&series(&changed)), "{metrics}");
+    assert!(
+        !metrics.contains(&series(&text)),
+        "the old config's series is gone"
+    );
+}

@@ -90,6 +90,7 @@ impl Policy {
             vars,
             service_tags_change: input.service_tags.map(|t| t.change_number),
             generation: input.generation,
+            config_sha256: sha256_hex(source.text.as_bytes()),
         };
         Ok((
             Policy {
@@ -287,6 +288,19 @@ fn rules(
     }
     unknown_disabled(config, &names, d);
     out
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+fn sha256_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest
+        .as_ref()
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// `[policy] disable_rules` names no rule: an error, with the closest names.

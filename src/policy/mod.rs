@@ -81,6 +81,8 @@ struct Inner {
     vars: BTreeMap<String, String>,
     service_tags_change: Option<u64>,
     generation: u64,
+    /// SHA-256 of the config text, hex (`portcullis_config_info`).
+    config_sha256: String,
 }
 
 impl fmt::Debug for Policy {
@@ -301,6 +303,12 @@ impl Policy {
     /// Reload generation.
     pub fn generation(&self) -> u64 {
         self.inner.generation
+    }
+
+    /// SHA-256 of the config file's text, as lowercase hex: which config a
+    /// gateway runs (`sha256sum` of the file gives the same).
+    pub fn config_sha256(&self) -> &str {
+        &self.inner.config_sha256
     }
 
     /// Active egress rules per scenario (`""` for rules without one).
