@@ -42,6 +42,33 @@ fn shipped_configs_check_clean() {
     }
 }
 
+/// A name allowed on a port other than 80 and 443: explain says its tunnels
+/// must start with TLS or HTTP, as the gateway enforces, unless `opaque`.
+#[test]
+fn explain_says_what_a_tunnel_may_carry_off_the_web_ports() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("ssh.toml");
+    let rules = |extra: &str| {
+        format!(
+            "[policy]\nprofile = \"none\"\n[[rule]]\nname = \"gh\"\nhosts = [\"github.com\"]\nports = [22, 443]\n{extra}"
+        )
+    };
+    std::fs::write(&file, rules("")).unwrap();
+    let path = file.to_string_lossy().to_string();
+    let out = portcullis(&["-c", &path, "explain", "github.com:22", "github.com:443"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].ends_with("must start with TLS or HTTP naming it (opaque = true on the rule for SSH and other protocols)"), "{stdout}");
+    assert!(lines[1].ends_with("(allowed by rule 'gh')"), "{stdout}");
+    std::fs::write(&file, rules("opaque = true\n")).unwrap();
+    let out = portcullis(&["-c", &path, "explain", "github.com:22"]);
+    assert!(
+        text(&out).trim_end().ends_with("(allowed by rule 'gh')"),
+        "{}",
+        text(&out)
+    );
+}
+
 /// Every whole config a user reads in the READMEs (a TOML block with
 /// `[listen]` or `[vars]`) passes `check`.
 #[test]
@@ -290,15 +317,6 @@ fn check_says_which_rules_wait_for_service_tags() {
         "{}",
         text(&out)
     );
-    let out = portcullis(&[
-        "--service-tags",
-        &tags,
-        "--var",
-        "region=eastus",
-        "explain",
-        "20.42.0.1:443",
-    ]);
-    assert!(text(&out).contains("20.42.0.1:443"), "{}", text(&out));
     // An address allowed by a service tag: explain says what its tunnels may carry.
     let out = portcullis(&[
         "--service-tags",
@@ -306,8 +324,10 @@ fn check_says_which_rules_wait_for_service_tags() {
         "--var",
         "region=eastus",
         "explain",
+        "20.42.0.1:443",
         "4.171.27.64:443",
     ]);
+    assert!(text(&out).contains("20.42.0.1:443"), "{}", text(&out));
     assert!(
         text(&out).contains("rule=tag-azure-machine-learning")
             && text(&out).contains("a tunnel to it carries only TLS names a host rule allows"),

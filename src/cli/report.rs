@@ -78,17 +78,35 @@ fn describe(policy: &Policy, dest: &Dest<'_>, d: &Decision) -> String {
         d.reason.as_str(),
         policy.explain(d)
     ));
-    // What the data path checks after the decision, so `explain` does not
-    // promise more than the gateway delivers.
-    if let (Verdict::Allow, Some(id), Target::Ip(_)) = (d.verdict, d.rule, dest.target) {
-        let r = policy.rule(id);
-        if !r.opaque && !r.any_sni {
-            line.push_str(
-                "; a tunnel to it carries only TLS names a host rule allows (sni = \"any\" or opaque = true on the rule to widen)",
-            );
-        }
+    if let Some(note) = tunnel_note(policy, dest, d) {
+        line.push_str("; ");
+        line.push_str(note);
     }
     line
+}
+
+/// What the data path checks inside an allowed CONNECT tunnel, where it is
+/// not obvious from the destination, so `explain` does not promise more
+/// than the gateway delivers: an address carries only TLS names a host rule
+/// allows; a name on a port other than 80 and 443 carries only TLS or HTTP
+/// (SSH and other protocols need `opaque = true`).
+fn tunnel_note(policy: &Policy, dest: &Dest<'_>, d: &Decision) -> Option<&'static str> {
+    let id = d
+        .rule
+        .filter(|_| d.verdict == Verdict::Allow && dest.proto == Protocol::Tcp)?;
+    let r = policy.rule(id);
+    if r.opaque || !policy.require_matching_sni() {
+        return None;
+    }
+    match dest.target {
+        Target::Ip(_) if !r.any_sni => Some(
+            "a tunnel to it carries only TLS names a host rule allows (sni = \"any\" or opaque = true on the rule to widen)",
+        ),
+        Target::Name(_) if dest.port != 80 && dest.port != 443 => Some(
+            "a tunnel to it must start with TLS or HTTP naming it (opaque = true on the rule for SSH and other protocols)",
+        ),
+        _ => None,
+    }
 }
 
 /// Prints one line per destination; exit 0 all allowed, 1 any denied, 2 a bad argument.

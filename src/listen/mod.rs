@@ -52,6 +52,22 @@ pub struct Conn {
     _guard: ConnGuard,
 }
 
+impl Conn {
+    /// The policy in force for a request arriving now on this connection:
+    /// the accept-time snapshot while no reload happened (no second check);
+    /// after a reload, the new policy, or `None` when it no longer admits
+    /// this client.
+    pub fn policy_now(&self, gw: &Gateway) -> Option<Arc<Policy>> {
+        let current = gw.policy.load();
+        if current.generation() == self.policy.generation() {
+            return Some(self.policy.clone());
+        }
+        let current = arc_swap::Guard::into_inner(current);
+        current.client_allowed(self.peer.ip())?;
+        Some(current)
+    }
+}
+
 /// Releases a connection's slots when the last user (request handler or
 /// tunnel task) drops it.
 struct ConnGuard {

@@ -169,7 +169,9 @@ pub async fn serve(mut client: TcpStream, conn: Arc<Conn>, gw: Arc<Gateway>) {
 
 /// Whether the first line is `<token> <target> HTTP/1.x`, after any empty
 /// lines (RFC 9112 §2.2 lets servers skip them). Reads on, bounded in size
-/// and time, while the bytes could still be such a line.
+/// and time, while the bytes could still be such a line; bytes that could
+/// still become one when the bound is reached count as one (a slow or
+/// oversized disguise must not fall through to the address decision).
 async fn http_in_disguise(
     client: &mut TcpStream,
     prefix: &mut BytesMut,
@@ -179,13 +181,16 @@ async fn http_in_disguise(
     loop {
         match request_line(prefix) {
             Some(answer) => return answer,
-            None if prefix.len() >= max => return false,
+            None if prefix.len() >= max => return true,
             None => {}
         }
         prefix.reserve(1024);
-        let read = tokio::time::timeout_at(deadline, client.read_buf(prefix)).await;
-        if !matches!(read, Ok(Ok(1..))) {
-            return false;
+        match tokio::time::timeout_at(deadline, client.read_buf(prefix)).await {
+            Ok(Ok(1..)) => {}
+            // The client left: nothing will be relayed anyway.
+            Ok(_) => return false,
+            // Still undecided at the deadline.
+            Err(_) => return true,
         }
     }
 }
@@ -392,6 +397,29 @@ mod tests {
         }
         assert_eq!(request_line(b"\r\n\r\nGE"), None);
         assert_eq!(request_line(b"GET /path-without-end"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_disguise_still_undecided_at_the_deadline_is_refused() {
+        use tokio::io::AsyncWriteExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        #[allow(clippy::disallowed_methods)] // a loopback pair for the test
+        let mut c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (mut s, _) = l.accept().await.unwrap();
+        // Empty lines, then nothing: could still become a request line.
+        c.write_all(b"\r\n\r\nGE").await.unwrap();
+        let mut prefix = BytesMut::new();
+        assert!(http_in_disguise(&mut s, &mut prefix, (16_384, 2_000)).await);
+        // Not a request line: decided at once, whatever follows.
+        c.write_all(b"T\0\0").await.unwrap();
+        let mut prefix = BytesMut::from(&b"\x00\x01"[..]);
+        assert!(!http_in_disguise(&mut s, &mut prefix, (16_384, 2_000)).await);
+        // The client leaves undecided: nothing to relay, not a refusal.
+        drop(c);
+        let mut prefix = BytesMut::from(&b"GE"[..]);
+        let mut rest = [0u8; 8];
+        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut rest).await;
+        assert!(!http_in_disguise(&mut s, &mut prefix, (16_384, 2_000)).await);
     }
 
     #[test]

@@ -72,11 +72,10 @@ pub(super) async fn fast(
     drop(peeked);
     // Decided by the policy in force now, as hyper's path does: the head
     // may arrive up to `head_timeout_ms` after the accept-time snapshot.
-    let policy = gw.policy.load_full();
-    if policy.client_allowed(conn.peer.ip()).is_none() {
+    let Some(policy) = conn.policy_now(gw) else {
         write_and_close(client, &Refusal::ClientNotAllowed.raw(""), ANSWER_LINGER).await;
         return None;
-    }
+    };
     match open(conn, gw, &policy, &raw_host, port).await {
         Ok(open) => {
             if client

@@ -82,15 +82,14 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>, gw: Arc<Gateway>) -> Re
     }
     // Every request is decided by the policy in force when it arrives, so a
     // reload reaches keep-alive connections too, client list included.
-    let policy = gw.policy.load_full();
-    if policy.client_allowed(conn.peer.ip()).is_none() {
+    let Some(policy) = conn.policy_now(&gw) else {
         let mut resp = Refusal::ClientNotAllowed.response("");
         resp.headers_mut().insert(
             http::header::CONNECTION,
             http::HeaderValue::from_static("close"),
         );
         return resp;
-    }
+    };
     if req.method() == Method::CONNECT {
         return connect::via_hyper(req, conn, gw, policy).await;
     }
