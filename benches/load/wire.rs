@@ -15,9 +15,10 @@ pub const UPLOAD_END: u8 = 0xff;
 const PATTERN_PERIOD: usize = 251;
 /// One write of bulk data: a whole number of periods, so writes join seamlessly.
 pub const PATTERN_LEN: usize = PATTERN_PERIOD * 261;
-/// What each new tunnel sends and expects back. Starts with a lowercase
-/// letter so portcullis classifies it as opaque at once (no TLS/HTTP wait).
-pub const ECHO_PAYLOAD: &[u8; 32] = b"echo-0123456789abcdefghijklmnopq";
+/// What each new tunnel sends and expects back. Starts with a control byte
+/// so portcullis classifies it as opaque at once (no TLS/HTTP wait: a run of
+/// token characters could still be an HTTP method, which it would wait for).
+pub const ECHO_PAYLOAD: &[u8; 32] = b"\x01echo-0123456789abcdefghijklmnop";
 /// Body of every HTTP response of the upstream server.
 pub const HTTP_BODY: &[u8] = b"portcullis load test: a small keep-alive response body.\n";
 
