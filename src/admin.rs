@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::gateway::Gateway;
-use crate::spare::Spare;
+use crate::spare::{Accepted, Spare};
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     Response::builder()
@@ -72,26 +72,12 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>) {
     tokio::pin!(cut);
     loop {
         let accepted = tokio::select! {
-            r = listener.accept() => r,
+            a = spare.accept(&listener, "admin") => a,
             () = &mut cut => return,
         };
         let stream = match accepted {
-            Ok((stream, _)) => {
-                spare.refill();
-                stream
-            }
-            Err(err) if Spare::is_exhaustion(&err) && spare.release() => {
-                match listener.accept().await {
-                    Ok((stream, _)) => stream,
-                    Err(_) => continue,
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                spare.refill();
-                continue;
-            }
+            Accepted::Client(stream, _) | Accepted::AtLimit(stream, _) => stream,
+            Accepted::Retry => continue,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue;

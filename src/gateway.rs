@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use ipnet::IpNet;
 use prometheus::{IntCounter, IntGauge};
+use tokio::sync::Semaphore;
 
 use crate::config::Limits;
 use crate::metrics::{ByteDirection, Listener, Metrics, NameMismatch, UpstreamError, Via};
@@ -48,6 +49,12 @@ pub struct Gateway {
     pub json_log: bool,
     /// Keep-alive upstream connections for forwarded plain-HTTP requests (built on first use).
     http_client: OnceLock<HttpClient>,
+    /// Client connections the open-file limit leaves room for, across
+    /// listeners ([`crate::spare::connection_budget`]); past it a client
+    /// gets the connection-limit refusal.
+    pub connection_budget: usize,
+    /// Slots of that budget (each admitted connection holds one).
+    pub descriptors: Arc<Semaphore>,
     /// Open connections per client address (`[limits] max_connections_per_client`).
     per_client: DashMap<IpAddr, usize>,
     /// Series every connection touches, resolved once (a label lookup is a
@@ -76,6 +83,9 @@ impl Gateway {
                 metrics.connections_total.with_label_values(&[l.as_str()]),
             )
         });
+        let budget = crate::spare::connection_budget()
+            .unwrap_or(Semaphore::MAX_PERMITS)
+            .min(Semaphore::MAX_PERMITS);
         Gateway {
             policy: Arc::new(ArcSwap::from_pointee(policy)),
             upstream: Arc::new(Upstream::new(
@@ -90,6 +100,8 @@ impl Gateway {
             json_log: true,
             http_client: OnceLock::new(),
             per_client: DashMap::new(),
+            connection_budget: budget,
+            descriptors: Arc::new(Semaphore::new(budget)),
             bytes,
             listeners,
         }

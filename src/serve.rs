@@ -103,6 +103,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     force: impl Future<Output = ()>,
 ) -> Stopped {
+    if gw.connection_budget < gw.limits.max_connections {
+        tracing::warn!(
+            connections = gw.connection_budget,
+            max_connections = gw.limits.max_connections,
+            "the open-file limit (ulimit -n, LimitNOFILE) leaves room for fewer connections \
+             than [limits] max_connections; clients past it get 503"
+        );
+    }
     spawn_listeners(bound, &gw);
     gw.ready.store(true, Ordering::Release);
     on_ready();

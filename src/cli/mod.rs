@@ -154,6 +154,7 @@ impl Common {
 
 fn run_gateway(loaded: Loaded, input: LoadInput) -> Result<ExitCode> {
     init_tracing(&loaded.config.log)?;
+    crate::spare::raise_open_file_limit();
     if loaded.policy.clients().is_empty() {
         bail!(
             "[clients] allow is empty: portcullis will not run as an open proxy; list the CIDRs of the subnets it serves"

@@ -32,7 +32,7 @@ use crate::gateway::Gateway;
 use crate::metrics::{Listener, RejectReason, Via};
 use crate::policy::{Decision, Policy, Target, Verdict};
 use crate::shutdown::TaskGuard;
-use crate::spare::Spare;
+use crate::spare::{Accepted, Spare};
 use respond::Refusal;
 
 /// One accepted client connection: who, through which listener, under which policy.
@@ -71,7 +71,8 @@ impl Conn {
 /// Releases a connection's slots when the last user (request handler or
 /// tunnel task) drops it.
 struct ConnGuard {
-    _permit: OwnedSemaphorePermit,
+    /// The listener's slot and the process's descriptor-budget slot.
+    _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
     _task: TaskGuard,
     gw: Arc<Gateway>,
     ip: IpAddr,
@@ -107,6 +108,8 @@ fn admit(
         .clone()
         .try_acquire_owned()
         .map_err(|_| RejectReason::Limit)?;
+    let descriptors = gw.descriptors.clone().try_acquire_owned();
+    let descriptors = descriptors.map_err(|_| RejectReason::Limit)?;
     if !gw.take_client_slot(peer.ip()) {
         return Err(RejectReason::Limit);
     }
@@ -122,7 +125,7 @@ fn admit(
         started: Instant::now(),
         json_log: gw.json_log,
         _guard: ConnGuard {
-            _permit: permit,
+            _permits: (permit, descriptors),
             _task: gw.shutdown.track(),
             gw: gw.clone(),
             ip: peer.ip(),
@@ -153,33 +156,21 @@ where
     gw.metrics
         .connections_limit
         .with_label_values(&[kind.as_str()])
-        .set(gw.limits.max_connections as i64);
+        .set(gw.limits.max_connections.min(gw.connection_budget) as i64);
     let draining = gw.shutdown.draining();
     tokio::pin!(draining);
     loop {
         let accepted = tokio::select! {
-            r = listener.accept() => r,
+            a = spare.accept(&listener, kind.as_str()) => a,
             () = &mut draining => return,
         };
         let (stream, peer, admitted) = match accepted {
-            Ok((stream, peer)) => {
-                spare.refill();
+            Accepted::Client(stream, peer) => {
                 let admitted = admit(&gw, kind, peer, &slots);
                 (stream, peer, admitted)
             }
-            Err(err) if Spare::is_exhaustion(&err) && spare.release() => {
-                let r = listener.accept().await;
-                let Ok((stream, peer)) = r else { continue };
-                (stream, peer, Err(RejectReason::Limit))
-            }
-            Err(err) => {
-                // Out of descriptors with no spare left, or a transient error:
-                // back off instead of spinning.
-                tracing::warn!(listener = kind.as_str(), error = %err, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                spare.refill();
-                continue;
-            }
+            Accepted::AtLimit(stream, peer) => (stream, peer, Err(RejectReason::Limit)),
+            Accepted::Retry => continue,
         };
         let _ = stream.set_nodelay(true);
         crate::upstream::keep_alive(&stream);
