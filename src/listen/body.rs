@@ -51,6 +51,30 @@ pub async fn within_idle<F: Future>(
 /// What a client is told when its upstream never answered.
 pub const NO_ANSWER: &str = "no answer from the upstream within the idle timeout";
 
+/// A body's idle timer, checked lazily as the tunnel's is: a frame only
+/// notes the time (no timer re-armed per frame); when the sleep fires early
+/// it is moved to the last frame's time plus `after`.
+struct IdleTimer {
+    after: std::time::Duration,
+    last: tokio::time::Instant,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimer {
+    /// Whether `after` has passed since the last frame (else the sleep is
+    /// registered with `cx` for the new deadline).
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let due = self.last + self.after;
+            if due <= tokio::time::Instant::now() {
+                return true;
+            }
+            self.sleep.as_mut().reset(due);
+        }
+        false
+    }
+}
+
 /// The access line of a forwarded request, written when dropped.
 pub struct PendingLine {
     /// The connection it came on.
@@ -101,8 +125,8 @@ pub struct Metered<B> {
     cut: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
     /// Written when the body ends or is dropped (response bodies only).
     line: Option<PendingLine>,
-    /// Ends the body when no frame comes for this long (see [`Metered::with_idle`]).
-    idle: Option<(std::time::Duration, Pin<Box<tokio::time::Sleep>>)>,
+    /// Ends the body when no frame comes for a while (see [`Metered::with_idle`]).
+    idle: Option<IdleTimer>,
 }
 
 impl<B> Metered<B> {
@@ -136,7 +160,11 @@ impl<B> Metered<B> {
     /// Ends the body with an error when `idle` passes without a frame (an
     /// upstream that stops sending mid-body), as a tunnel's idle timer would.
     pub fn with_idle(mut self, idle: std::time::Duration) -> Self {
-        self.idle = Some((idle, Box::pin(tokio::time::sleep(idle))));
+        self.idle = Some(IdleTimer {
+            after: idle,
+            last: tokio::time::Instant::now(),
+            sleep: Box::pin(tokio::time::sleep(idle)),
+        });
         self
     }
 
@@ -172,9 +200,8 @@ where
                     counter.inc_by(n);
                     total.fetch_add(n, Relaxed);
                 }
-                if let Some((idle, sleep)) = &mut self.idle {
-                    let next = tokio::time::Instant::now() + *idle;
-                    sleep.as_mut().reset(next);
+                if let Some(idle) = &mut self.idle {
+                    idle.last = tokio::time::Instant::now();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -187,11 +214,8 @@ where
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                let idle = match &mut self.idle {
-                    Some((_, sleep)) => sleep.as_mut().poll(cx).is_ready(),
-                    None => false,
-                };
-                if idle {
+                let expired = self.idle.as_mut().is_some_and(|t| t.expired(cx));
+                if expired {
                     self.line.take();
                     return Poll::Ready(Some(Err("no body byte within the idle timeout".into())));
                 }

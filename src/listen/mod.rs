@@ -108,8 +108,11 @@ fn admit(
         .clone()
         .try_acquire_owned()
         .map_err(|_| RejectReason::Limit)?;
-    let descriptors = gw.descriptors.clone().try_acquire_owned();
-    let descriptors = descriptors.map_err(|_| RejectReason::Limit)?;
+    let descriptors = gw
+        .descriptors
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| RejectReason::Limit)?;
     if !gw.take_client_slot(peer.ip()) {
         return Err(RejectReason::Limit);
     }
