@@ -34,9 +34,9 @@ pub struct Counter {
 pub fn parse(json: &str) -> Result<Vec<Counter>, serde_json::Error> {
     let doc: serde_json::Value = serde_json::from_str(json)?;
     let mut totals: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
-    let items = doc["nftables"].as_array().cloned().unwrap_or_default();
+    let items = doc["nftables"].as_array().map_or(&[][..], Vec::as_slice);
     for rule in items.iter().filter_map(|item| item.get("rule")) {
-        let exprs = rule["expr"].as_array().cloned().unwrap_or_default();
+        let exprs = rule["expr"].as_array().map_or(&[][..], Vec::as_slice);
         let Some(packets) = exprs
             .iter()
             .find_map(|e| e.get("counter")?.get("packets")?.as_u64())

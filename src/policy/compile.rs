@@ -264,10 +264,9 @@ fn rules(
         .collect();
     for (src, path, rc) in all {
         let rule = RuleCx::new(rc, src, &path, vars, d).compile(input, enabled(&rc.scenario));
-        let Some((rule, keys, nets)) = rule else {
+        let Some((mut rule, keys, nets)) = rule else {
             continue;
         };
-        let mut rule = rule;
         // A switched-off rule still compiles its keys, so that `explain`
         // can say which setting turned it off.
         if disabled.contains(rule.name.as_str()) {
