@@ -376,3 +376,51 @@ async fn a_response_body_that_stalls_is_cut_at_the_idle_timeout_on_every_path() 
         closed_after(&mut c, Duration::from_secs(60), &format!("tunnel {tunnel}")).await;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_a_response_is_closed_at_the_idle_timeout_on_every_path() {
+    // 32 MiB: more than the socket buffers between origin, gateway and
+    // client hold, so the gateway's writes to the client must wait.
+    const SIZE: usize = 32 << 20;
+    let origin = Origin::start(Answer::Bytes(SIZE)).await;
+    let limits = "idle_timeout_ms = 60000";
+    let gw = InProc::start(&config(origin.addr, "\"127.0.0.0/8\"", true, limits)).await;
+    let port = origin.addr.port();
+    for tunnel in [false, true] {
+        let mut c = TcpStream::connect(gw.addr("proxy")).await.unwrap();
+        if tunnel {
+            let head = format!(
+                "CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n"
+            );
+            send(&mut c, &head).await;
+            assert_eq!(response(&mut c).await.0, 200);
+            send(
+                &mut c,
+                &format!("GET / HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n"),
+            )
+            .await;
+        } else {
+            send(&mut c, &get(origin.addr)).await;
+        }
+        // The client reads nothing for well past the idle timeout...
+        tokio::time::sleep(Duration::from_secs(150)).await;
+        // ...then takes what is left: the gateway closed the connection
+        // short of the whole body, instead of waiting on it forever.
+        let mut got = 0usize;
+        let mut chunk = vec![0u8; 1 << 16];
+        let closed = tokio::time::timeout(Duration::from_secs(3600), async {
+            loop {
+                match c.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "tunnel {tunnel}: still open after an hour");
+        assert!(
+            got < SIZE,
+            "tunnel {tunnel}: the whole body arrived ({got} bytes): nothing was cut"
+        );
+    }
+}

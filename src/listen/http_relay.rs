@@ -36,6 +36,7 @@ use tokio::sync::Mutex;
 use super::authority::{authority, authority_text};
 use super::body::{Metered, NO_ANSWER, within_idle};
 use super::respond::{Body, Refusal};
+use super::stall::{Stall, Stalled};
 use super::{AccessLog, Close, Conn, Judge};
 use crate::config::Protocol;
 use crate::gateway::Gateway;
@@ -104,18 +105,21 @@ pub async fn serve(
         let state = state.clone();
         async move { Ok::<_, Infallible>(state.handle(req).await) }
     });
+    let stall = Stall::new();
     let http = server_http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(gw.limits.head_timeout_ms))
         .max_buf_size(gw.limits.max_head_bytes.max(8192))
-        .serve_connection(TokioIo::new(rewind), svc)
+        .serve_connection(TokioIo::new(Stalled::new(rewind, stall.clone())), svc)
         .with_upgrades();
     tokio::pin!(http);
+    let idle = Duration::from_millis(gw.limits.idle_timeout_ms);
     let close = tokio::select! {
         r = http.as_mut() => match r {
             Ok(()) => CloseReason::ClientClosed,
             Err(_) => CloseReason::ClientError,
         },
+        () = stall.stuck_for(idle) => CloseReason::IdleTimeout,
         () = gw.shutdown.cutting() => CloseReason::Shutdown,
     };
     log.close = Close::Tunnel(close);

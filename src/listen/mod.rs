@@ -15,6 +15,7 @@ pub mod explicit;
 pub mod http_relay;
 pub mod inspect;
 pub mod respond;
+pub mod stall;
 pub mod transparent;
 
 pub use access::{AccessLog, Close};

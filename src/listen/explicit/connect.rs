@@ -24,6 +24,7 @@ use crate::listen::authority::authority;
 use crate::listen::http_relay::Expect;
 use crate::listen::inspect::{self, Carried, Tunnel};
 use crate::listen::respond::{Body, Refusal, full, write_and_close};
+use crate::listen::stall::Stalled;
 use crate::listen::{AccessLog, Close, Conn, Ends, Judge, relay};
 use crate::metrics::{NameMismatch, Via};
 use crate::policy::{Decision, Policy, Reason, Target, Verdict, host};
@@ -138,7 +139,7 @@ pub(super) async fn via_hyper(
                 return;
             }
         };
-        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+        let Ok(parts) = upgraded.downcast::<TokioIo<Stalled<TcpStream>>>() else {
             tracing::error!("CONNECT upgrade is not a TcpStream: this is a bug");
             return;
         };
@@ -146,7 +147,7 @@ pub(super) async fn via_hyper(
         // buffer (a slice of it would pin the whole buffer for the tunnel's life).
         let prefix = BytesMut::from(&parts.read_buf[..]);
         drop(parts.read_buf);
-        tunnel(&gw, &conn, parts.io.into_inner(), open, prefix).await;
+        tunnel(&gw, &conn, parts.io.into_inner().into_inner(), open, prefix).await;
     });
     Response::new(full(Bytes::new()))
 }

@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 
 use super::Conn;
 use super::respond::{Body, Refusal};
+use super::stall::{Stall, Stalled};
 use crate::gateway::Gateway;
 
 /// Serves one client connection until it closes, or drains.
@@ -51,19 +52,24 @@ async fn serve_http(stream: TcpStream, conn: Arc<Conn>, gw: Arc<Gateway>) {
             async move { Ok::<_, Infallible>(handle(req, conn, gw).await) }
         })
     };
+    let stall = Stall::new();
     let http = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(gw.limits.head_timeout_ms))
         .max_buf_size(gw.limits.max_head_bytes.max(8192))
-        .serve_connection(TokioIo::new(stream), svc)
+        .serve_connection(TokioIo::new(Stalled::new(stream, stall.clone())), svc)
         .with_upgrades();
     tokio::pin!(http);
     let draining = gw.shutdown.draining();
+    let idle = Duration::from_millis(gw.limits.idle_timeout_ms);
     tokio::select! {
         r = http.as_mut() => {
             if let Err(err) = r {
                 tracing::debug!(client = %conn.peer, error = %err, "client connection ended");
             }
+        }
+        () = stall.stuck_for(idle) => {
+            tracing::debug!(client = %conn.peer, "client stopped reading: closed at the idle timeout");
         }
         () = draining => {
             http.as_mut().graceful_shutdown();
