@@ -8,14 +8,13 @@
 //! never touch listeners: a changed listen address needs a restart and is
 //! only warned about.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::gateway::Gateway;
 use crate::load::{LoadError, LoadInput};
 use crate::metrics::ReloadResult;
-use crate::policy::Policy;
+use crate::policy::{Policy, diff};
 
 /// Why a reload kept the running policy.
 #[derive(Debug, thiserror::Error)]
@@ -72,31 +71,29 @@ impl Reloader {
             );
         }
         let old = gw.policy.load_full();
-        let (added, removed) = rule_changes(&old, &loaded.policy);
+        let changes = diff::rule_changes(&old, &loaded.policy);
         gw.policy.store(Arc::new(loaded.policy.clone()));
         gw.metrics
             .reloads
             .with_label_values(&[ReloadResult::Success.as_str()])
             .inc();
         gw.metrics.policy_loaded(&loaded.policy);
+        let tags = |p: &Policy| {
+            p.service_tags_change()
+                .map_or("none".into(), |n| n.to_string())
+        };
         tracing::info!(
             generation,
-            added = ?added,
-            removed = ?removed,
+            rules = %diff::summary(&changes),
+            service_tags = %format!("{} → {}", tags(&old), tags(&loaded.policy)),
+            config_sha256 = loaded.policy.config_sha256(),
             warnings = loaded.warnings.len(),
             "config reloaded"
         );
+        // One line a changed rule, as `portcullis diff` prints it.
+        for change in &changes {
+            tracing::info!(generation, change = %change, "rule changed by reload");
+        }
         Ok(())
     }
-}
-
-/// Rule names added and removed between two policies.
-fn rule_changes(old: &Policy, new: &Policy) -> (Vec<String>, Vec<String>) {
-    let names =
-        |p: &Policy| -> BTreeSet<String> { p.rules().iter().map(|r| r.name.clone()).collect() };
-    let (before, after) = (names(old), names(new));
-    (
-        after.difference(&before).cloned().collect(),
-        before.difference(&after).cloned().collect(),
-    )
 }

@@ -1097,6 +1097,23 @@ fn sighup_reload_changes_the_policy() {
     let resp = last.unwrap();
     assert_eq!(resp.status, 200);
     assert_eq!(resp.body, HELLO);
+    // The reload says what changed, as `portcullis diff` would.
+    let line = env
+        .proxy
+        .stderr()
+        .wait_line(METRIC_TIMEOUT, |l| l.contains("config reloaded"));
+    let line = line.expect("a 'config reloaded' line");
+    assert!(line.contains("1 changed ("), "{line}");
+    assert!(
+        line.contains("none → none"),
+        "service tags before and after: {line}"
+    );
+    let change = env
+        .proxy
+        .stderr()
+        .wait_line(METRIC_TIMEOUT, |l| l.contains("rule changed by reload"));
+    let change = change.expect("a 'rule changed by reload' line");
+    assert!(change.contains("hosts +other.test"), "{change}");
     let mut proxy = env.proxy;
     assert!(proxy.is_running());
 }
@@ -1622,4 +1639,105 @@ fn per_client_connection_cap_answers_503() {
         &format!("allowed.test:{}", env.up.http_port()),
     );
     assert_eq!(head.status, 200);
+}
+
+// ---------------------------------------------------------------------------
+// learn and diff on a real gateway's access log
+
+fn portcullis(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .output()
+        .expect("run portcullis")
+}
+
+#[test]
+fn learn_on_a_day_of_audit_traffic_allows_exactly_that_traffic() {
+    let opts = Opts {
+        mode: Some("audit"),
+        ..Opts::default()
+    };
+    let Some(env) = setup(opts) else {
+        return;
+    };
+    let port = env.up.http_port();
+    // Audit mode lets other.test through (twice) and logs it as audit_deny;
+    // allowed.test passes by its rule.
+    for host in ["other.test", "other.test", "allowed.test"] {
+        let (s, head) = connect_via(env.proxy.addr(), &format!("{host}:{port}"));
+        assert_eq!(head.status, 200, "{host} in audit mode");
+        assert_eq!(get_through(s, host, "/hello.txt").status, 200);
+    }
+    let access = |l: &str| l.contains("\"target\":\"portcullis::access\"");
+    assert!(
+        env.proxy.stderr().wait(METRIC_TIMEOUT, |lines| lines
+            .iter()
+            .filter(|l| access(l))
+            .count()
+            >= 3),
+        "three access lines: {:?}",
+        env.proxy.stderr_lines()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    std::fs::write(&log, env.proxy.stderr_lines().join("\n")).unwrap();
+    let audit_config = config(
+        &env.up,
+        &Opts {
+            mode: Some("audit"),
+            ..Opts::default()
+        },
+    );
+    let old = dir.path().join("old.toml");
+    std::fs::write(&old, &audit_config).unwrap();
+    let (old_s, log_s) = (old.to_str().unwrap(), log.to_str().unwrap());
+
+    let learned = portcullis(&["learn", "--against", old_s, log_s]);
+    assert!(learned.status.success(), "{}", output_text(&learned));
+    let rules = String::from_utf8(learned.stdout).unwrap();
+    assert!(
+        rules.contains("\"other.test\", # 2 connection(s)"),
+        "{rules}"
+    );
+    assert!(
+        !rules.contains("\"allowed.test\""),
+        "already allowed: {rules}"
+    );
+
+    // The config, enforcing, plus what was learned: valid, and it allows
+    // that day's traffic and nothing new.
+    let new = dir.path().join("new.toml");
+    let enforcing = audit_config.replace("mode = \"audit\"", "mode = \"enforce\"");
+    std::fs::write(&new, format!("{enforcing}\n{rules}")).unwrap();
+    let new_s = new.to_str().unwrap();
+    let check = portcullis(&["check", "-c", new_s]);
+    assert!(check.status.success(), "{}", output_text(&check));
+    for (dest, verdict) in [
+        (format!("other.test:{port}"), "allow"),
+        (format!("allowed.test:{port}"), "allow"),
+        (format!("unseen.test:{port}"), "deny"),
+        (format!("other.test:{}", port ^ 1), "deny"),
+    ] {
+        let out = portcullis(&["explain", "-c", new_s, &dest]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(&format!(" {verdict} ")), "{dest}: {text}");
+    }
+
+    // diff says what the change does, to the rules and to that traffic.
+    let diff = portcullis(&["diff", old_s, new_s, "--log", log_s]);
+    let text = String::from_utf8_lossy(&diff.stdout);
+    assert_eq!(diff.status.code(), Some(1), "{}", output_text(&diff));
+    assert!(text.contains(&format!("+ rule learned-{port}")), "{text}");
+    assert!(
+        text.contains(&format!(
+            "other.test:{port}: audit_deny (no_rule) → allow (rule learned-{port}) (2 hits)"
+        )),
+        "{text}"
+    );
+    assert!(
+        !text.contains("allowed.test"),
+        "its verdict does not change: {text}"
+    );
+    let same = portcullis(&["diff", new_s, new_s, "--log", log_s]);
+    assert_eq!(same.status.code(), Some(0), "{}", output_text(&same));
 }

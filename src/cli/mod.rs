@@ -5,7 +5,10 @@
 //! `report` are the only ones (with `main.rs`) that use `anyhow` and print
 //! for humans; `run` hands the gateway's lifecycle to [`crate::serve`].
 
+mod diff;
+mod learn;
 mod report;
+mod seen;
 
 pub use report::{DestArg, parse_dest};
 
@@ -70,6 +73,33 @@ enum Command {
     /// Inspect the built-in Azure ML profile.
     #[command(subcommand)]
     Profile(ProfileCmd),
+    /// Compare two configs: rules added, removed and changed, and every
+    /// [[expect]] and logged destination whose verdict changes (exit 1 when
+    /// anything differs).
+    Diff {
+        /// The config in force.
+        old: PathBuf,
+        /// The config to compare with it.
+        new: PathBuf,
+        /// Access-log file(s) whose destinations are decided by both (`-`: stdin).
+        #[arg(long = "log", value_name = "FILE")]
+        logs: Vec<PathBuf>,
+    },
+    /// Propose [[rule]] blocks from access-log lines (files, or stdin:
+    /// `journalctl -u portcullis -o cat | portcullis learn`).
+    Learn {
+        /// Access-log files (`-` or none: stdin).
+        files: Vec<PathBuf>,
+        /// Print only what this config does not allow yet.
+        #[arg(long, value_name = "CONFIG")]
+        against: Option<PathBuf>,
+        /// Names under this suffix become one `*.SUFFIX` (repeatable).
+        #[arg(long, value_name = "SUFFIX")]
+        collapse: Vec<String>,
+        /// Learn refused connections too (default: what passed, in audit mode or by a rule).
+        #[arg(long)]
+        include_denied: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +139,9 @@ fn parse_proto(text: &str) -> Result<Protocol, String> {
 /// # Errors
 /// Anything that should end the process with exit code 2.
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    if let Some(code) = run_offline(&cli)? {
+        return Ok(code);
+    }
     let input = cli.common.load_input();
     let loaded = match (&cli.command, input.load(1)) {
         (_, Ok(l)) => l,
@@ -139,6 +172,42 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Profile(ProfileCmd::Show { scenario }) => {
             report::profile_show(&loaded.policy, scenario.as_deref())
         }
+        Command::Diff { .. } | Command::Learn { .. } => {
+            bail!("diff and learn load their own configs")
+        }
+    }
+}
+
+/// The commands that load configs of their own (`diff`, `learn`), not `-c`.
+fn run_offline(cli: &Cli) -> Result<Option<ExitCode>> {
+    let load = |path: &PathBuf| -> Result<Loaded> {
+        let input = LoadInput {
+            path: Some(path.clone()),
+            ..cli.common.load_input()
+        };
+        input
+            .load(1)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    };
+    match &cli.command {
+        Command::Diff { old, new, logs } => diff::diff(&load(old)?, &load(new)?, logs).map(Some),
+        Command::Learn {
+            files,
+            against,
+            collapse,
+            include_denied,
+        } => {
+            let against = against.as_ref().map(load).transpose()?;
+            let log = seen::Log::read(files)?;
+            let ask = learn::Ask {
+                against: against.as_ref().map(|l| &l.policy),
+                collapse,
+                include_denied: *include_denied,
+            };
+            print!("{}", learn::learn(&log, &ask)?);
+            Ok(Some(ExitCode::SUCCESS))
+        }
+        _ => Ok(None),
     }
 }
 

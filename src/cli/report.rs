@@ -62,6 +62,14 @@ pub fn parse_dest(text: &str, default_port: u16) -> Result<DestArg, String> {
     })
 }
 
+/// A verdict with what decided it: `allow (rule pypi)`, `deny (no_rule)`.
+pub fn verdict_text(policy: &Policy, d: &Decision) -> String {
+    match d.rule {
+        Some(id) => format!("{} (rule {})", d.verdict.as_str(), policy.rule(id).name),
+        None => format!("{} ({})", d.verdict.as_str(), d.reason.as_str()),
+    }
+}
+
 fn describe(policy: &Policy, dest: &Dest<'_>, d: &Decision) -> String {
     let mut line = format!("{dest} {}", d.verdict.as_str());
     if let Some(id) = d.rule {

@@ -34,6 +34,7 @@
 mod compile;
 mod decision;
 mod diagnostic;
+pub mod diff;
 mod grants;
 pub mod host;
 mod lint;
