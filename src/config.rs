@@ -137,6 +137,9 @@ pub struct Config {
     /// Sizes and timeouts.
     #[serde(default)]
     pub limits: Limits,
+    /// The DNS listener's answers and the addresses it learns.
+    #[serde(default)]
+    pub dns: DnsConfig,
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
@@ -158,6 +161,10 @@ pub struct Listen {
     /// `/metrics`, `/healthz`, `/readyz`. Default `127.0.0.1:9090`.
     #[serde(default = "default_admin_addr")]
     pub admin: Option<SocketAddr>,
+    /// DNS for clients (UDP and TCP): answers only names some rule allows,
+    /// and remembers the addresses it answered. Default: off.
+    #[serde(default)]
+    pub dns: Option<SocketAddr>,
 }
 
 fn default_proxy_addr() -> Option<SocketAddr> {
@@ -174,6 +181,51 @@ impl Default for Listen {
             proxy: default_proxy_addr(),
             transparent: None,
             admin: default_admin_addr(),
+            dns: None,
+        }
+    }
+}
+
+/// What the DNS listener answers for a name no rule allows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefuseWith {
+    /// `REFUSED` (the default): the client knows it was policy.
+    #[default]
+    Refused,
+    /// `NXDOMAIN`: the name seems not to exist.
+    Nxdomain,
+}
+
+/// `[dns]`: where the gateway resolves, and how the DNS listener answers
+/// and remembers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Resolvers the gateway asks (`"10.0.0.4"` or `"10.0.0.4:53"`), for
+    /// its own connections and for the DNS listener. Default: `/etc/resolv.conf`.
+    pub servers: Vec<Spanned<String>>,
+    /// The answer for a name no rule allows. Default `refused`.
+    pub refuse: RefuseWith,
+    /// Learned addresses are kept at least this long (seconds). Default 30.
+    pub min_ttl_s: u32,
+    /// ... and at most this long, before the grace period. Default 86400.
+    pub max_ttl_s: u32,
+    /// Kept this long past their TTL (Azure Firewall keeps 15 minutes). Default 900.
+    pub grace_s: u32,
+    /// Learned addresses kept; past it the oldest go first. Default 100000.
+    pub max_learned: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            servers: Vec::new(),
+            refuse: RefuseWith::Refused,
+            min_ttl_s: 30,
+            max_ttl_s: 86_400,
+            grace_s: 900,
+            max_learned: 100_000,
         }
     }
 }

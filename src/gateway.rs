@@ -17,6 +17,7 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::sync::Semaphore;
 
 use crate::config::Limits;
+use crate::learned::Learned;
 use crate::metrics::{ByteDirection, Listener, Metrics, NameMismatch, UpstreamError, Via};
 use crate::policy::{Decision, Policy, Reason, Verdict};
 
@@ -37,6 +38,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// The egress connector.
     pub upstream: Arc<Upstream>,
+    /// Addresses the DNS listener answered, with their names.
+    pub learned: Learned,
     /// Sizes and timeouts (fixed for the process: a restart changes them).
     pub limits: Limits,
     /// Drain state.
@@ -86,12 +89,17 @@ impl Gateway {
         let budget = crate::spare::connection_budget()
             .unwrap_or(Semaphore::MAX_PERMITS)
             .min(Semaphore::MAX_PERMITS);
+        // `[dns] servers` and the table's size are read once: a change needs a restart.
+        let upstream = Arc::new(Upstream::new(
+            limits.dns_cache_entries,
+            Duration::from_millis(limits.connect_timeout_ms),
+            policy.dns_servers(),
+        ));
+        let learned = Learned::new(policy.dns().max_learned);
         Gateway {
             policy: Arc::new(ArcSwap::from_pointee(policy)),
-            upstream: Arc::new(Upstream::new(
-                limits.dns_cache_entries,
-                Duration::from_millis(limits.connect_timeout_ms),
-            )),
+            upstream,
+            learned,
             metrics: Arc::new(metrics),
             limits,
             shutdown: Shutdown::new(),

@@ -27,6 +27,7 @@ pub mod admin;
 pub mod spare;
 pub mod metrics;
 pub mod conntrack;
+pub mod learned;
 pub mod ruleset;
 pub mod logwriter;
 pub mod shutdown;

@@ -31,11 +31,20 @@ pub enum Via {
     Host,
     /// Transparent: original destination address.
     Address,
+    /// The DNS listener: a query for a name.
+    Dns,
 }
 
 impl Via {
     /// Every way, in declaration order.
-    pub const ALL: [Via; 5] = [Via::Connect, Via::Http, Via::Sni, Via::Host, Via::Address];
+    pub const ALL: [Via; 6] = [
+        Via::Connect,
+        Via::Http,
+        Via::Sni,
+        Via::Host,
+        Via::Address,
+        Via::Dns,
+    ];
 
     /// Label form.
     pub fn as_str(self) -> &'static str {
@@ -45,6 +54,7 @@ impl Via {
             Via::Sni => "sni",
             Via::Host => "host",
             Via::Address => "address",
+            Via::Dns => "dns",
         }
     }
 }
@@ -58,7 +68,7 @@ const VERDICTS: [Verdict; 3] = [Verdict::Allow, Verdict::Deny, Verdict::AuditDen
 /// instead made series such as `action="allow",reason="deny_rule"` that can
 /// never move (issue #19).
 pub fn decision_possible(verdict: Verdict, reason: Reason) -> bool {
-    (verdict == Verdict::Allow) == (reason == Reason::RuleMatched)
+    (verdict == Verdict::Allow) == matches!(reason, Reason::RuleMatched | Reason::DnsAddress)
 }
 
 /// The `decisions_total` family and a counter handle per
@@ -210,6 +220,22 @@ label_enum! {
 }
 
 label_enum! {
+    /// How the DNS listener answered: the `result` label of `dns_queries_total`.
+    DnsAnswer {
+        /// The resolvers' answer, for a name a rule allows.
+        Answered => "answered",
+        /// A name no rule allows, or a query type only tunnels use: refused.
+        Refused => "refused",
+        /// The name does not exist (or has no records of that type).
+        Nxdomain => "nxdomain",
+        /// The resolvers failed (timeout, SERVFAIL).
+        Servfail => "servfail",
+        /// Not a DNS query the listener serves (malformed, not QUERY, not one question).
+        Malformed => "malformed",
+    }
+}
+
+label_enum! {
     /// Which names disagreed: the `kind` label of `tls_name_mismatch_total`.
     NameMismatch {
         /// CONNECT authority vs TLS SNI (domain fronting).
@@ -313,6 +339,12 @@ pub struct Metrics {
     pub upstream_errors: IntCounterVec,
     /// DNS lookups by result.
     pub dns_lookups: IntCounterVec,
+    /// `dns_queries_total{result}`: the DNS listener's answers.
+    pub dns_queries: IntCounterVec,
+    /// `dns_learned_addresses`: pairs the learned table holds.
+    pub dns_learned: IntGauge,
+    /// `dns_learned_evicted_total`: pairs the size limit pushed out.
+    pub dns_learned_evicted: IntCounter,
     /// Name disagreements: CONNECT vs SNI, URI vs Host, SNI vs destination.
     pub tls_name_mismatch: IntCounterVec,
     /// Config reloads by result.
@@ -488,7 +520,16 @@ fn register_upstream(r: &Registry) -> (Histogram, IntCounterVec) {
     (connect, errors)
 }
 
-fn register_dns(r: &Registry) -> IntCounterVec {
+/// The DNS families: the gateway's own lookups, the DNS listener's answers
+/// and the addresses it learned.
+struct DnsFamilies {
+    lookups: IntCounterVec,
+    queries: IntCounterVec,
+    learned: IntGauge,
+    learned_evicted: IntCounter,
+}
+
+fn register_dns(r: &Registry) -> DnsFamilies {
     let lookups = counter_vec(
         r,
         "dns_lookups_total",
@@ -498,7 +539,34 @@ fn register_dns(r: &Registry) -> IntCounterVec {
     for result in DnsResult::ALL {
         lookups.with_label_values(&[result.as_str()]);
     }
-    lookups
+    let queries = counter_vec(
+        r,
+        "dns_queries_total",
+        "Queries the DNS listener answered, by how.",
+        &["result"],
+    );
+    for result in DnsAnswer::ALL {
+        queries.with_label_values(&[result.as_str()]);
+    }
+    DnsFamilies {
+        lookups,
+        queries,
+        learned: gauge(
+            r,
+            "dns_learned_addresses",
+            "(address, name) pairs the DNS listener answered and still remembers.",
+        ),
+        learned_evicted: {
+            let c = IntCounter::new(
+                "dns_learned_evicted_total",
+                "Learned (address, name) pairs pushed out by [dns] max_learned.",
+            )
+            .expect("valid metric definition");
+            r.register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        },
+    }
 }
 
 /// The reload and policy families: reloads, generation, last success,
@@ -718,7 +786,7 @@ impl Metrics {
         let connections = register_connections(&r);
         let bytes = register_bytes(&r);
         let (upstream_connect, upstream_errors) = register_upstream(&r);
-        let dns_lookups = register_dns(&r);
+        let dns = register_dns(&r);
         let reload = register_reload(&r);
         register_info(&r);
         register_conntrack(&r);
@@ -735,7 +803,10 @@ impl Metrics {
             bytes,
             upstream_connect,
             upstream_errors,
-            dns_lookups,
+            dns_lookups: dns.lookups,
+            dns_queries: dns.queries,
+            dns_learned: dns.learned,
+            dns_learned_evicted: dns.learned_evicted,
             tls_name_mismatch: decisions.tls_name_mismatch,
             reloads: reload.reloads,
             policy_generation: reload.policy_generation,
@@ -929,12 +1000,13 @@ mod tests {
         let series = decision_series(&Metrics::new(10).render());
         for (action, via, reason) in &series {
             assert!(
-                action != "allow" || reason == "rule_matched",
+                action != "allow" || reason == "rule_matched" || reason == "dns_address",
                 "impossible series pre-created: action={action} via={via} reason={reason}"
             );
         }
-        // Per via: allow × rule_matched, and deny, audit_deny × the 8 others.
-        let per_via = 1 + 2 * (Reason::ALL.len() - 1);
+        // Per via: allow × rule_matched and dns_address, and deny,
+        // audit_deny × the others.
+        let per_via = 2 + 2 * (Reason::ALL.len() - 2);
         assert_eq!(series.len(), Via::ALL.len() * per_via, "{series:?}");
         for verdict in VERDICTS {
             for via in Via::ALL {
@@ -1015,7 +1087,12 @@ cidrs = ["10.1.0.0/16", "203.0.113.0/24"]
         let decided = Reason::ALL.iter().filter(|r| !r.is_data_path()).count();
         assert_eq!(reasons.len(), decided - 1, "{seen:?}");
         for reason in Reason::ALL.into_iter().filter(|r| r.is_data_path()) {
-            seen.push((Verdict::Deny, reason));
+            let verdict = if reason == Reason::DnsAddress {
+                Verdict::Allow
+            } else {
+                Verdict::Deny
+            };
+            seen.push((verdict, reason));
         }
         let series = decision_series(&Metrics::new(10).render());
         for (verdict, reason) in seen {

@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 
 use crate::admin;
 use crate::config::Listen;
 use crate::gateway::Gateway;
-use crate::listen::{self, explicit, transparent};
+use crate::listen::{self, dns, explicit, transparent};
 use crate::metrics::Listener;
 
 /// A listener that could not be bound.
@@ -38,6 +38,8 @@ pub struct Bound {
     proxy: Option<TcpListener>,
     transparent: Option<TcpListener>,
     admin: Option<TcpListener>,
+    /// The DNS listener: UDP and TCP on one address.
+    dns: Option<(UdpSocket, TcpListener)>,
 }
 
 impl Bound {
@@ -50,6 +52,7 @@ impl Bound {
             proxy: bind("proxy", listen.proxy).await?,
             transparent: bind("transparent", listen.transparent).await?,
             admin: bind("admin", listen.admin).await?,
+            dns: bind_dns(listen.dns).await?,
         })
     }
 
@@ -62,8 +65,32 @@ impl Bound {
         ]
         .into_iter()
         .filter_map(|(name, l)| Some((name, l.as_ref()?.local_addr().ok()?)))
+        .chain(
+            self.dns
+                .as_ref()
+                .and_then(|(_, t)| Some(("dns", t.local_addr().ok()?))),
+        )
         .collect()
     }
+}
+
+/// The DNS listener's TCP socket, then UDP on the same address and port
+/// (port 0: the port TCP got).
+async fn bind_dns(addr: Option<SocketAddr>) -> Result<Option<(UdpSocket, TcpListener)>, BindError> {
+    let Some(tcp) = bind("dns", addr).await? else {
+        return Ok(None);
+    };
+    let at = tcp.local_addr().map_err(|source| BindError {
+        what: "dns",
+        addr: addr.unwrap_or(([0, 0, 0, 0], 0).into()),
+        source,
+    })?;
+    let udp = UdpSocket::bind(at).await.map_err(|source| BindError {
+        what: "dns (udp)",
+        addr: at,
+        source,
+    })?;
+    Ok(Some((udp, tcp)))
 }
 
 async fn bind(
@@ -153,6 +180,10 @@ fn spawn_listeners(bound: Bound, gw: &Arc<Gateway>) {
     }
     if let Some(l) = bound.admin {
         tokio::spawn(admin::serve(l, gw.clone()));
+    }
+    if let Some((udp, tcp)) = bound.dns {
+        tokio::spawn(dns::serve_udp(udp, gw.clone()));
+        tokio::spawn(dns::serve_tcp(tcp, gw.clone()));
     }
 }
 

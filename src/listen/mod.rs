@@ -11,6 +11,7 @@
 pub mod access;
 pub mod authority;
 pub mod body;
+pub mod dns;
 pub mod explicit;
 pub mod http_relay;
 pub mod inspect;
@@ -335,6 +336,44 @@ impl Judge<'_> {
         });
         self.record(via, host, port, &d);
         d
+    }
+
+    /// Decides a connection that names no host, to `ip:port`: by address
+    /// rules, else as a name the DNS listener answered `ip` for (reason
+    /// `dns_address`, returning that name) when a rule allows the name on
+    /// this port and the address itself passes the resolved-address checks
+    /// (never a platform, guarded or address-denied one). Counted and logged.
+    pub fn decide_address(&self, via: Via, ip: IpAddr, port: u16) -> (Decision, Option<String>) {
+        let tcp = crate::config::Protocol::Tcp;
+        let by_address = self.policy.decide(&crate::policy::Dest {
+            target: Target::Ip(ip),
+            port,
+            proto: tcp,
+        });
+        let ip_text = ip.to_string();
+        if by_address.verdict == Verdict::Allow
+            || self.policy.check_resolved(ip, port, tcp).is_err()
+        {
+            self.record(via, &ip_text, port, &by_address);
+            return (by_address, None);
+        }
+        for name in self.gw.learned.names(ip, std::time::Instant::now()) {
+            let d = self.policy.decide(&crate::policy::Dest {
+                target: Target::Name(&name),
+                port,
+                proto: tcp,
+            });
+            if d.verdict == Verdict::Allow {
+                let d = Decision {
+                    reason: crate::policy::Reason::DnsAddress,
+                    ..d
+                };
+                self.record(via, &name, port, &d);
+                return (d, Some(name));
+            }
+        }
+        self.record(via, &ip_text, port, &by_address);
+        (by_address, None)
     }
 
     /// Counts `d` and logs it if it is a denial.

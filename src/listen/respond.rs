@@ -261,7 +261,8 @@ fn deny_token(reason: Reason) -> &'static str {
         | Reason::MalformedHost
         | Reason::SniMismatch
         | Reason::HostMismatch
-        | Reason::SniUnreadable => "http_request_denied",
+        | Reason::SniUnreadable
+        | Reason::DnsAddress => "http_request_denied",
     }
 }
 

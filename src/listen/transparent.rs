@@ -270,15 +270,21 @@ async fn decide_and_relay(
     heard: Heard,
     prefix: BytesMut,
 ) {
-    let ip_text = orig.ip().to_string();
-    let shown_host = heard.name.as_deref().unwrap_or(&ip_text);
     let port = orig.port();
     let judge = Judge {
         gw,
         conn,
         policy: &conn.policy,
     };
-    let d = judge.decide(heard.via, shown_host, port);
+    // No name heard: by address, or as a name the DNS listener answered.
+    let (d, shown) = match heard.name.as_deref() {
+        Some(name) => (judge.decide(heard.via, name, port), name.to_string()),
+        None => {
+            let (d, learned) = judge.decide_address(heard.via, orig.ip(), port);
+            (d, learned.unwrap_or_else(|| orig.ip().to_string()))
+        }
+    };
+    let shown_host = shown.as_str();
     let what = heard
         .request
         .clone()

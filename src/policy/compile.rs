@@ -10,7 +10,7 @@
 //! lints and tables.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -68,6 +68,7 @@ impl Policy {
         let compiled = rules(config, profile, &vars, &scenarios, input, &mut d);
         let clients = clients(config, &mut d);
         let resolve = static_resolve(config, &mut d);
+        let dns_servers = dns_servers(config, &mut d);
         if d.has_errors() {
             return Err(d.list);
         }
@@ -86,6 +87,8 @@ impl Policy {
             require_matching_sni: config.policy.require_matching_sni,
             clients,
             resolve,
+            dns: config.dns.clone(),
+            dns_servers,
             scenarios,
             vars,
             service_tags_change: input.service_tags.map(|t| t.change_number),
@@ -704,6 +707,41 @@ fn static_resolve(config: &Config, d: &mut Diags<'_>) -> HashMap<String, Vec<IpA
         resolve.insert(norm, ips);
     }
     resolve
+}
+
+/// `[dns] servers`: `ip` or `ip:port` (port 53 by default).
+fn dns_servers(config: &Config, d: &mut Diags<'_>) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for (i, s) in config.dns.servers.iter().enumerate() {
+        let text = s.get_ref().trim();
+        let addr = (text.parse::<SocketAddr>().ok()).or_else(|| {
+            text.parse::<IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, 53))
+        });
+        match addr {
+            Some(a) => out.push(a),
+            None => d.error(
+                CFG,
+                Some(&s.span()),
+                format!("dns.servers[{i}]"),
+                format!("'{text}' is not an IP address or IP:port"),
+            ),
+        }
+    }
+    let ttl = &config.dns;
+    if ttl.min_ttl_s > ttl.max_ttl_s {
+        d.error(
+            CFG,
+            None,
+            "dns.min_ttl_s".into(),
+            format!(
+                "min_ttl_s ({}) is above max_ttl_s ({})",
+                ttl.min_ttl_s, ttl.max_ttl_s
+            ),
+        );
+    }
+    out
 }
 
 /// The CIDR table: each net's grant appended to `grants`, the table holding

@@ -93,11 +93,14 @@ pub enum Reason {
     /// or HTTP request (other protocol, too slow, too large, malformed) and
     /// its rule does not say `opaque = true`.
     SniUnreadable,
+    /// A connection that named no host went to an address the DNS listener
+    /// answered for a name, and a rule allows that name there.
+    DnsAddress,
 }
 
 impl Reason {
     /// Every reason, for code that keeps one entry per reason (metrics).
-    pub const ALL: [Reason; 12] = [
+    pub const ALL: [Reason; 13] = [
         Reason::RuleMatched,
         Reason::DenyRule,
         Reason::NoRule,
@@ -110,6 +113,7 @@ impl Reason {
         Reason::SniMismatch,
         Reason::HostMismatch,
         Reason::SniUnreadable,
+        Reason::DnsAddress,
     ];
 
     /// Label form, used in metrics, logs and `Proxy-Status` details.
@@ -127,15 +131,17 @@ impl Reason {
             Reason::SniMismatch => "sni_mismatch",
             Reason::HostMismatch => "host_mismatch",
             Reason::SniUnreadable => "sni_unreadable",
+            Reason::DnsAddress => "dns_address",
         }
     }
 
-    /// Whether only the data path gives this reason, from the bytes inside
-    /// an allowed connection (`decide` never does).
+    /// Whether only the listeners give this reason (`decide` never does):
+    /// the cuts made from the bytes inside an allowed connection, and
+    /// `dns_address`, an address decided as a name the DNS listener answered.
     pub fn is_data_path(self) -> bool {
         matches!(
             self,
-            Reason::SniMismatch | Reason::HostMismatch | Reason::SniUnreadable
+            Reason::SniMismatch | Reason::HostMismatch | Reason::SniUnreadable | Reason::DnsAddress
         )
     }
 }

@@ -44,12 +44,12 @@ mod rule;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use crate::config::{Mode, Protocol, UpstreamMode};
+use crate::config::{DnsConfig, Mode, Protocol, UpstreamMode};
 use grants::{Grant, KeyGrants, Walk};
 use host::HostTable;
 use net::{Guard, NetTable};
@@ -78,6 +78,8 @@ struct Inner {
     require_matching_sni: bool,
     clients: Vec<IpNet>,
     resolve: HashMap<String, Vec<IpAddr>>,
+    dns: DnsConfig,
+    dns_servers: Vec<SocketAddr>,
     scenarios: Vec<ScenarioState>,
     vars: BTreeMap<String, String>,
     service_tags_change: Option<u64>,
@@ -238,6 +240,9 @@ impl Policy {
             Reason::HostMismatch => {
                 "the HTTP Host header names another host than the one asked for".to_string()
             }
+            Reason::DnsAddress => format!(
+                "allowed by rule '{name}' for a name the DNS listener answered with this address"
+            ),
             Reason::SniUnreadable => {
                 "the tunnel did not start with a readable TLS ClientHello or HTTP request (a rule allows other protocols with opaque = true)"
                     .to_string()
@@ -310,6 +315,41 @@ impl Policy {
     /// gateway runs (`sha256sum` of the file gives the same).
     pub fn config_sha256(&self) -> &str {
         &self.inner.config_sha256
+    }
+
+    /// The first active allow rule for `name` on any port and protocol: the
+    /// DNS listener answers only such names. `None` for a malformed name.
+    pub fn name_allowed(&self, name: &str) -> Option<RuleId> {
+        let inner = &*self.inner;
+        let key = inner.hosts.find_name(name.as_bytes()).value?;
+        key.of(&inner.grants)
+            .iter()
+            .find(|g| g.active && !g.deny)
+            .map(|g| RuleId::new(g.rule))
+    }
+
+    /// The DNS listener's decision for a query of `name`: allowed when an
+    /// active allow rule names it on any port and protocol; audit mode lets
+    /// the rest through as `audit_deny`, as `decide` does.
+    pub fn decide_query(&self, name: &str) -> Decision {
+        let mut d = match self.name_allowed(name) {
+            Some(rule) => Decision::allow(rule.index() as u32),
+            None => Decision::deny(None, Reason::NoRule),
+        };
+        if self.inner.mode == Mode::Audit && d.verdict == Verdict::Deny {
+            d.verdict = Verdict::AuditDeny;
+        }
+        d
+    }
+
+    /// `[dns]`: how the DNS listener answers and remembers.
+    pub fn dns(&self) -> &DnsConfig {
+        &self.inner.dns
+    }
+
+    /// `[dns] servers`, parsed; empty: the system's resolvers.
+    pub fn dns_servers(&self) -> &[SocketAddr] {
+        &self.inner.dns_servers
     }
 
     /// Active egress rules per scenario (`""` for rules without one).

@@ -170,16 +170,19 @@ struct Entry {
 /// Resolves and dials. One per process; shared by every listener.
 pub struct Upstream {
     resolver: OnceCell<Option<TokioResolver>>,
+    servers: Vec<SocketAddr>,
     cache: DashMap<String, Entry>,
     cache_max: usize,
     connect_timeout: Duration,
 }
 
 impl Upstream {
-    /// A connector with a DNS cache of `cache_max` names and a connect timeout.
-    pub fn new(cache_max: usize, connect_timeout: Duration) -> Upstream {
+    /// A connector with a DNS cache of `cache_max` names and a connect
+    /// timeout, resolving through `servers` (empty: `/etc/resolv.conf`).
+    pub fn new(cache_max: usize, connect_timeout: Duration, servers: &[SocketAddr]) -> Upstream {
         Upstream {
             resolver: OnceCell::new(),
+            servers: servers.to_vec(),
             cache: DashMap::new(),
             cache_max,
             connect_timeout,
@@ -189,6 +192,9 @@ impl Upstream {
     async fn resolver(&self) -> Option<&TokioResolver> {
         self.resolver
             .get_or_init(|| async {
+                if !self.servers.is_empty() {
+                    return configured_resolver(&self.servers);
+                }
                 match TokioResolver::builder_tokio() {
                     Ok(builder) => Some(builder.build().ok()?),
                     Err(err) => {
@@ -199,6 +205,23 @@ impl Upstream {
             })
             .await
             .as_ref()
+    }
+
+    /// The records of `rtype` for a fully qualified `name`, as the
+    /// gateway's resolvers answer (cached within their TTLs, CNAME chains
+    /// followed): what the DNS listener forwards.
+    ///
+    /// # Errors
+    /// The resolver's error; `None` when there is no resolver.
+    pub async fn lookup_records(
+        &self,
+        name: hickory_resolver::proto::rr::Name,
+        rtype: hickory_resolver::proto::rr::RecordType,
+    ) -> Result<hickory_resolver::lookup::Lookup, Option<hickory_resolver::net::NetError>> {
+        let Some(resolver) = self.resolver().await else {
+            return Err(None);
+        };
+        resolver.lookup(name, rtype).await.map_err(Some)
     }
 
     /// Addresses of a normalised name: static table, cache, then DNS.
@@ -458,6 +481,27 @@ impl Upstream {
     }
 }
 
+/// A resolver asking `servers` (UDP, then TCP) with default options.
+fn configured_resolver(servers: &[SocketAddr]) -> Option<TokioResolver> {
+    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+    let name_servers = servers
+        .iter()
+        .map(|a| {
+            let mut udp = ConnectionConfig::udp();
+            udp.port = a.port();
+            let mut tcp = ConnectionConfig::tcp();
+            tcp.port = a.port();
+            NameServerConfig::new(a.ip(), true, vec![udp, tcp])
+        })
+        .collect();
+    let config = ResolverConfig::from_name_servers(name_servers);
+    let provider = hickory_resolver::net::runtime::TokioRuntimeProvider::default();
+    TokioResolver::builder_with_config(config, provider)
+        .build()
+        .map_err(|err| tracing::error!(error = %err, "cannot build the resolver for [dns] servers"))
+        .ok()
+}
+
 /// TCP keepalive probes after this long idle: well under the 4-minute idle
 /// timeout of Azure's NAT gateway and load balancer, so a quiet tunnel
 /// through them is not silently dropped.
@@ -511,7 +555,7 @@ mod tests {
     #[tokio::test]
     async fn dialled_sockets_keep_alive_under_the_nat_timeout() {
         let m = Metrics::new(10);
-        let up = Upstream::new(10, Duration::from_secs(2));
+        let up = Upstream::new(10, Duration::from_secs(2), &[]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (s, _) = up
@@ -552,7 +596,7 @@ mod tests {
     #[tokio::test]
     async fn refused_and_success() {
         let m = Metrics::new(10);
-        let up = Upstream::new(10, Duration::from_secs(2));
+        let up = Upstream::new(10, Duration::from_secs(2), &[]);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let lo: IpAddr = "127.0.0.1".parse().unwrap();

@@ -205,7 +205,12 @@ async fn open(
     let host = host::normalized_or_kept(raw_host);
     let target = Target::parse(&host);
     let judge = Judge { gw, conn, policy };
-    let d = judge.decide(Via::Connect, &host, port);
+    // An address: by address rules, or as a name the DNS listener answered
+    // it for (the tunnel's TLS name is still checked against host rules).
+    let d = match target {
+        Target::Ip(ip) => judge.decide_address(Via::Connect, ip, port).0,
+        Target::Name(_) => judge.decide(Via::Connect, &host, port),
+    };
     if d.verdict == Verdict::Deny {
         AccessLog::new(conn, "CONNECT", &host, port, Some(&d), Close::Denied)
             .under(policy)
