@@ -11,6 +11,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::gateway::Gateway;
 use crate::load::{LoadError, LoadInput};
@@ -71,6 +72,8 @@ impl Reloader {
                 "listen addresses changed in the config: restart portcullis to apply them"
             );
         }
+        gw.require_ruleset
+            .store(loaded.config.admin.require_ruleset(), Ordering::Release);
         let old = gw.policy.load_full();
         let (added, removed) = rule_changes(&old, &loaded.policy);
         gw.policy.store(Arc::new(loaded.policy.clone()));
