@@ -281,6 +281,8 @@ struct Health {
 struct Checker {
     state: Arc<(Mutex<Health>, Condvar)>,
     thread: Option<JoinHandle<()>>,
+    /// The clock of the log.
+    started: Instant,
 }
 
 /// The lb's rule for the gateways in `up`: round robin over them.
@@ -320,11 +322,20 @@ impl Checker {
         must(lab.exec("l", "nft").arg("-f").arg(&path));
         let state = Arc::new((Mutex::new(Health::default()), Condvar::new()));
         let (shared, lb) = (state.clone(), lab.ns("l"));
-        let thread = std::thread::spawn(move || check(&shared, &lb, &path));
+        let started = Instant::now();
+        let thread = std::thread::spawn(move || check(&shared, &lb, &path, started));
         Checker {
             state,
             thread: Some(thread),
+            started,
         }
+    }
+
+    /// Logs an event of the test (a signal) on the checker's clock.
+    fn note(&self, what: &str) {
+        let t = self.started.elapsed().as_secs_f64();
+        let mut h = self.state.0.lock().unwrap();
+        h.log.push(format!("{t:7.2}s {what}"));
     }
 
     /// Waits until `cond` holds on what the checker saw.
@@ -364,15 +375,14 @@ impl Drop for Checker {
 
 /// The checker's loop: probe both gateways, rewrite the lb's rule when the
 /// ready set changes (in the kernel before the change is published).
-fn check(state: &(Mutex<Health>, Condvar), lb: &str, rule: &PathBuf) {
+fn check(state: &(Mutex<Health>, Condvar), lb: &str, rule: &PathBuf, started: Instant) {
     let mut probe = ns_exec(lb, "curl");
-    probe.args(["-s", "--max-time", "1", "-w", "%{http_code}\\n"]);
+    probe.args(["-s", "--max-time", "2", "-w", "%{http_code}\\n"]);
     for (_, ip, _) in GATEWAYS {
         probe
             .args(["-o", "/dev/null"])
             .arg(format!("http://{ip}:{ADMIN_PORT}/readyz"));
     }
-    let started = Instant::now();
     loop {
         if state.0.lock().unwrap().stop {
             return;
@@ -571,6 +581,7 @@ fn sigterm(lab: &Lab, checker: &Checker, a: &Proc) -> Phase {
     let before = checker.history(0).len();
     let (term, _) = s.mark("term");
     send_signal(a.pid, "TERM");
+    checker.note("SIGTERM a");
     let status = lab.wait_exit(a.pid, WAIT).expect("a exits after its drain");
     let (exited, _) = s.mark("exited");
     s.wait("tunnels after a exited", |o| ended(o, exited) >= AFTER);
@@ -613,6 +624,7 @@ fn sigkill(lab: &Lab, checker: &Checker, a: &Proc) -> Phase {
     s.wait_both(3, 0);
     let (killed, ok_before) = s.mark("kill");
     send_signal(a.pid, "KILL");
+    checker.note("SIGKILL a");
     lab.wait_exit(a.pid, WAIT).expect("a is killed");
     checker.wait("a taken out", |h| !h.up[0]);
     let (removed, _) = s.mark("removed");
@@ -670,6 +682,7 @@ fn sighup(lab: &Lab, checker: &Checker, gws: &[Proc; 2]) -> Phase {
     for g in gws {
         send_signal(g.pid, "HUP");
     }
+    checker.note("SIGHUP a and b");
     for g in gws {
         let line = g.stderr.wait_line(WAIT, |l| l.contains("config reloaded"));
         assert!(
@@ -748,9 +761,11 @@ fn two_gateways_behind_a_load_balancer_drain_fail_over_and_reload() {
 
     let term = sigterm(&lab, &checker, &gws[0]);
     gws[0] = lab.start_gateway("a");
+    checker.note("a restarted");
     checker.wait("a back in", |h| h.up == [true, true]);
     let kill = sigkill(&lab, &checker, &gws[0]);
     gws[0] = lab.start_gateway("a");
+    checker.note("a restarted");
     checker.wait("a back in", |h| h.up == [true, true]);
     let hup = sighup(&lab, &checker, &gws);
 
