@@ -38,11 +38,15 @@ fn route(req: &Request<Incoming>, gw: &Gateway) -> Response<Full<Bytes>> {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }
     match req.uri().path() {
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            gw.metrics.render(),
-        ),
+        "/metrics" => {
+            // Readiness as of this scrape, not of the last probe.
+            let _ = readiness(gw);
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                gw.metrics.render(),
+            )
+        }
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => match readiness(gw) {
             Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n"),
@@ -60,9 +64,16 @@ fn route(req: &Request<Incoming>, gw: &Gateway) -> Response<Full<Bytes>> {
     }
 }
 
-/// Ready, or why not: draining, starting, or (under `[admin]
-/// require_ruleset`) the ruleset missing or its counters stale.
+/// Ready, or why not (also set as `portcullis_ready`).
 fn readiness(gw: &Gateway) -> Result<(), String> {
+    let found = why_not_ready(gw);
+    gw.metrics.ready.set(i64::from(found.is_ok()));
+    found
+}
+
+/// Draining, starting, or (under `[admin] require_ruleset`) the ruleset
+/// missing or its counters stale.
+fn why_not_ready(gw: &Gateway) -> Result<(), String> {
     if gw.shutdown.is_stopping() {
         return Err("draining".into());
     }

@@ -94,8 +94,11 @@ fn readyz_requires_a_fresh_dump_of_the_forward_chain() {
         gw.reload(&config(true)).await.expect("reload");
         assert_eq!(readyz(&gw).await.0, 503);
 
+        let ready = |gw: &InProc| gw.gw.metrics.ready.get();
+        assert_eq!(ready(&gw), 0, "portcullis_ready follows /readyz");
         write_counters(&counters, FORWARD_CHAIN, Duration::from_secs(5));
         assert_eq!(readyz(&gw).await, (200, "ready\n".to_string()));
+        assert_eq!(ready(&gw), 1);
         std::fs::remove_file(&counters).unwrap();
         assert_eq!(readyz(&gw).await.0, 503, "removed by the timer: table gone");
     });
