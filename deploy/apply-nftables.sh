@@ -13,11 +13,14 @@
 #                  change no sysctl
 #   --stop         forwarding off, then delete table inet portcullis
 #   --counters FILE  write the forward chain's counters (nft -j) to FILE,
-#                  world-readable, for the gateway's /metrics; if the
-#                  table is gone, turn forwarding off instead
+#                  world-readable, for the gateway's /metrics and /readyz;
+#                  if the table is gone, turn forwarding off and remove FILE
 #
 # Environment: PORTCULLIS (binary, default /usr/local/bin/portcullis),
-# NFT (default nft), RULESET (default /run/portcullis/ruleset.nft).
+# NFT (default nft), RULESET (default /run/portcullis/ruleset.nft),
+# COUNTERS (default /run/portcullis/ruleset-counters.json: written after a
+# load, removed by --stop, so `[admin] require_ruleset` sees the change at
+# the gateway's next /readyz instead of at the timer's next run).
 #
 # nft -f loads a file in one transaction: either the whole new ruleset is
 # in place or the old one is untouched. Forwarding is switched on only after
@@ -36,10 +39,11 @@ action=apply
 portcullis=${PORTCULLIS:-/usr/local/bin/portcullis}
 nft=${NFT:-nft}
 ruleset=${RULESET:-/run/portcullis/ruleset.nft}
+counters=${COUNTERS:-/run/portcullis/ruleset-counters.json}
 # The table `portcullis render nftables` creates (`table inet portcullis`).
 table="inet portcullis"
 
-usage() { sed -n '2,19s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,23s/^# \{0,1\}//p' "$0"; }
 die() { echo "apply-nftables: $*" >&2; exit 1; }
 
 # Writes /proc/sys directly rather than calling sysctl(8): one dependency
@@ -54,6 +58,20 @@ set_forwarding() {
 }
 
 table_loaded() { "$nft" list table $table >/dev/null 2>&1; }
+
+# The forward chain's counters to $1, atomically (a scrape never reads half
+# a file). Written even when every counter is 0: the file says the chain is
+# there; its age says when it was last seen.
+write_counters() {
+    local file=$1 tmp
+    install -d -m 0755 "$(dirname "$file")" || return 1
+    tmp=$(mktemp "$file.XXXXXX") || return 1
+    if ! "$nft" -j list chain $table forward >"$tmp"; then
+        rm -f "$tmp"
+        return 1
+    fi
+    chmod 0644 "$tmp" && mv -f "$tmp" "$file"
+}
 
 while [[ $# -gt 0 ]]; do
     case $1 in
@@ -74,17 +92,14 @@ if [[ $action == counters ]]; then
     command -v "$nft" >/dev/null || die "nft not found (apt-get install nftables)"
     # Also the watchman for a ruleset removed behind our back (a bare
     # `nft flush ruleset`): no table means no filter, so no forwarding.
+    # Its file goes too: a gateway with `[admin] require_ruleset` turns
+    # not ready at once.
     if ! table_loaded; then
         set_forwarding 0
-        die "table $table is gone (flushed?): IP forwarding turned off; restart portcullis-nftables.service"
+        rm -f "$counters"
+        die "table $table is gone (flushed?): IP forwarding turned off, $counters removed; restart portcullis-nftables.service"
     fi
-    install -d -m 0755 "$(dirname "$counters")"
-    tmp=$(mktemp "$counters.XXXXXX")
-    trap 'rm -f "$tmp"' EXIT
-    "$nft" -j list chain $table forward >"$tmp" || die "nft -j list chain $table forward failed (is the ruleset loaded?)"
-    chmod 0644 "$tmp"
-    mv -f "$tmp" "$counters"
-    trap - EXIT
+    write_counters "$counters" || die "nft -j list chain $table forward failed (is the ruleset loaded?)"
     exit 0
 fi
 
@@ -92,6 +107,7 @@ if [[ $action == stop ]]; then
     # Forwarding off comes first and needs nothing else: even without nft
     # the VM stops routing.
     set_forwarding 0
+    rm -f "$counters"
     command -v "$nft" >/dev/null || die "IP forwarding off; nft not found, table $table not removed"
     if table_loaded; then
         "$nft" delete table $table || die "nft delete table $table failed (forwarding is off)"
@@ -132,3 +148,5 @@ table_loaded || die "$ruleset loaded but table $table is not in the kernel; forw
 
 set_forwarding 1
 echo "apply-nftables: loaded $ruleset from $config; IP forwarding on" >&2
+# A gateway waiting for its ruleset need not wait for the timer's first run.
+write_counters "$counters" || echo "apply-nftables: warning: could not write $counters; the counters timer will" >&2

@@ -2,8 +2,10 @@
 //!
 //! In: HTTP GETs from Prometheus or a load balancer probe. Out: the text
 //! exposition, liveness, and readiness (503 until listeners are bound and the
-//! policy is loaded, and again while draining). It never proxies and serves
-//! only these three paths, so it is safe to expose to the subnet's Prometheus.
+//! policy is loaded, again while draining, and under `[admin]
+//! require_ruleset` while the counters file does not show the transparent
+//! ruleset loaded). It never proxies and serves only these three paths, so
+//! it is safe to expose to the subnet's Prometheus.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::gateway::Gateway;
+use crate::ruleset;
 use crate::spare::{Accepted, Spare};
 
 fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -35,27 +38,60 @@ fn route(req: &Request<Incoming>, gw: &Gateway) -> Response<Full<Bytes>> {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }
     match req.uri().path() {
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            gw.metrics.render(),
-        ),
-        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" => {
-            if gw.shutdown.is_stopping() {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
-            } else if !gw.ready.load(Ordering::Acquire) {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "starting\n")
-            } else {
-                reply(StatusCode::OK, "text/plain", "ready\n")
-            }
+        "/metrics" => {
+            // Readiness as of this scrape, not of the last probe.
+            let _ = readiness(gw);
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                gw.metrics.render(),
+            )
         }
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" => match readiness(gw) {
+            Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n"),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{why}\n"),
+            ),
+        },
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
             "portcullis admin: /metrics, /healthz, /readyz\n",
         ),
     }
+}
+
+/// Ready, or why not (also set as `portcullis_ready`).
+fn readiness(gw: &Gateway) -> Result<(), String> {
+    let found = why_not_ready(gw);
+    gw.metrics.ready.set(i64::from(found.is_ok()));
+    found
+}
+
+/// Draining, starting, or (under `[admin] require_ruleset`) the ruleset
+/// missing or its counters stale.
+fn why_not_ready(gw: &Gateway) -> Result<(), String> {
+    if gw.shutdown.is_stopping() {
+        return Err("draining".into());
+    }
+    if !gw.ready.load(Ordering::Acquire) {
+        return Err("starting".into());
+    }
+    if !gw.require_ruleset.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let found = ruleset::loaded(std::time::SystemTime::now());
+    // Log the flips only: a load balancer probes every few seconds.
+    let was = gw.ruleset_seen.swap(found.is_ok(), Ordering::AcqRel);
+    match &found {
+        Err(why) if was => tracing::warn!(%why, "not ready: /readyz answers 503"),
+        Ok(()) if !was => tracing::info!("ruleset loaded again: /readyz answers 200"),
+        _ => {}
+    }
+    found.map_err(|why| why.to_string())
 }
 
 /// Admin connections served at a time; past it a connection is closed at

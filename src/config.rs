@@ -122,6 +122,9 @@ pub struct Config {
     /// Listener addresses.
     #[serde(default)]
     pub listen: Listen,
+    /// What `/readyz` requires besides bound listeners.
+    #[serde(default)]
+    pub admin: Admin,
     /// Which clients are served.
     #[serde(default)]
     pub clients: Clients,
@@ -165,6 +168,26 @@ pub struct Listen {
     /// and remembers the addresses it answered. Default: off.
     #[serde(default)]
     pub dns: Option<SocketAddr>,
+}
+
+/// `[admin]`: what the admin endpoint's `/readyz` requires.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// `/readyz` answers 503 unless the transparent ruleset is loaded, as
+    /// the root-only counters timer last saw it: its file names the
+    /// portcullis forward chain and is fresh. For gateways behind a load
+    /// balancer in transparent mode, where a gateway without its ruleset
+    /// cannot route. Needs `[listen] transparent`. Default false.
+    #[serde(default)]
+    pub require_ruleset: Option<Spanned<bool>>,
+}
+
+impl Admin {
+    /// Whether `/readyz` requires the ruleset (`require_ruleset`, default false).
+    pub fn require_ruleset(&self) -> bool {
+        self.require_ruleset.as_ref().is_some_and(|s| *s.get_ref())
+    }
 }
 
 fn default_proxy_addr() -> Option<SocketAddr> {

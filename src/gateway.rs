@@ -46,6 +46,11 @@ pub struct Gateway {
     pub shutdown: Shutdown,
     /// Listeners bound and policy loaded.
     pub ready: AtomicBool,
+    /// `/readyz` also requires the transparent ruleset (`[admin]
+    /// require_ruleset`; a reload applies it).
+    pub require_ruleset: AtomicBool,
+    /// What the last `/readyz` found of the ruleset, so each flip is logged once.
+    pub ruleset_seen: AtomicBool,
     /// Addresses of our own listeners: a redirected connection to one of them is a loop.
     pub own_addrs: Vec<SocketAddr>,
     /// Access lines as JSON (`[log] format = "json"`), written directly.
@@ -104,6 +109,8 @@ impl Gateway {
             limits,
             shutdown: Shutdown::new(),
             ready: AtomicBool::new(false),
+            require_ruleset: AtomicBool::new(false),
+            ruleset_seen: AtomicBool::new(true),
             own_addrs,
             json_log: true,
             http_client: OnceLock::new(),

@@ -359,6 +359,8 @@ pub struct Metrics {
     pub rules: IntGaugeVec,
     /// `changeNumber` of the service tags file in use.
     pub service_tags_change: IntGauge,
+    /// 1 while `/readyz` answers 200 (updated on every `/readyz` and scrape).
+    pub ready: IntGauge,
     /// `config_info{sha256}`: which config the gateway runs.
     pub config_info: IntGaugeVec,
 }
@@ -627,7 +629,8 @@ fn register_reload(r: &Registry) -> ReloadFamilies {
 }
 
 /// `build_info` (always 1) and, on Linux, the process collector.
-fn register_info(r: &Registry) {
+/// Build information, the process collector, and readiness (returned).
+fn register_info(r: &Registry) -> IntGauge {
     let build_info = gauge_vec(
         r,
         "build_info",
@@ -643,6 +646,11 @@ fn register_info(r: &Registry) {
         // Registered without the namespace: process_* is the convention.
         let _ = prometheus::default_registry().register(Box::new(pc));
     }
+    gauge(
+        r,
+        "ready",
+        "1 while /readyz answers 200: serving, not draining, and under [admin] require_ruleset the ruleset loaded.",
+    )
 }
 
 /// The kernel's connection-tracking table, read at every scrape: two
@@ -788,7 +796,7 @@ impl Metrics {
         let (upstream_connect, upstream_errors) = register_upstream(&r);
         let dns = register_dns(&r);
         let reload = register_reload(&r);
-        register_info(&r);
+        let ready = register_info(&r);
         register_conntrack(&r);
         register_log(&r);
         register_ruleset(&r);
@@ -815,6 +823,7 @@ impl Metrics {
             rules: reload.rules,
             service_tags_change: reload.service_tags_change,
             config_info: reload.config_info,
+            ready,
             registry: r,
         }
     }

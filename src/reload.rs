@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::gateway::Gateway;
 use crate::load::{LoadError, LoadInput};
@@ -70,6 +71,8 @@ impl Reloader {
                 "listen addresses changed in the config: restart portcullis to apply them"
             );
         }
+        gw.require_ruleset
+            .store(loaded.config.admin.require_ruleset(), Ordering::Release);
         let old = gw.policy.load_full();
         let changes = diff::rule_changes(&old, &loaded.policy);
         gw.policy.store(Arc::new(loaded.policy.clone()));

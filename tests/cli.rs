@@ -42,6 +42,40 @@ fn shipped_configs_check_clean() {
     }
 }
 
+/// `check` says what `[admin] require_ruleset` makes `/readyz` require,
+/// and warns (with the line) when no transparent listener loads a ruleset.
+#[test]
+fn check_says_what_require_ruleset_requires() {
+    let body = |listen: &str| {
+        format!(
+            "[listen]\n{listen}\n[admin]\nrequire_ruleset = true\n[policy]\nprofile = \"none\"\n"
+        )
+    };
+    let f = config(&body("transparent = \"127.0.0.1:3129\""));
+    let out = portcullis(&["check", "-c", &f.path().to_string_lossy()]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("readiness: /readyz answers 503 unless /run/portcullis/ruleset-counters.json lists chain inet portcullis forward and is at most 60 s old"),
+        "{said}"
+    );
+    assert!(said.contains("(0 active rules, 0 warning(s)"), "{said}");
+    let f = config(&body("proxy = \"127.0.0.1:3128\""));
+    let out = portcullis(&["check", "-c", &f.path().to_string_lossy()]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains(
+            ":4:19: warning: [admin] require_ruleset is true but [listen] transparent is not set"
+        ),
+        "{said}"
+    );
+    // Off (the default): nothing to say.
+    let f = config("[policy]\nprofile = \"none\"\n[admin]\nrequire_ruleset = false\n");
+    let out = portcullis(&["check", "-c", &f.path().to_string_lossy()]);
+    assert!(!text(&out).contains("readiness"), "{}", text(&out));
+}
+
 /// A name allowed on a port other than 80 and 443: explain says its tunnels
 /// must start with TLS or HTTP, as the gateway enforces, unless `opaque`.
 #[test]

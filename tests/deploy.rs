@@ -378,6 +378,10 @@ impl RulesetUnit<'_> {
                 "RULESET={}",
                 self.dir.join("run/ruleset.nft").display()
             ))
+            .arg(format!(
+                "COUNTERS={}",
+                self.dir.join("run/ruleset-counters.json").display()
+            ))
             .arg(format!("NFT={}", self.dir.join("nft-logged").display()))
             .args(&argv)
             .output()
@@ -528,10 +532,17 @@ fn ruleset_unit_turns_forwarding_on_only_with_the_table() {
         .unwrap_or_else(|l| panic!("start:\n{}", l.join("\n")));
     ns.assert_state(true, true, &format!("after start:\n{}", log.join("\n")));
     assert!(dir.path().join("run/ruleset.nft").exists());
+    // The counters file says so at once (a gateway with `[admin]
+    // require_ruleset` need not wait for the timer) ...
+    let counters = dir.path().join("run/ruleset-counters.json");
+    let json = std::fs::read_to_string(&counters).expect("counters written after the load");
+    assert!(json.contains("\"portcullis\""), "{json}");
 
     // Stop: forwarding off first, then the table removed.
     u.stop(&good);
     ns.assert_state(false, false, "after stop");
+    // ... and its removal says the ruleset is gone.
+    assert!(!counters.exists(), "counters file left after stop");
     let calls = u.nft_calls();
     let delete = calls
         .iter()
@@ -648,6 +659,10 @@ fn ruleset_counters_reach_the_gateways_metrics() {
                 "RULESET={}",
                 dir.path().join("run/ruleset.nft").display()
             ))
+            .arg(format!(
+                "COUNTERS={}",
+                dir.path().join("run/ruleset-counters.json").display()
+            ))
             .arg("bash")
             .arg(&script)
             .args(args)
@@ -681,7 +696,7 @@ fn ruleset_counters_reach_the_gateways_metrics() {
     let config = dir.path().join("metrics.toml");
     std::fs::write(
         &config,
-        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[clients]\nallow = [\"127.0.0.0/8\"]\n[policy]\nprofile = \"none\"\n",
+        "[listen]\nproxy = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n[admin]\nrequire_ruleset = true\n[clients]\nallow = [\"127.0.0.0/8\"]\n[policy]\nprofile = \"none\"\n",
     )
     .unwrap();
     let mut child = Command::new(BIN)
@@ -708,6 +723,12 @@ fn ruleset_counters_reach_the_gateways_metrics() {
         .args(["-sS", "--noproxy", "*", &format!("http://{admin}/metrics")])
         .output()
         .unwrap();
+    // The file the unit wrote is what `[admin] require_ruleset` asks for.
+    let ready = Command::new("curl")
+        .args(["-sS", "--noproxy", "*", "-w", "%{http_code}"])
+        .arg(format!("http://{admin}/readyz"))
+        .output()
+        .unwrap();
     let _ = child.kill();
     let _ = child.wait();
     let metrics = String::from_utf8_lossy(&out.stdout);
@@ -719,6 +740,8 @@ fn ruleset_counters_reach_the_gateways_metrics() {
         metrics.contains("portcullis_ruleset_counters_timestamp_seconds "),
         "{metrics}"
     );
+    let ready = String::from_utf8_lossy(&ready.stdout);
+    assert_eq!(ready, "ready\n200", "/readyz with a fresh counters file");
 
     // A bare flush removes the filter: the next counters run turns
     // forwarding off instead of leaving it on unfiltered.
@@ -737,4 +760,8 @@ fn ruleset_counters_reach_the_gateways_metrics() {
         .unwrap();
     assert!(!out.status.success(), "{}", text(&out));
     assert_eq!(ns.forwarding().0, 0, "forwarding left on without a table");
+    assert!(
+        !counters.exists(),
+        "the counters file of a gone table is removed (/readyz turns 503)"
+    );
 }

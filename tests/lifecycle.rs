@@ -152,6 +152,7 @@ async fn readyz_turns_503_before_the_listeners_close_for_the_drain_delay() {
     let upstream = echo_upstream().await;
     let limits = "drain_delay_ms = 10000\ngrace_period_ms = 1000";
     let mut gw = InProc::start(&config(upstream, limits)).await;
+    let proxy = gw.addr("proxy");
     gw.stop();
     while !gw.gw.shutdown.is_stopping() {
         tokio::task::yield_now().await;
@@ -174,6 +175,40 @@ async fn readyz_turns_503_before_the_listeners_close_for_the_drain_delay() {
     );
     let mut rest = Vec::new();
     let _ = tunnel.read_to_end(&mut rest).await;
+    // Then closed: a client the load balancer still sends is refused.
+    assert!(TcpStream::connect(proxy).await.is_err(), "still accepting");
+}
+
+#[tokio::test]
+async fn accepted_client_sockets_keep_alive_like_upstream_ones() {
+    let upstream = echo_upstream().await;
+    let gw = InProc::start(&config(upstream, "")).await;
+    // The production accept loop on a listener of our own, with a handler
+    // that reports the accepted socket's keepalive settings.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(portcullis::listen::accept_loop(
+        listener,
+        portcullis::metrics::Listener::Proxy,
+        gw.gw.clone(),
+        move |stream, _conn, _gw| {
+            let sock = socket2::SockRef::from(&stream);
+            let _ = tx.send((
+                sock.keepalive().unwrap(),
+                sock.tcp_keepalive_time().unwrap(),
+            ));
+            async {}
+        },
+    ));
+    let _client = TcpStream::connect(addr).await.unwrap();
+    let (on, idle) = rx.recv().await.expect("the handler ran");
+    assert!(on, "SO_KEEPALIVE off on an accepted client socket");
+    assert_eq!(idle, portcullis::upstream::KEEPALIVE_IDLE);
+    assert!(
+        idle < Duration::from_secs(240),
+        "keepalives must start under Azure's 4-minute NAT and load balancer idle timeout"
+    );
 }
 
 #[tokio::test]

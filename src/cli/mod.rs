@@ -255,6 +255,7 @@ async fn run_process(loaded: Loaded, input: LoadInput) -> Result<ExitCode> {
     let own = bound.addrs().iter().map(|(_, a)| *a).collect();
     let mut gw = Gateway::new(loaded.policy, loaded.config.limits.clone(), own);
     gw.json_log = loaded.config.log.format == LogFormat::Json;
+    *gw.require_ruleset.get_mut() = loaded.config.admin.require_ruleset();
     let gw = Arc::new(gw);
     log_started(&gw, &loaded.source.name);
     let (stop, force) = stop_signals()?;

@@ -165,6 +165,10 @@ pub(super) fn check(loaded: &Loaded) -> Result<ExitCode> {
     if let Some(line) = service_tags_line(loaded) {
         writeln!(out, "{line}")?;
     }
+    let (readiness, readiness_warnings) = readiness_lines(loaded);
+    for line in readiness {
+        writeln!(out, "{line}")?;
+    }
     if !waiting.is_empty() {
         writeln!(
             out,
@@ -217,7 +221,7 @@ pub(super) fn check(loaded: &Loaded) -> Result<ExitCode> {
         out,
         "ok: {} ({active} active rules, {} warning(s), {n} expectation(s) passed)",
         loaded.source.name,
-        loaded.warnings.len()
+        loaded.warnings.len() + readiness_warnings
     )?;
     Ok(ExitCode::SUCCESS)
 }
@@ -246,6 +250,31 @@ fn service_tags_line(loaded: &Loaded) -> Option<String> {
         ),
         _ => line,
     })
+}
+
+/// What `[admin] require_ruleset = true` makes `/readyz` require, and a
+/// warning (counted: the second value) when there is no transparent
+/// listener: no ruleset is loaded for one, so the gateway would never be ready.
+fn readiness_lines(loaded: &Loaded) -> (Vec<String>, usize) {
+    let Some(setting) = &loaded.config.admin.require_ruleset else {
+        return (Vec::new(), 0);
+    };
+    if !*setting.get_ref() {
+        return (Vec::new(), 0);
+    }
+    let mut lines = vec![format!(
+        "readiness: /readyz answers 503 unless {} lists chain inet portcullis forward and is at most {} s old (portcullis-ruleset-counters.timer writes it every 15 s while the ruleset is loaded)",
+        crate::ruleset::path().display(),
+        crate::ruleset::MAX_AGE.as_secs()
+    )];
+    if loaded.config.listen.transparent.is_some() {
+        return (lines, 0);
+    }
+    let loc = loaded.source.locate(&setting.span());
+    lines.push(format!(
+        "{loc}: warning: [admin] require_ruleset is true but [listen] transparent is not set: no ruleset is loaded for an explicit-only gateway, so /readyz would never answer 200"
+    ));
+    (lines, 1)
 }
 
 /// Prints the scenarios: on/off, rule count, description.

@@ -113,7 +113,9 @@ impl InProc {
         let bound = Bound::bind(listen).await.expect("bind");
         let addrs = bound.addrs();
         let own = addrs.iter().map(|(_, a)| *a).collect();
-        let gw = Arc::new(Gateway::new(loaded.policy, loaded.config.limits, own));
+        let mut gw = Gateway::new(loaded.policy, loaded.config.limits, own);
+        *gw.require_ruleset.get_mut() = loaded.config.admin.require_ruleset();
+        let gw = Arc::new(gw);
         let (stop, stop_rx) = oneshot::channel::<()>();
         let (force, force_rx) = oneshot::channel::<()>();
         let (ready_tx, ready_rx) = oneshot::channel::<()>();
