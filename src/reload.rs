@@ -84,6 +84,7 @@ impl Reloader {
             added = ?added,
             removed = ?removed,
             warnings = loaded.warnings.len(),
+            service_tags_change = ?loaded.policy.service_tags_change(),
             "config reloaded"
         );
         Ok(())

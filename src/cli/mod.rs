@@ -255,6 +255,35 @@ fn log_started(gw: &Gateway, config_name: &str) {
         mode = ?p.mode(),
         "portcullis {} started", env!("CARGO_PKG_VERSION")
     );
+    log_service_tags(&p);
+}
+
+/// Which service tags file the gateway runs with, and a warning when it is
+/// stale (the same threshold as `check`) or missing.
+fn log_service_tags(p: &crate::policy::Policy) {
+    let Some(file) = p.service_tags_file() else {
+        tracing::info!("no service tags file: rules naming service tags are inactive");
+        return;
+    };
+    let age_days = file
+        .age(std::time::SystemTime::now())
+        .map(|d| d.as_secs() / 86_400);
+    tracing::info!(
+        path = %file.path.display(),
+        change_number = file.change_number,
+        cloud = %file.cloud,
+        tags = file.tags,
+        age_days = ?age_days,
+        "service tags loaded"
+    );
+    if let Some(d) = age_days.filter(|d| *d > report::SERVICE_TAGS_STALE_DAYS) {
+        tracing::warn!(
+            path = %file.path.display(),
+            age_days = d,
+            "the service tags file is {d} days old: Azure's address ranges change weekly; \
+             enable portcullis-service-tags.timer"
+        );
+    }
 }
 
 /// Two one-shot channels: the first SIGTERM/SIGINT, and the second.
