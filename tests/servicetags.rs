@@ -514,3 +514,60 @@ fn a_user_assigned_identity_and_another_reload_command_are_settings() {
         ]
     );
 }
+
+#[test]
+fn the_startup_log_names_the_tags_file_and_a_failed_refresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let tags = dir.path().join("service-tags.json");
+    std::fs::write(&tags, az_shaped(376)).unwrap();
+    set_mtime(&tags, 40);
+    std::fs::write(
+        tags.with_extension("json.status"),
+        "result=failure\nfinished=1700000000\nmessage=az login --identity failed\n",
+    )
+    .unwrap();
+    let config = config(dir.path(), &tags);
+    let mut child = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // stdout ends with "ready", or closes if the gateway fails to start.
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let ready = std::io::BufRead::lines(stdout)
+        .map_while(Result::ok)
+        .any(|l| l == "ready");
+    // SIGTERM: a graceful stop flushes the log writer (SIGKILL would not).
+    Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(ready, "{log}");
+    let loaded = log
+        .lines()
+        .find(|l| l.contains("\"service tags loaded\""))
+        .unwrap_or_else(|| panic!("{log}"));
+    for field in [
+        format!("\"path\":\"{}\"", tags.display()),
+        "\"change_number\":376".to_string(),
+        "\"cloud\":\"Public\"".to_string(),
+        "\"tags\":85".to_string(),
+        "\"age_days\":40".to_string(),
+    ] {
+        assert!(loaded.contains(&field), "{field} not in {loaded}");
+    }
+    assert!(
+        log.contains("the service tags file is 40 days old"),
+        "{log}"
+    );
+    assert!(
+        log.contains("the last service tags refresh failed")
+            && log.contains("\"reason\":\"az login --identity failed\""),
+        "{log}"
+    );
+}

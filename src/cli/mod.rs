@@ -259,7 +259,7 @@ fn log_started(gw: &Gateway, config_name: &str) {
 }
 
 /// Which service tags file the gateway runs with, and a warning when it is
-/// stale (the same threshold as `check`) or missing.
+/// stale (the same threshold as `check`) or its last refresh failed.
 fn log_service_tags(p: &crate::policy::Policy) {
     let Some(file) = p.service_tags_file() else {
         tracing::info!("no service tags file: rules naming service tags are inactive");
@@ -273,9 +273,17 @@ fn log_service_tags(p: &crate::policy::Policy) {
         change_number = file.change_number,
         cloud = %file.cloud,
         tags = file.tags,
-        age_days = ?age_days,
+        // -1: the file's modification time is unknown.
+        age_days = age_days.map_or(-1, |d| d as i64),
         "service tags loaded"
     );
+    if let Some(status) = crate::servicetags::RefreshStatus::read(file).filter(|s| !s.ok) {
+        tracing::warn!(
+            status = %file.status_path().display(),
+            reason = %status.message,
+            "the last service tags refresh failed; running with the file it left in place"
+        );
+    }
     if let Some(d) = age_days.filter(|d| *d > report::SERVICE_TAGS_STALE_DAYS) {
         tracing::warn!(
             path = %file.path.display(),
