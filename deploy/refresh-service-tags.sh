@@ -81,4 +81,8 @@ chmod 0644 "$new"
 mv -f -- "$new" "$tags" || fail "cannot replace $tags"
 # shellcheck disable=SC2086 # PORTCULLIS_RELOAD is a command line
 $reload 2>"$err" || fail "replaced $tags ($loaded), but the gateway reload failed: $(last_error)"
-record success "replaced $tags ($loaded) and reloaded the gateway"
+note=
+if [[ -f $config ]] && ! grep -qF -- "$tags" "$config"; then
+    note="; note: $config does not name $tags in [policy] service_tags, so the gateway does not use it"
+fi
+record success "replaced $tags ($loaded) and reloaded the gateway$note"

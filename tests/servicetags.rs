@@ -447,7 +447,8 @@ fn refresh_replaces_the_file_and_reloads_only_when_the_new_one_checks() {
     let status = host.status();
     assert!(
         status.contains("result=success\n")
-            && status.contains("change number 376, cloud Public, 85 tags"),
+            && status.contains("change number 376, cloud Public, 85 tags")
+            && !status.contains("note:"),
         "{status}"
     );
     assert_eq!(
@@ -496,6 +497,15 @@ fn a_user_assigned_identity_and_another_reload_command_are_settings() {
     let hook = host.dir.path().join("bin/reload-hook");
     std::fs::write(&hook, "#!/bin/sh\necho \"hook $*\" >>\"$FAKE_LOG\"\n").unwrap();
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A config that does not name the refreshed file: the run says so.
+    let named = std::fs::read_to_string(&host.config).unwrap();
+    let unnamed: String = named
+        .lines()
+        .filter(|l| !l.starts_with("service_tags = \""))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(named, unnamed);
+    std::fs::write(&host.config, unnamed).unwrap();
     let reload = format!("{} now", hook.display());
     let out = host.refresh(
         &az_shaped(376),
@@ -512,6 +522,13 @@ fn a_user_assigned_identity_and_another_reload_command_are_settings() {
             "az network list-service-tags --location westeurope --output json",
             "hook now",
         ]
+    );
+    let status = host.status();
+    assert!(
+        status.contains("result=success\n")
+            && status.contains("does not name")
+            && status.contains("so the gateway does not use it"),
+        "{status}"
     );
 }
 
