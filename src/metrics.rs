@@ -7,9 +7,11 @@
 //! denied-destination family, whose hosts are bounded (see [`DeniedHosts`]).
 //! Metrics live outside `Policy`, so a reload never resets a counter.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwapOption;
 use dashmap::DashMap;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -17,6 +19,7 @@ use prometheus::{
 };
 
 use crate::policy::{Reason, Verdict};
+use crate::servicetags::{RefreshStatus, TagsFile};
 
 /// How a destination was learnt: the `via` label of decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,10 +360,11 @@ pub struct Metrics {
     pub last_reload_successful: IntGauge,
     /// Active rules per scenario.
     pub rules: IntGaugeVec,
-    /// `changeNumber` of the service tags file in use.
-    pub service_tags_change: IntGauge,
     /// 1 while `/readyz` answers 200 (updated on every `/readyz` and scrape).
     pub ready: IntGauge,
+    /// The service tags file in force, exported at scrape time by the
+    /// service tags families (none while no file is loaded).
+    service_tags: Arc<ArcSwapOption<TagsFile>>,
     /// `config_info{sha256}`: which config the gateway runs.
     pub config_info: IntGaugeVec,
 }
@@ -572,14 +576,13 @@ fn register_dns(r: &Registry) -> DnsFamilies {
 }
 
 /// The reload and policy families: reloads, generation, last success,
-/// active rules and the service tags file in use.
+/// active rules and the config in use.
 struct ReloadFamilies {
     reloads: IntCounterVec,
     policy_generation: IntGauge,
     last_reload_success: Gauge,
     last_reload_successful: IntGauge,
     rules: IntGaugeVec,
-    service_tags_change: IntGauge,
     config_info: IntGaugeVec,
 }
 
@@ -614,11 +617,6 @@ fn register_reload(r: &Registry) -> ReloadFamilies {
             "1 when the last config reload succeeded.",
         ),
         rules: gauge_vec(r, "rules", "Active rules per scenario.", &["scenario"]),
-        service_tags_change: gauge(
-            r,
-            "service_tags_change_number",
-            "changeNumber of the service tags file in use.",
-        ),
         config_info: gauge_vec(
             r,
             "config_info",
@@ -766,6 +764,98 @@ fn register_ruleset(r: &Registry) {
         .expect("ruleset counters register once");
 }
 
+/// The service tags file in force (set on every load) and the refresh
+/// timer's last outcome (its status file, read at each scrape like the
+/// ruleset counters). No series while no tags file is loaded, so an age
+/// alert cannot fire on a gateway that uses none.
+struct ServiceTagsFamilies {
+    file: Arc<ArcSwapOption<TagsFile>>,
+    change: IntGauge,
+    modified: Gauge,
+    info: IntGaugeVec,
+    refresh_ok: IntGauge,
+    refresh_finished: Gauge,
+}
+
+/// Unix seconds of `t` (0 before 1970).
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl prometheus::core::Collector for ServiceTagsFamilies {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d = self.change.desc();
+        d.extend(self.modified.desc());
+        d.extend(self.info.desc());
+        d.extend(self.refresh_ok.desc());
+        d.extend(self.refresh_finished.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Some(file) = self.file.load_full() else {
+            return Vec::new();
+        };
+        self.change.set(file.change_number as i64);
+        let mut out = self.change.collect();
+        if let Some(at) = file.modified {
+            self.modified.set(unix_seconds(at));
+            out.extend(self.modified.collect());
+        }
+        self.info.reset();
+        let path = file.path.display().to_string();
+        self.info.with_label_values(&[&file.cloud, &path]).set(1);
+        out.extend(self.info.collect());
+        if let Some(status) = RefreshStatus::read(&file) {
+            self.refresh_ok.set(i64::from(status.ok));
+            self.refresh_finished
+                .set(unix_seconds(status.finished_at()));
+            out.extend(self.refresh_ok.collect());
+            out.extend(self.refresh_finished.collect());
+        }
+        out
+    }
+}
+
+fn register_service_tags(r: &Registry) -> Arc<ArcSwapOption<TagsFile>> {
+    let gauge =
+        |name: &str, help: &str| IntGauge::with_opts(Opts::new(name, help)).expect("valid gauge");
+    let time =
+        |name: &str, help: &str| Gauge::with_opts(Opts::new(name, help)).expect("valid gauge");
+    let file = Arc::new(ArcSwapOption::empty());
+    let families = ServiceTagsFamilies {
+        file: file.clone(),
+        change: gauge(
+            "service_tags_change_number",
+            "changeNumber of the service tags file in use.",
+        ),
+        modified: time(
+            "service_tags_timestamp_seconds",
+            "Modification time (Unix) of the service tags file in use, read when it was loaded; its age is time() minus this.",
+        ),
+        info: IntGaugeVec::new(
+            Opts::new(
+                "service_tags_info",
+                "The service tags file in use, by cloud and path; always 1.",
+            ),
+            &["cloud", "path"],
+        )
+        .expect("valid gauge"),
+        refresh_ok: gauge(
+            "service_tags_last_refresh_successful",
+            "1 when the service tags refresh timer's last run replaced the file and reloaded the gateway, 0 when it failed (from FILE.status).",
+        ),
+        refresh_finished: time(
+            "service_tags_last_refresh_timestamp_seconds",
+            "When the service tags refresh timer's last run ended (Unix time, from FILE.status).",
+        ),
+    };
+    r.register(Box::new(families))
+        .expect("service tags families register once");
+    file
+}
+
 fn register_conntrack(r: &Registry) {
     let gauge = |name: &str, help: &str| {
         IntGauge::with_opts(prometheus::Opts::new(name, help)).expect("valid gauge")
@@ -800,6 +890,7 @@ impl Metrics {
         register_conntrack(&r);
         register_log(&r);
         register_ruleset(&r);
+        let service_tags = register_service_tags(&r);
         Metrics {
             decisions: decisions.decisions,
             denied: decisions.denied,
@@ -821,7 +912,7 @@ impl Metrics {
             last_reload_success: reload.last_reload_success,
             last_reload_successful: reload.last_reload_successful,
             rules: reload.rules,
-            service_tags_change: reload.service_tags_change,
+            service_tags,
             config_info: reload.config_info,
             ready,
             registry: r,
@@ -860,9 +951,8 @@ impl Metrics {
                 .with_label_values(&[scenario.as_str()])
                 .set(n as i64);
         }
-        if let Some(c) = policy.service_tags_change() {
-            self.service_tags_change.set(c as i64);
-        }
+        self.service_tags
+            .store(policy.service_tags_file().cloned().map(Arc::new));
         // One series: the config in force now.
         self.config_info.reset();
         self.config_info

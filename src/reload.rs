@@ -91,6 +91,7 @@ impl Reloader {
             service_tags = %format!("{} → {}", tags(&old), tags(&loaded.policy)),
             config_sha256 = loaded.policy.config_sha256(),
             warnings = loaded.warnings.len(),
+            service_tags_change = ?loaded.policy.service_tags_change(),
             "config reloaded"
         );
         // One line a changed rule, as `portcullis diff` prints it.

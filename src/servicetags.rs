@@ -5,10 +5,14 @@
 //! `az network list-service-tags` prints it (numbers as strings, more
 //! fields). Out: tag name (case-insensitive: the
 //! file spells `AzureFrontDoor.Frontend`, the docs `AzureFrontDoor.FrontEnd`)
-//! → its prefixes. Reading the file is the caller's job; policy only looks up.
+//! → its prefixes, and what the file was ([`TagsFile`]: path, change number,
+//! cloud, modification time) for `check`, the log and metrics. It also reads
+//! the refresh timer's outcome ([`RefreshStatus`], `FILE.status`). Policy
+//! only looks up; nothing here writes.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -44,6 +48,12 @@ pub enum ServiceTagsError {
         /// The tag.
         tag: String,
     },
+    /// Valid JSON without a single tag: an empty answer is never the real list.
+    #[error("{path}: no service tags in the file (an empty 'values' list)")]
+    Empty {
+        /// Path given.
+        path: String,
+    },
     /// A prefix that is not a CIDR.
     #[error("{path}: tag {tag}: '{prefix}' is not a CIDR")]
     Prefix {
@@ -68,18 +78,12 @@ struct File {
 
 /// `123` (the weekly download) or `"123"` (`az network list-service-tags`).
 fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Either {
-        Number(u64),
-        Text(String),
-    }
-    match Either::deserialize(d)? {
-        Either::Number(n) => Ok(n),
-        Either::Text(t) => t
-            .trim()
-            .parse()
-            .map_err(|_| serde::de::Error::custom(format!("changeNumber '{t}' is not a number"))),
+    use serde::de::Error;
+    let bad = |shown: String| D::Error::custom(format!("changeNumber {shown} is not a number"));
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Number(n) => n.as_u64().ok_or_else(|| bad(n.to_string())),
+        serde_json::Value::String(t) => t.trim().parse().map_err(|_| bad(format!("'{t}'"))),
+        other => Err(bad(other.to_string())),
     }
 }
 
@@ -103,7 +107,89 @@ pub struct ServiceTags {
     pub change_number: u64,
     /// `Public`, `AzureGovernment`, ...
     pub cloud: String,
+    /// The path it was read from (the name given to [`ServiceTags::parse`]).
+    pub path: PathBuf,
+    /// The file's modification time when it was read: when the refresh
+    /// timer (or a person) wrote it. `None` for parsed text.
+    pub modified: Option<SystemTime>,
     tags: HashMap<String, (String, Vec<IpNet>)>,
+}
+
+/// What a loaded tags file was, kept by the policy for `check`, the startup
+/// log and `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagsFile {
+    /// Path it was read from.
+    pub path: PathBuf,
+    /// Top-level `changeNumber`.
+    pub change_number: u64,
+    /// `Public`, `AzureGovernment`, ... (empty when the file has none).
+    pub cloud: String,
+    /// Number of tags.
+    pub tags: usize,
+    /// Modification time when read.
+    pub modified: Option<SystemTime>,
+}
+
+impl TagsFile {
+    /// How long before `now` the file was written; `None` when unknown (or
+    /// written in the future).
+    pub fn age(&self, now: SystemTime) -> Option<Duration> {
+        now.duration_since(self.modified?).ok()
+    }
+
+    /// Where the refresh script records its last outcome: `FILE.status`.
+    pub fn status_path(&self) -> PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(".status");
+        name.into()
+    }
+}
+
+/// The refresh timer's last outcome, from the `FILE.status` the refresh
+/// script (`deploy/refresh-service-tags.sh`) writes next to the tags file:
+/// `key=value` lines, `result=success|failure`, `finished=UNIX_SECONDS`,
+/// `message=TEXT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshStatus {
+    /// The last run replaced the file and reloaded the gateway.
+    pub ok: bool,
+    /// When it ended (Unix seconds).
+    pub finished: u64,
+    /// What went wrong (or what it loaded).
+    pub message: String,
+}
+
+impl RefreshStatus {
+    /// Parses the status text; `None` when `result` or `finished` is missing or malformed.
+    pub fn parse(text: &str) -> Option<RefreshStatus> {
+        let (mut ok, mut finished, mut message) = (None, None, String::new());
+        for line in text.lines() {
+            match line.split_once('=') {
+                Some(("result", "success")) => ok = Some(true),
+                Some(("result", "failure")) => ok = Some(false),
+                Some(("finished", t)) => finished = t.trim().parse().ok(),
+                Some(("message", m)) => message = m.trim().to_string(),
+                _ => {}
+            }
+        }
+        Some(RefreshStatus {
+            ok: ok?,
+            finished: finished?,
+            message,
+        })
+    }
+
+    /// Reads `file`'s status file; `None` when there is none (no refresh
+    /// timer) or it cannot be read or parsed.
+    pub fn read(file: &TagsFile) -> Option<RefreshStatus> {
+        RefreshStatus::parse(&std::fs::read_to_string(file.status_path()).ok()?)
+    }
+
+    /// When it ended.
+    pub fn finished_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.finished)
+    }
 }
 
 impl ServiceTags {
@@ -140,9 +226,16 @@ impl ServiceTags {
             }
             tags.insert(key, (value.name, nets));
         }
+        if tags.is_empty() {
+            return Err(ServiceTagsError::Empty {
+                path: path.to_string(),
+            });
+        }
         Ok(ServiceTags {
             change_number: file.change_number,
             cloud: file.cloud,
+            path: PathBuf::from(path),
+            modified: None,
             tags,
         })
     }
@@ -157,7 +250,21 @@ impl ServiceTags {
             path: shown.clone(),
             source,
         })?;
-        ServiceTags::parse(&shown, &text)
+        let mut tags = ServiceTags::parse(&shown, &text)?;
+        tags.path = path.to_path_buf();
+        tags.modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        Ok(tags)
+    }
+
+    /// What this file is, for reports and metrics.
+    pub fn file(&self) -> TagsFile {
+        TagsFile {
+            path: self.path.clone(),
+            change_number: self.change_number,
+            cloud: self.cloud.clone(),
+            tags: self.tags.len(),
+            modified: self.modified,
+        }
     }
 
     /// The prefixes of a tag, looked up case-insensitively.
@@ -256,6 +363,10 @@ mod tests {
         let err = ServiceTags::parse("d.json", dup).unwrap_err().to_string();
         assert!(err.contains("tag a appears twice"), "{err}");
         let bad_number = r#"{"changeNumber": "12x", "values": []}"#;
+        let err = ServiceTags::parse("e.json", r#"{"changeNumber": "3", "values": []}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("e.json: no service tags in the file"), "{err}");
         let err = ServiceTags::parse("n.json", bad_number)
             .unwrap_err()
             .to_string();
@@ -273,6 +384,77 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("'10.0.0.0/33' is not a CIDR"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_are_refused_with_their_place() {
+        for (text, want) in [
+            (r#"{"values": {}}"#, "expected a sequence"),
+            (
+                r#"{"values": [{"name": 7, "properties": {}}]}"#,
+                "expected a string",
+            ),
+            (
+                r#"{"values": [{"name": "A", "properties": {"addressPrefixes": "10.0.0.0/8"}}]}"#,
+                "expected a sequence",
+            ),
+            (r#"{"changeNumber": -1, "values": []}"#, "changeNumber"),
+            (r#"{"cloud": "Public"}"#, "missing field `values`"),
+            ("", "EOF"),
+        ] {
+            let err = ServiceTags::parse("w.json", text).unwrap_err().to_string();
+            assert!(
+                err.starts_with("w.json:") && err.contains(want),
+                "{text}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_loaded_file_says_what_it_is_and_where_its_status_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tags.json");
+        std::fs::write(&path, SUBSET).unwrap();
+        let week_ago = SystemTime::now() - Duration::from_secs(7 * 86_400 + 60);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(week_ago)
+            .unwrap();
+        let file = ServiceTags::load(&path).unwrap().file();
+        assert_eq!((file.change_number, file.tags), (376, 85));
+        assert_eq!(file.cloud, "Public");
+        assert_eq!(file.path, path);
+        let days = file.age(SystemTime::now()).unwrap().as_secs() / 86_400;
+        assert_eq!(days, 7);
+        assert_eq!(file.status_path(), dir.path().join("tags.json.status"));
+        assert_eq!(RefreshStatus::read(&file), None, "no status file yet");
+        std::fs::write(
+            file.status_path(),
+            "result=failure\nfinished=1700000000\nmessage=az network list-service-tags failed\n",
+        )
+        .unwrap();
+        let status = RefreshStatus::read(&file).unwrap();
+        assert!(!status.ok);
+        assert_eq!(
+            status.finished_at(),
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+        );
+        assert_eq!(status.message, "az network list-service-tags failed");
+        assert!(
+            RefreshStatus::parse("result=success\nfinished=12\n")
+                .unwrap()
+                .ok
+        );
+        for bad in [
+            "",
+            "result=success\n",
+            "result=maybe\nfinished=1\n",
+            "result=failure\nfinished=x\n",
+        ] {
+            assert_eq!(RefreshStatus::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -329,7 +329,8 @@ fn check_says_which_rules_wait_for_service_tags() {
         text(&out)
     );
     assert!(
-        text(&out).contains("servicetags-public-subset.json (change number 376, "),
+        text(&out)
+            .contains("servicetags-public-subset.json (change number 376, cloud Public, 85 tags, "),
         "check says which tags file it loaded: {}",
         text(&out)
     );

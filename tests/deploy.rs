@@ -20,6 +20,16 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const BIN: &str = env!("CARGO_BIN_EXE_portcullis");
 /// Where deploy/README.md installs the script and the config.
 const INSTALLED_SCRIPT: &str = "/usr/local/lib/portcullis/apply-nftables.sh";
+const INSTALLED_REFRESH: &str = "/usr/local/lib/portcullis/refresh-service-tags.sh";
+/// Every unit in deploy/systemd.
+const UNITS: [&str; 6] = [
+    "portcullis.service",
+    "portcullis-nftables.service",
+    "portcullis-ruleset-counters.service",
+    "portcullis-ruleset-counters.timer",
+    "portcullis-service-tags.service",
+    "portcullis-service-tags.timer",
+];
 const INSTALLED_BIN: &str = "/usr/local/bin/portcullis";
 const INSTALLED_CONFIG: &str = "/etc/portcullis/portcullis.toml";
 
@@ -141,6 +151,24 @@ fn unit_files_declare_the_ordering_and_privileges() {
         "ExecStartPre={pre}"
     );
 
+    // The service tags refresh: weekly, spread, caught up after downtime;
+    // root without capabilities, settings from /etc/default/portcullis.
+    let timer = Unit::load("portcullis-service-tags.timer");
+    assert_eq!(timer.one("OnCalendar"), "weekly");
+    assert_eq!(timer.one("Persistent"), "true");
+    assert!(timer.one("RandomizedDelaySec").ends_with('h'));
+    let refresh = Unit::load("portcullis-service-tags.service");
+    assert_eq!(refresh.one("ExecStart"), INSTALLED_REFRESH);
+    assert_eq!(refresh.one("EnvironmentFile"), "-/etc/default/portcullis");
+    assert_eq!(refresh.one("CapabilityBoundingSet"), "");
+    assert_eq!(refresh.one("NoNewPrivileges"), "yes");
+    assert_eq!(refresh.one("ProtectSystem"), "strict");
+    assert_eq!(refresh.one("StateDirectory"), "portcullis");
+    assert_eq!(refresh.one("StateDirectoryMode"), "0755");
+    // The default file it refreshes is in that state folder.
+    let script = std::fs::read_to_string(deploy("refresh-service-tags.sh")).unwrap();
+    assert!(script.contains("PORTCULLIS_SERVICE_TAGS:-/var/lib/portcullis/service-tags.json}"));
+
     // Nothing in the sysctl file turns forwarding on (a comment may name it).
     let sysctl = std::fs::read_to_string(deploy("sysctl.d/90-portcullis.conf")).unwrap();
     let set: Vec<&str> = sysctl
@@ -181,13 +209,9 @@ fn verify_root(dir: &Path) {
     };
     put(Path::new(BIN), INSTALLED_BIN);
     put(&deploy("apply-nftables.sh"), INSTALLED_SCRIPT);
+    put(&deploy("refresh-service-tags.sh"), INSTALLED_REFRESH);
     put(Path::new("/bin/kill"), "/bin/kill");
-    for unit in [
-        "portcullis.service",
-        "portcullis-nftables.service",
-        "portcullis-ruleset-counters.service",
-        "portcullis-ruleset-counters.timer",
-    ] {
+    for unit in UNITS {
         put(
             &deploy(&format!("systemd/{unit}")),
             &format!("/etc/systemd/system/{unit}"),
@@ -221,12 +245,7 @@ fn units_pass_systemd_analyze_verify() {
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(format!("--root={}", dir.path().display()))
-        .args([
-            "portcullis-nftables.service",
-            "portcullis.service",
-            "portcullis-ruleset-counters.service",
-            "portcullis-ruleset-counters.timer",
-        ])
+        .args(UNITS)
         .output()
         .unwrap();
     // verify exits 0 on unknown keys and only warns: any output is a failure.
@@ -242,6 +261,7 @@ fn units_pass_systemd_analyze_verify() {
         "portcullis-nftables.service",
         "portcullis.service",
         "portcullis-ruleset-counters.service",
+        "portcullis-service-tags.service",
     ] {
         let out = Command::new("systemd-analyze")
             .args(["security", "--offline=true", "--no-pager"])

@@ -41,6 +41,10 @@ fn the_package_builds_passes_lintian_installs_and_purges() {
         "./lib/systemd/system/portcullis.service",
         "./lib/systemd/system/portcullis-nftables.service",
         "./usr/lib/portcullis/apply-nftables.sh",
+        "./usr/lib/portcullis/refresh-service-tags.sh",
+        "./lib/systemd/system/portcullis-service-tags.service",
+        "./lib/systemd/system/portcullis-service-tags.timer",
+        "./etc/default/portcullis",
         "./usr/lib/sysusers.d/portcullis.conf",
         "./etc/portcullis/portcullis.toml",
     ] {
@@ -50,7 +54,10 @@ fn the_package_builds_passes_lintian_installs_and_purges() {
         );
     }
     let conffiles = ok(Command::new("dpkg-deb").args(["-I", &deb, "conffiles"]));
-    assert_eq!(conffiles.trim(), "/etc/portcullis/portcullis.toml");
+    assert_eq!(
+        conffiles.trim(),
+        "/etc/default/portcullis\n/etc/portcullis/portcullis.toml"
+    );
 
     let _ = Command::new("dpkg")
         .args(["--purge", "portcullis"])
@@ -68,12 +75,25 @@ fn the_package_builds_passes_lintian_installs_and_purges() {
     let unit = std::fs::read_to_string("/lib/systemd/system/portcullis.service").unwrap();
     assert!(unit.contains("ExecStart=/usr/bin/portcullis run"), "{unit}");
     assert!(!unit.contains("/usr/local/"), "{unit}");
+    let refresh = std::fs::read_to_string("/usr/lib/portcullis/refresh-service-tags.sh").unwrap();
+    assert!(
+        refresh.contains("PORTCULLIS:-/usr/bin/portcullis}") && !refresh.contains("/usr/local/"),
+        "{refresh}"
+    );
+    let tags_unit =
+        std::fs::read_to_string("/lib/systemd/system/portcullis-service-tags.service").unwrap();
+    assert!(
+        tags_unit.contains("ExecStart=/usr/lib/portcullis/refresh-service-tags.sh"),
+        "{tags_unit}"
+    );
     if have("systemd-analyze", &["--version"]) {
         for unit in [
             "portcullis.service",
             "portcullis-nftables.service",
             "portcullis-ruleset-counters.service",
             "portcullis-ruleset-counters.timer",
+            "portcullis-service-tags.service",
+            "portcullis-service-tags.timer",
         ] {
             let out = Command::new("systemd-analyze")
                 .arg("verify")
@@ -90,4 +110,5 @@ fn the_package_builds_passes_lintian_installs_and_purges() {
     ok(Command::new("dpkg").args(["--purge", "portcullis"]));
     assert!(!Path::new("/usr/bin/portcullis").exists());
     assert!(!Path::new("/etc/portcullis/portcullis.toml").exists());
+    assert!(!Path::new("/etc/default/portcullis").exists());
 }

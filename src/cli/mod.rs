@@ -325,6 +325,43 @@ fn log_started(gw: &Gateway, config_name: &str) {
         mode = ?p.mode(),
         "portcullis {} started", env!("CARGO_PKG_VERSION")
     );
+    log_service_tags(&p);
+}
+
+/// Which service tags file the gateway runs with, and a warning when it is
+/// stale (the same threshold as `check`) or its last refresh failed.
+fn log_service_tags(p: &crate::policy::Policy) {
+    let Some(file) = p.service_tags_file() else {
+        tracing::info!("no service tags file: rules naming service tags are inactive");
+        return;
+    };
+    let age_days = file
+        .age(std::time::SystemTime::now())
+        .map(|d| d.as_secs() / 86_400);
+    tracing::info!(
+        path = %file.path.display(),
+        change_number = file.change_number,
+        cloud = %file.cloud,
+        tags = file.tags,
+        // -1: the file's modification time is unknown.
+        age_days = age_days.map_or(-1, |d| d as i64),
+        "service tags loaded"
+    );
+    if let Some(status) = crate::servicetags::RefreshStatus::read(file).filter(|s| !s.ok) {
+        tracing::warn!(
+            status = %file.status_path().display(),
+            reason = %status.message,
+            "the last service tags refresh failed; running with the file it left in place"
+        );
+    }
+    if let Some(d) = age_days.filter(|d| *d > report::SERVICE_TAGS_STALE_DAYS) {
+        tracing::warn!(
+            path = %file.path.display(),
+            age_days = d,
+            "the service tags file is {d} days old: Azure's address ranges change weekly; \
+             enable portcullis-service-tags.timer"
+        );
+    }
 }
 
 /// Two one-shot channels: the first SIGTERM/SIGINT, and the second.

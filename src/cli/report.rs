@@ -13,6 +13,7 @@ use crate::config::{ExpectVerdict, Protocol};
 
 use crate::load::Loaded;
 use crate::policy::{Decision, Dest, Policy, RuleState, Target, Verdict, host};
+use crate::servicetags::RefreshStatus;
 
 /// A destination argument, parsed and normalised.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,29 +228,49 @@ pub(super) fn check(loaded: &Loaded) -> Result<ExitCode> {
 }
 
 /// Service tags older than this draw a warning: Microsoft publishes weekly.
-const SERVICE_TAGS_STALE_DAYS: u64 = 30;
+pub(super) const SERVICE_TAGS_STALE_DAYS: u64 = 30;
 
-/// Which service tags file was loaded, its change number and age; a warning
-/// when it is older than [`SERVICE_TAGS_STALE_DAYS`].
+/// Which service tags file was loaded (path, change number, cloud, tag
+/// count, age); a warning when it is older than [`SERVICE_TAGS_STALE_DAYS`];
+/// and the refresh timer's last outcome when its status file exists.
 fn service_tags_line(loaded: &Loaded) -> Option<String> {
-    let path = loaded.service_tags_path.as_ref()?;
-    let change = loaded.policy.service_tags_change().unwrap_or(0);
-    let days = std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .map(|d| d.as_secs() / 86_400);
+    let file = loaded.policy.service_tags_file()?;
+    let now = std::time::SystemTime::now();
+    let days = file.age(now).map(|d| d.as_secs() / 86_400);
     let age = days.map_or("age unknown".to_string(), |d| format!("{d} day(s) old"));
-    let line = format!(
-        "service tags: {} (change number {change}, {age})",
-        path.display()
+    let cloud = if file.cloud.is_empty() {
+        "no cloud named"
+    } else {
+        &file.cloud
+    };
+    let mut line = format!(
+        "service tags: {} (change number {}, cloud {cloud}, {} tags, {age})",
+        file.path.display(),
+        file.change_number,
+        file.tags
     );
-    Some(match days {
-        Some(d) if d > SERVICE_TAGS_STALE_DAYS => format!(
-            "{line}\nwarning: the service tags file is {d} days old: Azure's address ranges change weekly; refresh it (az network list-service-tags --location <region> > FILE)"
-        ),
-        _ => line,
-    })
+    if let Some(d) = days.filter(|d| *d > SERVICE_TAGS_STALE_DAYS) {
+        line.push_str(&format!(
+            "\nwarning: the service tags file is {d} days old: Azure's address ranges change weekly; \
+             refresh it (systemctl start portcullis-service-tags, or az network list-service-tags --location <region> > FILE)"
+        ));
+    }
+    if let Some(status) = RefreshStatus::read(file) {
+        let ago = now
+            .duration_since(status.finished_at())
+            .map_or(0, |d| d.as_secs() / 3_600);
+        let (what, lead) = if status.ok {
+            ("succeeded", "")
+        } else {
+            ("FAILED", "warning: ")
+        };
+        line.push_str(&format!(
+            "\n{lead}service tags refresh: the last run {what} {ago} hour(s) ago: {} ({})",
+            status.message,
+            file.status_path().display()
+        ));
+    }
+    Some(line)
 }
 
 /// What `[admin] require_ruleset = true` makes `/readyz` require, and a

@@ -91,7 +91,7 @@ impl Policy {
             dns_servers,
             scenarios,
             vars,
-            service_tags_change: input.service_tags.map(|t| t.change_number),
+            service_tags: input.service_tags.map(ServiceTags::file),
             generation: input.generation,
             config_sha256: sha256_hex(source.text.as_bytes()),
         };

@@ -82,7 +82,7 @@ struct Inner {
     dns_servers: Vec<SocketAddr>,
     scenarios: Vec<ScenarioState>,
     vars: BTreeMap<String, String>,
-    service_tags_change: Option<u64>,
+    service_tags: Option<crate::servicetags::TagsFile>,
     generation: u64,
     /// SHA-256 of the config text, hex (`portcullis_config_info`).
     config_sha256: String,
@@ -303,7 +303,12 @@ impl Policy {
 
     /// `changeNumber` of the service tags file in use.
     pub fn service_tags_change(&self) -> Option<u64> {
-        self.inner.service_tags_change
+        self.inner.service_tags.as_ref().map(|t| t.change_number)
+    }
+
+    /// The service tags file in use: path, change number, cloud, age.
+    pub fn service_tags_file(&self) -> Option<&crate::servicetags::TagsFile> {
+        self.inner.service_tags.as_ref()
     }
 
     /// Reload generation.
