@@ -5,6 +5,7 @@
 //! `report` are the only ones (with `main.rs`) that use `anyhow` and print
 //! for humans; `run` hands the gateway's lifecycle to [`crate::serve`].
 
+mod init;
 mod report;
 
 pub use report::{DestArg, parse_dest};
@@ -70,6 +71,11 @@ enum Command {
     /// Inspect the built-in Azure ML profile.
     #[command(subcommand)]
     Profile(ProfileCmd),
+    /// Write a complete, commented config for an Azure ML workspace (passes `check`).
+    Init(init::InitArgs),
+    /// Turn what Azure lists into rules a config can include.
+    #[command(subcommand)]
+    Import(init::ImportCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +115,11 @@ fn parse_proto(text: &str) -> Result<Protocol, String> {
 /// # Errors
 /// Anything that should end the process with exit code 2.
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Init(args) => return init::init(args, cli.common.service_tags.as_deref()),
+        Command::Import(cmd) => return init::import(cmd),
+        _ => {}
+    }
     let input = cli.common.load_input();
     let loaded = match (&cli.command, input.load(1)) {
         (_, Ok(l)) => l,
@@ -139,6 +150,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Profile(ProfileCmd::Show { scenario }) => {
             report::profile_show(&loaded.policy, scenario.as_deref())
         }
+        Command::Init(_) | Command::Import(_) => unreachable!("handled before loading"),
     }
 }
 
