@@ -359,8 +359,13 @@ fn init_writes_a_config_that_checks_and_explains() {
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&cfg), 0o640);
+
     // No overwrite without --force; the file is untouched.
     std::fs::write(&cfg, "# mine\n").unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
     let out = portcullis(&init_args("westus2", &["--out", &c]));
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(
@@ -371,6 +376,7 @@ fn init_writes_a_config_that_checks_and_explains() {
     assert_eq!(std::fs::read_to_string(&cfg).unwrap(), "# mine\n");
     let out = portcullis(&init_args("westus2", &["--out", &c, "--force"]));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(mode(&cfg), 0o600, "a replaced file keeps its mode");
     let out = portcullis(&["-c", &c, "check"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
@@ -420,4 +426,43 @@ fn init_on_stdout_inlines_dependencies_and_refuses_bad_values() {
         "{}",
         text(&out)
     );
+}
+
+/// The config the Debian package installs is `init`'s output for the
+/// example values the README and the deploy guide use, so the three agree.
+#[test]
+fn the_package_config_is_what_init_writes() {
+    let args = [
+        "init",
+        "--region",
+        "westeurope",
+        "--storage",
+        "mystorageaccount",
+        "--acr",
+        "myregistry",
+        "--workspace-id",
+        "00000000-0000-0000-0000-000000000000",
+        "--vnet",
+        "10.0.0.0/16",
+        "--compute-subnet",
+        "10.0.2.0/24",
+    ];
+    let out = portcullis(&args);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let root = env!("CARGO_MANIFEST_DIR");
+    let shipped = std::fs::read_to_string(format!("{root}/config/package.toml")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout) == shipped,
+        "config/package.toml differs from init's output: regenerate it with\n  portcullis {} > config/package.toml",
+        args.join(" ")
+    );
+    for doc in ["README.md", "deploy/README.md"] {
+        let text = std::fs::read_to_string(format!("{root}/{doc}")).unwrap();
+        for flag in [
+            "--region westeurope",
+            "--vnet 10.0.0.0/16 --compute-subnet 10.0.2.0/24",
+        ] {
+            assert!(text.contains(flag), "{doc} does not use `{flag}`");
+        }
+    }
 }

@@ -216,6 +216,8 @@ fn compile_or_bail(
 
 /// Writes a file, creating its folder: the text goes to `FILE.tmp` first,
 /// then replaces the file in one rename, so a reader never sees half of it.
+/// A replaced file's mode, owner and group carry over (the package's
+/// `root:portcullis 0640`); a new file gets mode 0640.
 fn write_file(path: &Path, text: &str) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -228,7 +230,23 @@ fn write_file(path: &Path, text: &str) -> Result<()> {
     file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
+    keep_access(path, &tmp).with_context(|| format!("cannot set the mode of {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+}
+
+/// Gives `tmp` the mode, owner and group of `path` if it exists (owner and
+/// group only where this process may), else mode 0640.
+fn keep_access(path: &Path, tmp: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            std::fs::set_permissions(tmp, meta.permissions())?;
+            // Only root may give a file away; anyone else keeps their own.
+            let _ = std::os::unix::fs::chown(tmp, Some(meta.uid()), Some(meta.gid()));
+            Ok(())
+        }
+        Err(_) => std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o640)),
+    }
 }
 
 /// A TOML basic string.
