@@ -165,8 +165,8 @@ pub struct Config {
 pub struct Included {
     /// Its path (as reported) and text.
     pub source: Source,
-    /// Index of the `[policy] include` pattern that named it.
-    pub pattern: usize,
+    /// Indexes of the `[policy] include` patterns that named it.
+    pub patterns: Vec<usize>,
     /// Its `[[rule]]` blocks.
     pub rules: Vec<RuleConfig>,
     /// Its `[[expect]]` blocks.
@@ -195,7 +195,7 @@ impl Included {
             toml::from_str(&source.text).map_err(|err| parse_error(&source, &err))?;
         Ok(Included {
             source,
-            pattern,
+            patterns: vec![pattern],
             rules: fragment.rules,
             expects: fragment.expects,
         })
@@ -624,8 +624,9 @@ mod include {
     ) -> Result<Vec<Included>, ConfigError> {
         let base = config_path.parent().unwrap_or(Path::new(""));
         let own = std::fs::canonicalize(config_path).ok();
-        let mut seen: Vec<PathBuf> = own.into_iter().collect();
-        let mut out = Vec::new();
+        // Canonical paths read so far, each with its place in `out` (none: the config).
+        let mut seen: Vec<(PathBuf, Option<usize>)> = own.map(|p| (p, None)).into_iter().collect();
+        let mut out: Vec<Included> = Vec::new();
         for (index, pattern) in patterns.iter().enumerate() {
             let error = |message: String| ConfigError::Include {
                 location: config_source.locate(&pattern.span()),
@@ -634,11 +635,14 @@ mod include {
             };
             for path in expand(pattern.get_ref(), base).map_err(error)? {
                 let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
-                if seen.contains(&canonical) {
-                    continue;
+                match seen.iter().find(|(p, _)| *p == canonical) {
+                    Some((_, Some(k))) => out[*k].patterns.push(index),
+                    Some((_, None)) => {}
+                    None => {
+                        seen.push((canonical, Some(out.len())));
+                        out.push(Included::parse(read_source(&path)?, index)?);
+                    }
                 }
-                seen.push(canonical);
-                out.push(Included::parse(read_source(&path)?, index)?);
             }
         }
         Ok(out)

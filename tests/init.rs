@@ -92,6 +92,25 @@ fn included_rules_and_expects_take_part() {
     assert!(text(&out).contains(&at), "{}", text(&out));
 }
 
+/// `*.toml` beside the config skips the config itself, and a file two
+/// patterns name is read once.
+#[test]
+fn the_including_file_and_repeats_are_read_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("portcullis.toml");
+    write(
+        &cfg,
+        "[policy]\nprofile = \"none\"\ninclude = [\"*.toml\", \"pypi.toml\"]\n",
+    );
+    write(
+        &dir.path().join("pypi.toml"),
+        "[[rule]]\nname = \"pypi\"\nhosts = [\"pypi.org\"]\n",
+    );
+    let out = portcullis(&["-c", &s(&cfg), "explain", "pypi.org"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("allow rule=pypi "), "{}", text(&out));
+}
+
 /// An error in an included file names that file, line and column, both a
 /// rule error and a parse error; an included file cannot include.
 #[test]

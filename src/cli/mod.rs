@@ -115,6 +115,11 @@ fn parse_proto(text: &str) -> Result<Protocol, String> {
 /// # Errors
 /// Anything that should end the process with exit code 2.
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    if let Command::Init(_) | Command::Import(_) = &cli.command
+        && (cli.common.config.is_some() || !cli.common.vars.is_empty())
+    {
+        bail!("init and import read no config and take no --var: they write one (--out FILE)");
+    }
     match &cli.command {
         Command::Init(args) => return init::init(args, cli.common.service_tags.as_deref()),
         Command::Import(cmd) => return init::import(cmd),

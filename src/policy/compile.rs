@@ -62,7 +62,7 @@ fn config_rules(config: &Config) -> impl Iterator<Item = (usize, String, &RuleCo
 /// (a drop-in folder may be empty, and fewer rules only deny more).
 fn unmatched_includes(config: &Config, d: &mut Diags<'_>) {
     for (i, pattern) in config.policy.include.iter().enumerate() {
-        if config.included.iter().any(|inc| inc.pattern == i) {
+        if config.included.iter().any(|inc| inc.patterns.contains(&i)) {
             continue;
         }
         let path = format!("policy.include[{i}]");
