@@ -485,3 +485,47 @@ fn the_package_config_is_what_init_writes() {
         }
     }
 }
+
+/// Every `portcullis init` command in README.md and deploy/README.md runs
+/// as written (its `--out` moved to a temporary folder) and writes a config
+/// that passes `check`.
+#[test]
+fn init_commands_in_the_docs_run() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut ran = 0;
+    for doc in ["README.md", "deploy/README.md"] {
+        let body = std::fs::read_to_string(format!("{root}/{doc}")).unwrap();
+        let joined = body.replace("\\\n", " ");
+        for line in joined.lines().filter(|l| l.contains("portcullis init ")) {
+            let Some(start) = line.find("portcullis init ") else {
+                continue;
+            };
+            if line[..start].contains('`') {
+                continue; // prose, not a command
+            }
+            let words: Vec<&str> = line[start + "portcullis ".len()..]
+                .split_whitespace()
+                .take_while(|w| !w.starts_with('#'))
+                .collect();
+            let dir = tempfile::tempdir().unwrap();
+            let out_file = dir.path().join("portcullis.toml");
+            let out_path = s(&out_file);
+            let mut args: Vec<&str> = Vec::new();
+            let mut iter = words.iter();
+            while let Some(w) = iter.next() {
+                args.push(w);
+                if *w == "--out" {
+                    iter.next();
+                    args.push(&out_path);
+                }
+            }
+            assert!(args.contains(&"--out"), "{doc}: {line}");
+            let out = portcullis(&args);
+            assert_eq!(out.status.code(), Some(0), "{doc}: {line}\n{}", text(&out));
+            let out = portcullis(&["-c", &out_path, "check"]);
+            assert_eq!(out.status.code(), Some(0), "{doc}: {line}\n{}", text(&out));
+            ran += 1;
+        }
+    }
+    assert!(ran >= 3, "found {ran} init commands in the docs");
+}
