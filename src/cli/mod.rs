@@ -115,10 +115,13 @@ fn parse_proto(text: &str) -> Result<Protocol, String> {
 /// # Errors
 /// Anything that should end the process with exit code 2.
 pub fn run(cli: Cli) -> Result<ExitCode> {
-    if let Command::Init(_) | Command::Import(_) = &cli.command
-        && (cli.common.config.is_some() || !cli.common.vars.is_empty())
-    {
-        bail!("init and import read no config and take no --var: they write one (--out FILE)");
+    let writes = matches!(cli.command, Command::Init(_) | Command::Import(_));
+    let import_tags =
+        matches!(cli.command, Command::Import(_)) && cli.common.service_tags.is_some();
+    if writes && (cli.common.config.is_some() || !cli.common.vars.is_empty() || import_tags) {
+        bail!(
+            "init and import read no config and take no --var (import no --service-tags either): they write one (--out FILE)"
+        );
     }
     match &cli.command {
         Command::Init(args) => return init::init(args, cli.common.service_tags.as_deref()),
