@@ -581,6 +581,16 @@ impl Config {
         toml::from_str(&source.text).map_err(|err| parse_error(source, &err))
     }
 
+    /// The `[[expect]]` tests of this file (whose text is `own`) and of each
+    /// included file, each with the text its spans point into.
+    pub fn expects_by_file<'a>(
+        &'a self,
+        own: &'a Source,
+    ) -> impl Iterator<Item = (&'a Source, &'a [Expect])> {
+        let included = (self.included.iter()).map(|inc| (&inc.source, inc.expects.as_slice()));
+        std::iter::once((own, self.expects.as_slice())).chain(included)
+    }
+
     /// Reads and parses a config file and the files its `[policy] include` names.
     ///
     /// # Errors

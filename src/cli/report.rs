@@ -165,11 +165,9 @@ pub(super) fn check(loaded: &Loaded) -> Result<ExitCode> {
             waiting.join(", ")
         )?;
     }
-    let own = std::iter::once((&loaded.source, &loaded.config.expects));
-    let included = (loaded.config.included.iter()).map(|inc| (&inc.source, &inc.expects));
     let mut failed = 0;
     let mut n = 0;
-    for (source, expects) in own.chain(included) {
+    for (source, expects) in loaded.config.expects_by_file(&loaded.source) {
         n += expects.len();
         failed += run_expects(&mut out, p, source, expects)?;
     }
