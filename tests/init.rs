@@ -529,3 +529,24 @@ fn init_commands_in_the_docs_run() {
     }
     assert!(ran >= 3, "found {ran} init commands in the docs");
 }
+
+/// Files already in `rules.d/` are part of what `init --out` writes: when
+/// the whole does not pass `check`, init says so and fails.
+#[test]
+fn init_checks_the_config_with_the_files_beside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("portcullis.toml");
+    write(
+        &dir.path().join("rules.d/zz-mine.toml"),
+        "[[rule]]\nname = \"aml-dep-api\"\nhosts = [\"mine.example\"]\n",
+    );
+    let deps = data("aml-outbound-dependencies-example-2021-07-01.json");
+    let out = portcullis(&init_args(
+        "westus2",
+        &["--dependencies", &deps, "--out", &s(&cfg)],
+    ));
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("does not pass `check`"), "{t}");
+    assert!(t.contains("rule name 'aml-dep-api' is already used"), "{t}");
+}

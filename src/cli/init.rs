@@ -147,16 +147,10 @@ pub(super) fn init(args: &InitArgs, service_tags: Option<&Path>) -> Result<ExitC
         .out
         .as_ref()
         .map_or("<stdout>".into(), |p| p.display().to_string());
-    let included = rules_file.as_ref().zip(deps.as_ref());
-    let included_name = included.map(|(p, _)| p.display().to_string());
-    compile_or_bail(
-        &text,
-        &name,
-        included_name
-            .as_deref()
-            .zip(included.map(|(_, d)| d.text.as_str())),
-        tags.as_deref(),
-    )?;
+    let included = (rules_file.as_ref().zip(deps.as_ref()))
+        .map(|(p, d)| (p.display().to_string(), d.text.as_str()));
+    let included = included.as_ref().map(|(n, t)| (n.as_str(), *t));
+    compile_or_bail(&text, &name, included, tags.as_deref())?;
     let Some(out) = &args.out else {
         print!("{text}");
         return Ok(ExitCode::SUCCESS);
@@ -171,6 +165,13 @@ pub(super) fn init(args: &InitArgs, service_tags: Option<&Path>) -> Result<ExitC
         eprintln!("wrote {} ({} rule(s))", path.display(), d.rules);
     }
     write_file(out, &text)?;
+    // Other files already in rules.d/ are included too: check the whole.
+    if let Err(e) = crate::load::load(Some(out), &[], None, 0) {
+        bail!(
+            "wrote {}, but with the files beside it it does not pass `check`:\n{e}",
+            out.display()
+        );
+    }
     eprintln!(
         "wrote {}: check it with `portcullis check -c {}`",
         out.display(),
