@@ -3,8 +3,9 @@
 //! In: the text of a config file (or of the embedded profile). Out: a typed,
 //! defaulted [`Config`] whose user-written strings keep their byte spans, so
 //! that `policy::compile` can report `file:line:col` for every semantic error.
-//! This module does no I/O beyond reading the file it is given and never
-//! interprets rules: that is `policy::compile`'s job.
+//! This module does no I/O beyond reading the file it is given and the files
+//! its `[policy] include` names (each parsed as rules and expectations, located
+//! in its own text), and never interprets rules: that is `policy::compile`'s job.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -110,6 +111,16 @@ pub enum ConfigError {
         /// The parser's message, without its own position.
         message: String,
     },
+    /// An `[policy] include` pattern that cannot be used (bad form, unreadable folder).
+    #[error("{location}: policy.include[{index}]: {message}")]
+    Include {
+        /// Where the pattern was written.
+        location: Location,
+        /// Index in `[policy] include`.
+        index: usize,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// The whole config file. Every table is optional.
@@ -149,6 +160,52 @@ pub struct Config {
     /// Policy tests run by `portcullis check` (`[[expect]]`).
     #[serde(default, rename = "expect")]
     pub expects: Vec<Expect>,
+    /// The files `[policy] include` named, in the order read (filled by [`Config::load`]).
+    #[serde(skip)]
+    pub included: Vec<Included>,
+}
+
+/// A file named by `[policy] include`: its rules and expectations, which
+/// come after the including file's, located in its own text.
+#[derive(Debug)]
+pub struct Included {
+    /// Its path (as reported) and text.
+    pub source: Source,
+    /// Indexes of the `[policy] include` patterns that named it.
+    pub patterns: Vec<usize>,
+    /// Its `[[rule]]` blocks.
+    pub rules: Vec<RuleConfig>,
+    /// Its `[[expect]]` blocks.
+    pub expects: Vec<Expect>,
+}
+
+/// What an included file may hold: rules and expectations only, so an
+/// included file cannot include further files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fragment {
+    #[serde(default, rename = "rule")]
+    rules: Vec<RuleConfig>,
+    #[serde(default, rename = "expect")]
+    expects: Vec<Expect>,
+}
+
+impl Included {
+    /// Parses the text of an included file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] located in `source`; anything but `[[rule]]`
+    /// and `[[expect]]` is an unknown field.
+    pub fn parse(source: Source, pattern: usize) -> Result<Included, ConfigError> {
+        let fragment: Fragment =
+            toml::from_str(&source.text).map_err(|err| parse_error(&source, &err))?;
+        Ok(Included {
+            source,
+            patterns: vec![pattern],
+            rules: fragment.rules,
+            expects: fragment.expects,
+        })
+    }
 }
 
 /// `[listen]`: where each listener binds. Changing these needs a restart.
@@ -331,6 +388,13 @@ pub struct PolicyConfig {
     /// accounts you own. Unknown names are errors. Default: none.
     #[serde(default)]
     pub disable_rules: Vec<Spanned<String>>,
+    /// Files of `[[rule]]` (and `[[expect]]`) blocks merged after this file's,
+    /// relative to this file: `rules.d/*.toml`. A `*` may stand only in the
+    /// file-name part; matches are read in sorted order; a pattern with a `*`
+    /// that matches nothing is a warning, a plain path that is missing an
+    /// error. Included files cannot include. Default: none.
+    #[serde(default)]
+    pub include: Vec<Spanned<String>>,
 }
 
 fn default_profile() -> Spanned<String> {
@@ -351,6 +415,7 @@ impl Default for PolicyConfig {
             service_tags: None,
             require_matching_sni: true,
             disable_rules: Vec::new(),
+            include: Vec::new(),
         }
     }
 }
@@ -591,21 +656,140 @@ impl Config {
         toml::from_str(&source.text).map_err(|err| parse_error(source, &err))
     }
 
-    /// Reads and parses a config file.
+    /// The `[[expect]]` tests of this file (whose text is `own`) and of each
+    /// included file, each with the text its spans point into.
+    pub fn expects_by_file<'a>(
+        &'a self,
+        own: &'a Source,
+    ) -> impl Iterator<Item = (&'a Source, &'a [Expect])> {
+        let included = (self.included.iter()).map(|inc| (&inc.source, inc.expects.as_slice()));
+        std::iter::once((own, self.expects.as_slice())).chain(included)
+    }
+
+    /// Reads and parses a config file and the files its `[policy] include` names.
     ///
     /// # Errors
-    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    /// [`ConfigError::Read`], [`ConfigError::Parse`] (located in the file
+    /// where it was found) or [`ConfigError::Include`].
     pub fn load(path: &Path) -> Result<(Config, Source), ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let source = Source {
-            name: path.display().to_string(),
-            text,
-        };
-        let config = Config::parse(&source)?;
+        let source = read_source(path)?;
+        let mut config = Config::parse(&source)?;
+        config.included = include::read(&config.policy.include, path, &source)?;
         Ok((config, source))
+    }
+}
+
+/// A file's text, named by its path.
+fn read_source(path: &Path) -> Result<Source, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(Source {
+        name: path.display().to_string(),
+        text,
+    })
+}
+
+/// `[policy] include`: patterns to files, read and parsed.
+mod include {
+    use std::path::{Path, PathBuf};
+
+    use toml::Spanned;
+
+    use super::{ConfigError, Included, Source, read_source};
+
+    /// Every file the patterns name, each once, pattern by pattern, sorted
+    /// by name within a pattern. The including file itself is skipped (so
+    /// `*.toml` beside it works).
+    pub(super) fn read(
+        patterns: &[Spanned<String>],
+        config_path: &Path,
+        config_source: &Source,
+    ) -> Result<Vec<Included>, ConfigError> {
+        let base = config_path.parent().unwrap_or(Path::new(""));
+        let own = std::fs::canonicalize(config_path).ok();
+        // Canonical paths read so far, each with its place in `out` (none: the config).
+        let mut seen: Vec<(PathBuf, Option<usize>)> = own.map(|p| (p, None)).into_iter().collect();
+        let mut out: Vec<Included> = Vec::new();
+        for (index, pattern) in patterns.iter().enumerate() {
+            let error = |message: String| ConfigError::Include {
+                location: config_source.locate(&pattern.span()),
+                index,
+                message,
+            };
+            for path in expand(pattern.get_ref(), base).map_err(error)? {
+                let canonical = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+                match seen.iter().find(|(p, _)| *p == canonical) {
+                    Some((_, Some(k))) => out[*k].patterns.push(index),
+                    Some((_, None)) => {}
+                    None => {
+                        seen.push((canonical, Some(out.len())));
+                        out.push(Included::parse(read_source(&path)?, index)?);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The files one pattern names, sorted. A plain path is returned as is
+    /// when it exists (compile reports one that does not); a `*` may stand
+    /// only in the file-name part.
+    fn expand(pattern: &str, base: &Path) -> Result<Vec<PathBuf>, String> {
+        let pattern = pattern.trim();
+        if pattern.is_empty() {
+            return Err("an empty pattern names no file".into());
+        }
+        let full = base.join(pattern);
+        let name = full
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .ok_or_else(|| format!("'{pattern}' names no file (it ends in a folder)"))?;
+        let dir = full.parent().unwrap_or(Path::new("")).to_path_buf();
+        if dir.to_string_lossy().contains('*') {
+            return Err(format!(
+                "'{pattern}': a '*' may stand only in the file name (rules.d/*.toml), not in a folder"
+            ));
+        }
+        if !name.contains('*') {
+            return Ok(if full.is_file() {
+                vec![full]
+            } else {
+                Vec::new()
+            });
+        }
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| format!("cannot read folder {}: {e}", dir.display()))?;
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_file())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| (!n.starts_with('.') || name.starts_with('.')) && matches(&name, n))
+            .collect();
+        names.sort();
+        Ok(names.into_iter().map(|n| dir.join(n)).collect())
+    }
+
+    /// Whether `name` fits `pattern`, where `*` stands for any run of
+    /// characters (none included) and everything else for itself.
+    pub(super) fn matches(pattern: &str, name: &str) -> bool {
+        let mut parts = pattern.split('*');
+        let first = parts.next().unwrap_or("");
+        let Some(mut rest) = name.strip_prefix(first) else {
+            return false;
+        };
+        let parts: Vec<&str> = parts.collect();
+        let Some((last, middle)) = parts.split_last() else {
+            return rest.is_empty();
+        };
+        for part in middle {
+            match rest.find(part) {
+                Some(i) => rest = &rest[i + part.len()..],
+                None => return false,
+            }
+        }
+        rest.len() >= last.len() && rest.ends_with(last)
     }
 }
 
@@ -657,6 +841,23 @@ mod tests {
             text.starts_with("test.toml:2:8: unknown variant `strict`"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn include_patterns_match_file_names() {
+        use super::include::matches;
+        assert!(matches("*.toml", "a.toml"));
+        assert!(matches("*.toml", ".toml"));
+        assert!(!matches("*.toml", "a.toml.bak"));
+        assert!(matches("aml-*.toml", "aml-deps.toml"));
+        assert!(!matches("aml-*.toml", "deps.toml"));
+        assert!(matches("a*b*c", "abc"));
+        assert!(matches("a*b*c", "a-b-b-c"));
+        assert!(!matches("a*b*c", "a-c"));
+        assert!(matches("*", "x"));
+        assert!(matches("plain.toml", "plain.toml"));
+        assert!(!matches("plain.toml", "plain.tom"));
+        assert!(!matches("ab*ba", "aba"));
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod logwriter;
 pub mod shutdown;
 pub mod notify;
 pub mod render;
+pub mod import;
 pub mod cli;
 #[cfg(test)]
 mod testing;

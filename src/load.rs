@@ -1,7 +1,8 @@
 //! Load: config file + service tags file → compiled [`Policy`], used by every command.
 //!
-//! In: a config path (or none: the embedded profile), `--var` values, a
-//! service tags path. Out: a [`Loaded`] (config, source text, policy,
+//! In: a config path (or none: the embedded profile; the files its
+//! `[policy] include` names are read with it), `--var` values, a service
+//! tags path. Out: a [`Loaded`] (config, source text, policy,
 //! warnings) or a typed [`LoadError`] carrying every error. It does no
 //! logging and touches no running gateway: `reload` swaps what it returns.
 
@@ -129,6 +130,34 @@ fn tags_path_from_config(config: &Config, config_path: Option<&Path>) -> Option<
 mod tests {
     use super::*;
     use crate::testing::{Rng, seed};
+
+    /// A reload (a second `load` of the same input) rereads included files,
+    /// and the config hash changes with them.
+    #[test]
+    fn a_reload_rereads_included_files() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cfg = dir.path().join("portcullis.toml");
+        std::fs::write(
+            &cfg,
+            "[policy]\nprofile = \"none\"\ninclude = [\"rules.d/*.toml\"]\n",
+        )
+        .expect("write");
+        std::fs::create_dir(dir.path().join("rules.d")).expect("mkdir");
+        let rule = |host: &str| format!("[[rule]]\nname = \"r\"\nhosts = [\"{host}\"]\n");
+        let inc = dir.path().join("rules.d/a.toml");
+        std::fs::write(&inc, rule("a.example")).expect("write");
+        let input = LoadInput {
+            path: Some(cfg),
+            ..LoadInput::default()
+        };
+        let first = input.load(1).expect("loads");
+        std::fs::write(&inc, rule("b.example")).expect("write");
+        let second = input.load(2).expect("loads");
+        let hosts = |l: &Loaded| l.policy.rules()[0].hosts.clone();
+        assert_eq!(hosts(&first), vec!["a.example".to_string()]);
+        assert_eq!(hosts(&second), vec!["b.example".to_string()]);
+        assert_ne!(first.policy.config_sha256(), second.policy.config_sha256());
+    }
 
     /// Fragments a hostile or careless edit might put anywhere.
     const FRAGMENTS: &[&str] = &[

@@ -103,37 +103,86 @@ fn explain_says_what_a_tunnel_may_carry_off_the_web_ports() {
     );
 }
 
-/// Every whole config a user reads in the READMEs (a TOML block with
-/// `[listen]` or `[vars]`) passes `check`.
+/// The `[vars]` the docs' TOML fragments assume: the example workspace of
+/// README's first run and the deploy guide. A block without its own
+/// `[vars]` is checked with these.
+const DOC_VARS: [&str; 5] = [
+    "region=westeurope",
+    "storage=mystorageaccount",
+    "acr=myregistry",
+    "workspace_id=00000000-0000-0000-0000-000000000000",
+    "vnet=10.0.0.0/16",
+];
+
+/// The ```toml blocks of a markdown file, with their first line number.
+fn toml_blocks(doc: &str) -> Vec<(usize, String)> {
+    let text = std::fs::read_to_string(format!("{}/{doc}", env!("CARGO_MANIFEST_DIR")))
+        .unwrap_or_else(|e| panic!("{doc}: {e}"));
+    let mut out = Vec::new();
+    let mut block: Option<(usize, String)> = None;
+    for (i, line) in text.lines().enumerate() {
+        match (&mut block, line.trim_start()) {
+            (None, "```toml") => block = Some((i + 2, String::new())),
+            (Some(_), "```") => out.push(block.take().expect("open block")),
+            (Some((_, body)), _) => {
+                body.push_str(line);
+                body.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    assert!(block.is_none(), "{doc}: a ```toml block is not closed");
+    out
+}
+
+/// Every TOML block in README.md and deploy/README.md and every
+/// `config/*.toml` passes `check`: fragments with the [`DOC_VARS`],
+/// shipped configs where they are.
 #[test]
 fn configs_in_the_docs_check_clean() {
     let dir = tempfile::tempdir().unwrap();
-    let mut checked = 0;
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut checked: Vec<(String, std::path::PathBuf, bool)> = Vec::new();
     for doc in ["README.md", "deploy/README.md"] {
-        let text_of = std::fs::read_to_string(format!("{}/{doc}", env!("CARGO_MANIFEST_DIR")))
-            .unwrap_or_else(|e| panic!("{doc}: {e}"));
-        let mut rest = text_of.as_str();
-        while let Some(start) = rest.find("```toml\n") {
-            let body = &rest[start + 8..];
-            let end = body.find("```").expect("closed toml block");
-            let block = &body[..end];
-            rest = &body[end + 3..];
-            if !(block.contains("[listen]") || block.contains("[vars]")) {
-                continue;
-            }
-            checked += 1;
-            let path = dir.path().join(format!("block-{checked}.toml"));
-            std::fs::write(&path, block).unwrap();
-            let out = portcullis(&["check", "-c", &path.to_string_lossy()]);
-            assert_eq!(
-                out.status.code(),
-                Some(0),
-                "{doc} block {checked}:\n{block}\n{}",
-                text(&out)
-            );
+        for (line, block) in toml_blocks(doc) {
+            // Each block in a folder of its own, with the (empty) drop-in
+            // folder the docs' `include` examples name.
+            let folder = dir.path().join(format!("block-{}", checked.len()));
+            std::fs::create_dir_all(folder.join("rules.d")).unwrap();
+            let path = folder.join("portcullis.toml");
+            std::fs::write(&path, &block).unwrap();
+            checked.push((format!("{doc}:{line}"), path, !block.contains("[vars]")));
         }
     }
-    assert!(checked >= 1, "no config block found in the docs");
+    let blocks = checked.len();
+    let mut shipped: Vec<_> = std::fs::read_dir(format!("{root}/config"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    shipped.sort();
+    for path in shipped {
+        checked.push((path.display().to_string(), path, false));
+    }
+    for (name, path, fragment) in &checked {
+        let mut args = vec!["check".to_string(), "-c".into(), path.display().to_string()];
+        if *fragment {
+            for v in DOC_VARS {
+                args.extend(["--var".to_string(), v.to_string()]);
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = portcullis(&args);
+        let body = std::fs::read_to_string(path).unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}:\n{body}\n{}",
+            text(&out)
+        );
+    }
+    assert!(blocks >= 1, "no TOML block found in the docs");
+    assert!(checked.len() - blocks >= 3, "config/*.toml: {checked:?}");
 }
 
 /// The config that `deploy/cloud-init.yaml` writes on a new VM passes `check`.

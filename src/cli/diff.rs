@@ -89,8 +89,10 @@ fn flip(old: &Policy, new: &Policy, dest: &Dest<'_>) -> Option<String> {
 fn expectations(old: &Loaded, new: &Loaded) -> Vec<String> {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
-    for loaded in [old, new] {
-        for e in &loaded.config.expects {
+    let files =
+        (old.config.expects_by_file(&old.source)).chain(new.config.expects_by_file(&new.source));
+    for (source, expects) in files {
+        for e in expects {
             let Ok(arg) = parse_dest(e.dest.get_ref(), 443) else {
                 continue;
             };
@@ -103,7 +105,7 @@ fn expectations(old: &Loaded, new: &Loaded) -> Vec<String> {
                 proto: e.proto,
             };
             if let Some(flip) = flip(&old.policy, &new.policy, &dest) {
-                let loc = loaded.source.locate(&e.dest.span());
+                let loc = source.locate(&e.dest.span());
                 out.push(format!(
                     "{loc}: {}:{}/{}: {flip}",
                     arg.host,

@@ -6,6 +6,7 @@
 //! for humans; `run` hands the gateway's lifecycle to [`crate::serve`].
 
 mod diff;
+mod init;
 mod learn;
 mod report;
 mod seen;
@@ -100,6 +101,11 @@ enum Command {
         #[arg(long)]
         include_denied: bool,
     },
+    /// Write a complete, commented config for an Azure ML workspace (passes `check`).
+    Init(init::InitArgs),
+    /// Turn what Azure lists into rules a config can include.
+    #[command(subcommand)]
+    Import(init::ImportCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,6 +145,19 @@ fn parse_proto(text: &str) -> Result<Protocol, String> {
 /// # Errors
 /// Anything that should end the process with exit code 2.
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    let writes = matches!(cli.command, Command::Init(_) | Command::Import(_));
+    let import_tags =
+        matches!(cli.command, Command::Import(_)) && cli.common.service_tags.is_some();
+    if writes && (cli.common.config.is_some() || !cli.common.vars.is_empty() || import_tags) {
+        bail!(
+            "init and import read no config and take no --var (import no --service-tags either): they write one (--out FILE)"
+        );
+    }
+    match &cli.command {
+        Command::Init(args) => return init::init(args, cli.common.service_tags.as_deref()),
+        Command::Import(cmd) => return init::import(cmd),
+        _ => {}
+    }
     if let Some(code) = run_offline(&cli)? {
         return Ok(code);
     }
@@ -172,8 +191,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Profile(ProfileCmd::Show { scenario }) => {
             report::profile_show(&loaded.policy, scenario.as_deref())
         }
-        Command::Diff { .. } | Command::Learn { .. } => {
-            bail!("diff and learn load their own configs")
+        Command::Diff { .. } | Command::Learn { .. } | Command::Init(_) | Command::Import(_) => {
+            bail!("diff, learn, init and import load their own configs")
         }
     }
 }

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 
-use crate::config::{ExpectVerdict, Protocol};
+use crate::config::{Expect, ExpectVerdict, Protocol, Source};
 
 use crate::load::Loaded;
 use crate::policy::{Decision, Dest, Policy, RuleState, Target, Verdict, host};
@@ -179,11 +179,43 @@ pub(super) fn check(loaded: &Loaded) -> Result<ExitCode> {
         )?;
     }
     let mut failed = 0;
-    for e in &loaded.config.expects {
+    let mut n = 0;
+    for (source, expects) in loaded.config.expects_by_file(&loaded.source) {
+        n += expects.len();
+        failed += run_expects(&mut out, p, source, expects)?;
+    }
+    let active = p
+        .rules()
+        .iter()
+        .filter(|r| r.state == RuleState::Active)
+        .count();
+    if failed > 0 {
+        writeln!(out, "{failed} of {n} expectation(s) failed")?;
+        return Ok(ExitCode::from(1));
+    }
+    writeln!(
+        out,
+        "ok: {} ({active} active rules, {} warning(s), {n} expectation(s) passed)",
+        loaded.source.name,
+        loaded.warnings.len() + readiness_warnings
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs one file's `[[expect]]` tests, printing each failure located in
+/// that file; returns how many failed.
+fn run_expects(
+    out: &mut impl Write,
+    p: &Policy,
+    source: &Source,
+    expects: &[Expect],
+) -> Result<usize> {
+    let mut failed = 0;
+    for e in expects {
         let arg = match parse_dest(e.dest.get_ref(), 443) {
             Ok(a) => a,
             Err(msg) => {
-                let loc = loaded.source.locate(&e.dest.span());
+                let loc = source.locate(&e.dest.span());
                 writeln!(out, "{loc}: error: expect: {msg}")?;
                 failed += 1;
                 continue;
@@ -199,7 +231,7 @@ pub(super) fn check(loaded: &Loaded) -> Result<ExitCode> {
         let want_allow = e.verdict == ExpectVerdict::Allow;
         if got_allow != want_allow {
             failed += 1;
-            let loc = loaded.source.locate(&e.dest.span());
+            let loc = source.locate(&e.dest.span());
             let want = if want_allow { "allow" } else { "deny" };
             writeln!(
                 out,
@@ -208,23 +240,7 @@ pub(super) fn check(loaded: &Loaded) -> Result<ExitCode> {
             )?;
         }
     }
-    let active = p
-        .rules()
-        .iter()
-        .filter(|r| r.state == RuleState::Active)
-        .count();
-    let n = loaded.config.expects.len();
-    if failed > 0 {
-        writeln!(out, "{failed} of {n} expectation(s) failed")?;
-        return Ok(ExitCode::from(1));
-    }
-    writeln!(
-        out,
-        "ok: {} ({active} active rules, {} warning(s), {n} expectation(s) passed)",
-        loaded.source.name,
-        loaded.warnings.len() + readiness_warnings
-    )?;
-    Ok(ExitCode::SUCCESS)
+    Ok(failed)
 }
 
 /// Service tags older than this draw a warning: Microsoft publishes weekly.

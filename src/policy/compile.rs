@@ -44,6 +44,50 @@ pub struct CompileInput<'a> {
 const CFG: usize = 0;
 /// Source index of the built-in profile.
 const PROFILE: usize = 1;
+/// Source index of the first included file (`config.included[0]`).
+const INCLUDED: usize = 2;
+
+/// The config's own rules, then each included file's: source index, config
+/// path (`rules[3]`, the index within its file) and rule.
+fn config_rules(config: &Config) -> impl Iterator<Item = (usize, String, &RuleConfig)> {
+    let own = (config.rules.iter().enumerate()).map(|(i, r)| (CFG, format!("rules[{i}]"), r));
+    let included = config.included.iter().enumerate().flat_map(|(k, inc)| {
+        (inc.rules.iter().enumerate()).map(move |(i, r)| (INCLUDED + k, format!("rules[{i}]"), r))
+    });
+    own.chain(included)
+}
+
+/// An `[policy] include` pattern that named no file: a plain path is an
+/// error (a typo, or a file not yet written); a pattern with `*` a warning
+/// (a drop-in folder may be empty, and fewer rules only deny more).
+fn unmatched_includes(config: &Config, d: &mut Diags<'_>) {
+    for (i, pattern) in config.policy.include.iter().enumerate() {
+        if config.included.iter().any(|inc| inc.patterns.contains(&i)) {
+            continue;
+        }
+        let path = format!("policy.include[{i}]");
+        let text = pattern.get_ref();
+        if text.contains('*') {
+            let message = format!("'{text}' matches no file (relative to this file's folder)");
+            d.warn(CFG, Some(&pattern.span()), path, message);
+        } else {
+            let message = format!("'{text}': no such file (relative to this file's folder)");
+            d.error(CFG, Some(&pattern.span()), path, message);
+        }
+    }
+}
+
+/// SHA-256 of the config text and, in order, of each included file's path and text.
+fn config_sha256(config: &Config, source: &Source) -> String {
+    if config.included.is_empty() {
+        return sha256_hex(source.text.as_bytes());
+    }
+    let mut all = source.text.clone();
+    for inc in &config.included {
+        all.push_str(&format!("\0{}\0{}", inc.source.name, inc.source.text));
+    }
+    sha256_hex(all.as_bytes())
+}
 
 impl Policy {
     /// Compiles a config (and its profile) into a policy.
@@ -61,8 +105,11 @@ impl Policy {
             name: String::new(),
             text: String::new(),
         };
-        let mut d = Diags::new([source, profile.map_or(&empty, |p| &p.source)]);
+        let mut sources = vec![source, profile.map_or(&empty, |p| &p.source)];
+        sources.extend(config.included.iter().map(|i| &i.source));
+        let mut d = Diags::new(sources);
         check_profile(config, profile, &mut d);
+        unmatched_includes(config, &mut d);
         let vars = vars(config, input, &mut d);
         let scenarios = scenarios(config, profile, &mut d);
         let compiled = rules(config, profile, &vars, &scenarios, input, &mut d);
@@ -93,7 +140,7 @@ impl Policy {
             vars,
             service_tags: input.service_tags.map(ServiceTags::file),
             generation: input.generation,
-            config_sha256: sha256_hex(source.text.as_bytes()),
+            config_sha256: config_sha256(config, source),
         };
         Ok((
             Policy {
@@ -163,7 +210,7 @@ fn scenarios(config: &Config, profile: Option<&Profile>, d: &mut Diags<'_>) -> V
                 .collect()
         })
         .unwrap_or_default();
-    for rule in &config.rules {
+    for (_, _, rule) in config_rules(config) {
         if let Some(s) = &rule.scenario
             && !scenarios.iter().any(|k| &k.name == s)
         {
@@ -259,7 +306,7 @@ fn rules(
     let profile_rules = profile.map(|p| p.rules.as_slice()).unwrap_or_default();
     let all = (profile_rules.iter().enumerate())
         .map(|(i, r)| (PROFILE, format!("profile.rules[{i}]"), r))
-        .chain((config.rules.iter().enumerate()).map(|(i, r)| (CFG, format!("rules[{i}]"), r)));
+        .chain(config_rules(config));
     let mut out = Compiled::default();
     let mut names: HashMap<String, usize> = HashMap::new();
     let disabled: HashSet<&str> = (config.policy.disable_rules.iter())

@@ -53,17 +53,19 @@ impl fmt::Display for Diagnostic {
 pub(super) struct Diags<'s> {
     /// Everything found so far, in order.
     pub(super) list: Vec<Diagnostic>,
-    sources: [&'s Source; 2],
-    lines: [LineIndex; 2],
+    sources: Vec<&'s Source>,
+    lines: Vec<LineIndex>,
 }
 
 impl<'s> Diags<'s> {
-    /// A collector for a config (`sources[0]`) and its profile (`sources[1]`).
-    pub(super) fn new(sources: [&'s Source; 2]) -> Diags<'s> {
+    /// A collector for a config (`sources[0]`), its profile (`sources[1]`)
+    /// and the files it includes (the rest).
+    pub(super) fn new(sources: Vec<&'s Source>) -> Diags<'s> {
+        let lines = sources.iter().map(|s| LineIndex::new(&s.text)).collect();
         Diags {
             list: Vec::new(),
             sources,
-            lines: sources.map(|s| LineIndex::new(&s.text)),
+            lines,
         }
     }
 
