@@ -395,6 +395,13 @@ pub struct PolicyConfig {
     /// error. Included files cannot include. Default: none.
     #[serde(default)]
     pub include: Vec<Spanned<String>>,
+    /// Guarded private ranges that allowed names may resolve to (Azure
+    /// private endpoints in the VNet, test labs): an address there is
+    /// reached when a name rule, a name the DNS listener answered or an
+    /// address rule allows it, never by itself. Each must lie inside one
+    /// guarded range. Default: none.
+    #[serde(default)]
+    pub private_ranges: Vec<Spanned<String>>,
 }
 
 fn default_profile() -> Spanned<String> {
@@ -416,6 +423,7 @@ impl Default for PolicyConfig {
             require_matching_sni: true,
             disable_rules: Vec::new(),
             include: Vec::new(),
+            private_ranges: Vec::new(),
         }
     }
 }

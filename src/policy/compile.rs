@@ -116,6 +116,7 @@ impl Policy {
         let clients = clients(config, &mut d);
         let resolve = static_resolve(config, &mut d);
         let dns_servers = dns_servers(config, &mut d);
+        let private_ranges = private_ranges(config, &mut d);
         if d.has_errors() {
             return Err(d.list);
         }
@@ -136,6 +137,7 @@ impl Policy {
             resolve,
             dns: config.dns.clone(),
             dns_servers,
+            private_ranges,
             scenarios,
             vars,
             service_tags: input.service_tags.map(ServiceTags::file),
@@ -721,6 +723,28 @@ fn clients(config: &Config, d: &mut Diags<'_>) -> Vec<IpNet> {
         }
     }
     clients
+}
+
+/// `[policy] private_ranges`: CIDRs, each inside one guarded range (a
+/// public or platform range there would be meaningless or a hole).
+fn private_ranges(config: &Config, d: &mut Diags<'_>) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for (i, c) in config.policy.private_ranges.iter().enumerate() {
+        let path = format!("policy.private_ranges[{i}]");
+        match net::parse_cidr(c.get_ref()) {
+            Ok(n) if net::unlocks_guarded(&n) => out.push(n),
+            Ok(n) => d.error(
+                CFG,
+                Some(&c.span()),
+                path,
+                format!(
+                    "'{n}' is not inside one private or other guarded range (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 127.0.0.0/8, fc00::/7, ...): private_ranges only lets names reach guarded space"
+                ),
+            ),
+            Err(e) => d.error(CFG, Some(&c.span()), path, e),
+        }
+    }
+    out
 }
 
 /// `[resolve]`: static addresses, keyed by the normalised name.

@@ -80,6 +80,7 @@ struct Inner {
     resolve: HashMap<String, Vec<IpAddr>>,
     dns: DnsConfig,
     dns_servers: Vec<SocketAddr>,
+    private_ranges: Vec<IpNet>,
     scenarios: Vec<ScenarioState>,
     vars: BTreeMap<String, String>,
     service_tags: Option<crate::servicetags::TagsFile>,
@@ -175,7 +176,8 @@ impl Policy {
 
     /// Whether a resolved address of an allowed name may be dialled: not a
     /// platform address, not denied by an address rule, and not guarded
-    /// unless an address rule names that guarded range explicitly.
+    /// unless an address rule names that guarded range explicitly or it lies
+    /// in `[policy] private_ranges`.
     ///
     /// # Errors
     /// The reason the address is refused.
@@ -188,7 +190,8 @@ impl Policy {
         if walk.deny.is_some() {
             return Err(Reason::DenyRule);
         }
-        if guard.is_some() && walk.allow_unlocking.is_none() {
+        let named_private = || self.inner.private_ranges.iter().any(|n| n.contains(&ip));
+        if guard.is_some() && walk.allow_unlocking.is_none() && !named_private() {
             return Err(Reason::GuardedAddress);
         }
         Ok(())

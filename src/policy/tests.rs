@@ -651,3 +651,41 @@ fn disable_rules_switches_rules_off_by_name_and_refuses_unknown_names() {
         "{text:?}"
     );
 }
+
+#[test]
+fn private_ranges_let_names_reach_guarded_space_but_never_an_address_by_itself() {
+    let text = |ranges: &str| {
+        format!(
+            "[policy]\nprofile = \"none\"\nprivate_ranges = [{ranges}]\n\
+             [[rule]]\nname = \"pe\"\nhosts = [\"store.privatelink.test\"]\n"
+        )
+    };
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let tcp = Protocol::Tcp;
+    let p = policy(&text(""));
+    assert_eq!(
+        p.check_resolved(ip("10.0.5.4"), 443, tcp),
+        Err(Reason::GuardedAddress)
+    );
+    let p = policy(&text("\"10.0.5.0/24\""));
+    assert_eq!(p.check_resolved(ip("10.0.5.4"), 443, tcp), Ok(()));
+    assert_eq!(
+        p.check_resolved(ip("10.0.6.4"), 443, tcp),
+        Err(Reason::GuardedAddress)
+    );
+    assert_eq!(
+        p.check_resolved(ip("169.254.169.254"), 80, tcp),
+        Err(Reason::PlatformAddress)
+    );
+    // An address asked for directly still needs an address rule.
+    let (verdict, _, reason) = decide(&p, "10.0.5.4", 443);
+    assert_eq!((verdict, reason), (Verdict::Deny, Reason::GuardedAddress));
+    // Only guarded space may be named: a public range is an error.
+    let errs = errors(&text("\"20.0.0.0/8\""));
+    assert!(
+        errs.iter().any(|e| e.contains("private_ranges[0]") && e.contains("not inside")),
+        "{errs:?}"
+    );
+    let errs = errors(&text("\"0.0.0.0/0\""));
+    assert!(errs.iter().any(|e| e.contains("not inside")), "{errs:?}");
+}
