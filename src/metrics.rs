@@ -951,6 +951,16 @@ mod tests {
         }
     }
 
+    /// Reasons the test's destinations cannot reach: scenario_disabled needs
+    /// a profile scenario, needs_var and needs_service_tags a rule waiting
+    /// for a value, needs_dns a name on UDP (listeners see only TCP).
+    const BY_HAND: [Reason; 4] = [
+        Reason::ScenarioDisabled,
+        Reason::NeedsVar,
+        Reason::NeedsServiceTags,
+        Reason::NeedsDns,
+    ];
+
     /// Every (verdict, reason) the production `decide` gives, in enforce and
     /// audit mode, over destinations meant to reach each reason, plus the
     /// transparent listener's own refusal (deny, malformed_host), has its
@@ -1008,17 +1018,10 @@ cidrs = ["10.1.0.0/16", "203.0.113.0/24"]
                 seen.push((d.verdict, d.reason));
             }
         }
-        // The destinations reach every reason `decide` gives but four, so
-        // this check does not pass vacuously: scenario_disabled needs a
-        // profile scenario, needs_var and needs_service_tags a rule waiting
-        // for a value, needs_dns a name on UDP (listeners see only TCP).
-        // Those four and the data path's cuts are added by hand.
-        let by_hand = [
-            Reason::ScenarioDisabled,
-            Reason::NeedsVar,
-            Reason::NeedsServiceTags,
-            Reason::NeedsDns,
-        ];
+        // The destinations reach every reason `decide` gives but BY_HAND's,
+        // so this check does not pass vacuously. Those and the data path's
+        // cuts are added by hand.
+        let by_hand = BY_HAND;
         let reasons: std::collections::HashSet<Reason> = seen.iter().map(|&(_, r)| r).collect();
         let decided = Reason::ALL.iter().filter(|r| !r.is_data_path()).count();
         assert_eq!(reasons.len(), decided - by_hand.len(), "{seen:?}");

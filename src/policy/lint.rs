@@ -128,7 +128,7 @@ fn nameless(rule: &Rule, d: &mut Diags<'_>) {
         d.warn_at(
             &rule.origin,
             format!(
-                "rule '{}' names hosts on {}, but UDP carries no name: the gateway cannot enforce it by name (no DNS listener; [listen] dns is planned), UDP to these hosts is not forwarded and `explain` says needs_dns; allow the service's addresses with an address rule (service_tags or cidrs, protocol = \"udp\"), set protocol = \"tcp\", or switch it off with {off}",
+                "rule '{}' names hosts on {}, but UDP carries no name: the gateway cannot enforce it by name (no DNS listener; [listen] dns is planned), UDP reaches these hosts only where an address rule allows their addresses, and `explain` says needs_dns for the names; allow the service's addresses with an address rule (service_tags or cidrs, protocol = \"udp\"), set protocol = \"tcp\", or switch it off with {off}",
                 rule.name,
                 rule.protocol.as_str()
             ),

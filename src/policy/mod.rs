@@ -192,10 +192,11 @@ impl Policy {
             (None, None) => walk.refusal(),
         };
         let unexplained = matches!(d.reason, Reason::NoRule | Reason::GuardedAddress);
-        if unexplained && !self.inner.pending.is_empty() {
-            if let Some((rule, why)) = self.inner.pending.addr(guard.is_some(), port, proto) {
-                return Decision::deny(Some(rule), why);
-            }
+        if unexplained
+            && !self.inner.pending.is_empty()
+            && let Some((rule, why)) = self.inner.pending.addr(guard.is_some(), port, proto)
+        {
+            return Decision::deny(Some(rule), why);
         }
         d
     }
