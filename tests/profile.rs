@@ -524,3 +524,116 @@ fn public_ip_inbound_comes_from_the_regional_tags_to_the_vnet() {
         )
     );
 }
+
+/// The seed document itself (tests/data/aml-network-doc-seed.txt, a copy of
+/// the text the profile was transcribed from), scanned for every host name
+/// and service tag it mentions: each is in a profile rule. A host or tag
+/// dropped from the profile, or a document update adding one, fails here
+/// without anyone maintaining a list.
+#[test]
+fn every_host_and_tag_the_document_mentions_is_in_the_profile() {
+    let doc = include_str!("data/aml-network-doc-seed.txt")
+        .replace("<your ACR name>", "<acr>")
+        .replace("<your storage account name>", "<storage>")
+        .replace("<your workspace ID>", "<workspace_id>");
+    let profile: toml::Value = toml::from_str(include_str!("../src/policy/azureml.toml")).unwrap();
+    let rules = profile["rule"].as_array().unwrap();
+    let list = |r: &toml::Value, key: &str| -> Vec<String> {
+        r.get(key)
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().map(|v| v.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    let hosts: Vec<String> = rules.iter().flat_map(|r| list(r, "hosts")).collect();
+    let tags: Vec<String> = rules
+        .iter()
+        .flat_map(|r| list(r, "service_tags"))
+        .map(|t| t.to_ascii_lowercase())
+        .collect();
+    let cidrs: Vec<String> = rules.iter().flat_map(|r| list(r, "cidrs")).collect();
+    let tokens: Vec<&str> = doc
+        .split(|c: char| !(c.is_ascii_alphanumeric() || ".*<>_-".contains(c)))
+        .map(|t| t.trim_matches('.'))
+        .filter(|t| !t.is_empty())
+        .collect();
+    let tlds = [".com", ".net", ".ms", ".io", ".org", ".dev"];
+    let mut seen_hosts = 0;
+    for t in tokens
+        .iter()
+        .filter(|t| tlds.iter().any(|d| t.ends_with(d)))
+    {
+        // "Required to access vscode.dev": the product's name in prose; the
+        // table row is *.vscode.dev.
+        if *t == "vscode.dev" {
+            continue;
+        }
+        assert!(
+            hosts.iter().any(|h| h == t),
+            "host {t} of the document is in no profile rule"
+        );
+        seen_hosts += 1;
+    }
+    // Service tags: CamelCase words, or Word.Suffix; prose words excluded.
+    let not_tags = [
+        "AllowRStudioInstall", // the document's Azure Firewall rule name
+        "AutoML",
+        "FQDNs",
+        "GitHub",
+        "IPs",
+        "IntelliSense",
+        "Microsoft.MachineLearningServices", // in the API URL
+        "PODs",
+        "PyTorch",
+        "RStudio",
+        "URLs",
+        "VNet",
+    ];
+    let aliases = [
+        ("frontdoor.firstparty", "azurefrontdoor.firstparty"),
+        ("keyvault.<region>", "azurekeyvault.<region>"),
+    ];
+    let mut seen_tags = 0;
+    for t in tokens
+        .iter()
+        .filter(|t| is_tag_like(t) && !not_tags.contains(t))
+    {
+        seen_tags += 1;
+        if *t == "VirtualNetwork" {
+            assert!(
+                cidrs.iter().any(|c| c == "<vnet>"),
+                "VirtualNetwork: no <vnet> rule"
+            );
+            continue;
+        }
+        let lower = t.to_ascii_lowercase();
+        let want = aliases
+            .iter()
+            .find(|(a, _)| *a == lower)
+            .map_or(lower.as_str(), |(_, b)| b);
+        assert!(
+            tags.iter()
+                .any(|g| g == want || g.starts_with(&format!("{want}."))),
+            "service tag {t} of the document is in no profile rule"
+        );
+    }
+    assert!(
+        seen_hosts >= 70 && seen_tags >= 20,
+        "{seen_hosts} hosts, {seen_tags} tags"
+    );
+}
+
+/// `AzureMachineLearning`, `Storage.<region>`: an upper-case letter, letters
+/// only, and either a second upper-case word or a `.suffix`.
+fn is_tag_like(t: &str) -> bool {
+    let (word, suffix) = t.split_once('.').map_or((t, None), |(w, s)| (w, Some(s)));
+    let letters = word.chars().all(|c| c.is_ascii_alphabetic());
+    let capital = word.starts_with(|c: char| c.is_ascii_uppercase());
+    let humps = word.chars().skip(1).any(|c| c.is_ascii_uppercase())
+        && word.chars().any(|c| c.is_ascii_lowercase());
+    let suffix_ok = suffix.is_some_and(|s| {
+        s == "<region>"
+            || (s.starts_with(|c: char| c.is_ascii_uppercase())
+                && s.chars().all(|c| c.is_ascii_alphabetic()))
+    });
+    letters && capital && (suffix_ok || (suffix.is_none() && humps))
+}
