@@ -285,6 +285,7 @@ pub(super) fn profile_show(policy: &Policy, scenario: Option<&str>) -> Result<Ex
                         .filter(|_| r.service_tags.is_empty())
                         .map(ToString::to_string),
                 )
+                .chain(r.to.iter().map(|n| format!("to:{n}")))
                 .collect();
             let ports = crate::policy::port_ranges(&r.ports);
             let state = match &r.state {

@@ -229,6 +229,14 @@ fn public_ip_inbound_is_accepted_to_the_vnet_only() {
             "{l}"
         );
     }
+    // Protocol-ANY host rules on 443 (`*.<region>.batch.azure.com`) get no
+    // UDP accept: UDP 443 is dropped, as `explain` says (needs_dns).
+    assert!(ruleset.contains("udp dport 443 counter drop comment \"quic\""));
+    assert!(
+        !ruleset
+            .lines()
+            .any(|l| l.contains("udp dport 443") && l.contains("accept"))
+    );
     // Both regions' ranges are in the set the rule reads.
     let tags =
         crate::servicetags::ServiceTags::load(&repo("tests/data/servicetags-public-subset.json"))
