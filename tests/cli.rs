@@ -65,7 +65,7 @@ fn explain_says_what_a_tunnel_may_carry_off_the_web_ports() {
     let out = portcullis(&["-c", &path, "explain", "github.com:22"]);
     assert!(
         text(&out).trim_end().ends_with(
-            "(allowed by rule 'gh'); through the explicit proxy only: a transparent connection on this port carries no name and is decided by address rules"
+            "(allowed by rule 'gh'); through the explicit proxy only: without a DNS listener ([listen] dns) a transparent connection on this port carries no name and is decided by address rules"
         ),
         "{}",
         text(&out)

@@ -98,7 +98,7 @@ fn tunnel_note(policy: &Policy, dest: &Dest<'_>, d: &Decision) -> Option<&'stati
     let r = policy.rule(id);
     if r.opaque && matches!(dest.target, Target::Name(_)) && dest.port != 80 && dest.port != 443 {
         return Some(
-            "through the explicit proxy only: a transparent connection on this port carries no name and is decided by address rules",
+            "through the explicit proxy only: without a DNS listener ([listen] dns) a transparent connection on this port carries no name and is decided by address rules",
         );
     }
     if r.opaque || !policy.require_matching_sni() {

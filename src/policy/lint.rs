@@ -128,7 +128,7 @@ fn nameless(rule: &Rule, d: &mut Diags<'_>) {
         d.warn_at(
             &rule.origin,
             format!(
-                "rule '{}' names hosts on {}, but UDP carries no name: the gateway cannot enforce it by name (no DNS listener; [listen] dns is planned), UDP reaches these hosts only where an address rule allows their addresses, and `explain` says needs_dns for the names; allow the service's addresses with an address rule (service_tags or cidrs, protocol = \"udp\"), set protocol = \"tcp\", or switch it off with {off}",
+                "rule '{}' names hosts on {}, but UDP carries no name: the gateway forwards UDP by address sets only, so the names are never enforced; UDP reaches these hosts only where an address rule allows their addresses, and `explain` says needs_dns for the names; allow the service's addresses with an address rule (service_tags or cidrs, protocol = \"udp\"), set protocol = \"tcp\", or switch it off with {off}",
                 rule.name,
                 rule.protocol.as_str()
             ),
@@ -142,7 +142,7 @@ fn nameless(rule: &Rule, d: &mut Diags<'_>) {
         d.warn_at(
             &rule.origin,
             format!(
-                "rule '{}' names hosts with opaque = true: the explicit proxy enforces the name (CONNECT carries it), but a transparent connection on port {} carries no name and is decided by address rules only (cidrs or service_tags on that port); send this traffic through the explicit proxy, add an address rule, or switch it off with {off}",
+                "rule '{}' names hosts with opaque = true: the explicit proxy enforces the name (CONNECT carries it), but without a DNS listener ([listen] dns) a transparent connection on port {} carries no name and is decided by address rules only (cidrs or service_tags on that port); send this traffic through the explicit proxy, add an address rule, or switch it off with {off}",
                 rule.name,
                 super::rule::ports_text(&rule.ports)
             ),

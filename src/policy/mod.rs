@@ -269,7 +269,7 @@ impl Policy {
                 )
             }
             Reason::NeedsDns => format!(
-                "rule '{name}' names this host, but UDP carries no name: the gateway forwards UDP only to the addresses of address rules (service tags, cidrs) and drops UDP 443; explain the address instead (a DNS listener, [listen] dns, is planned)"
+                "rule '{name}' names this host, but UDP carries no name: the gateway forwards UDP only to the addresses of address rules (service tags, cidrs) and drops UDP 443; explain the address instead"
             ),
             Reason::MalformedHost => "not a valid host name".to_string(),
             Reason::GuardedAddress => {

@@ -839,7 +839,7 @@ protocol = "any"
             warnings.iter().any(|w| w.contains(&format!(
                 "rule '{rule}' names hosts on {proto}, but UDP carries no name"
             )) && w.contains(&format!("disable_rules = [\"{rule}\"]"))
-                && w.contains("[listen] dns is planned")),
+                && w.contains("by address sets only")),
             "{rule}: {warnings:?}"
         );
     }
