@@ -80,7 +80,7 @@ Connection: keep-alive\r\n\r\n"
 fn azureml() -> Policy {
     let source = Source {
         name: "bench-path.toml".into(),
-        text: "[vars]\nregion = \"westus2\"\nstorage = \"mlstore\"\nvnet = \"10.0.0.0/16\"\n"
+        text: "[vars]\nregion = \"westus2\"\nstorage = \"mlstore\"\nacr = \"mlacr\"\nvnet = \"10.0.0.0/16\"\n"
             .into(),
     };
     let config = Config::parse(&source).expect("config parses");

@@ -284,7 +284,7 @@ fn compile(config: &Config, source: &Source) -> Policy {
 fn azureml() -> (Policy, Universe) {
     let source = Source {
         name: "bench-azureml.toml".into(),
-        text: "[policy]\nprofile = \"azureml\"\n\n[vars]\nregion = \"westus2\"\nstorage = \"mlstore\"\nvnet = \"10.0.0.0/16\"\n"
+        text: "[policy]\nprofile = \"azureml\"\n\n[vars]\nregion = \"westus2\"\nstorage = \"mlstore\"\nacr = \"mlacr\"\nvnet = \"10.0.0.0/16\"\n"
             .into(),
     };
     let config = Config::parse(&source).expect("azureml config parses");

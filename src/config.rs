@@ -520,6 +520,12 @@ pub struct RuleConfig {
     /// `egress` (default), `inbound` or `internal`.
     #[serde(default)]
     pub direction: Direction,
+    /// Inbound rules: the address ranges the traffic may reach (e.g.
+    /// `["<vnet>"]`); the rule's `cidrs`/`service_tags` are its sources.
+    /// Required for inbound rules, so the ruleset never opens a port to
+    /// every address. Default: none.
+    #[serde(default)]
+    pub to: Vec<Spanned<String>>,
     /// Address rules: which TLS names a CONNECT to one of the rule's
     /// addresses may carry. `match` (default): only names some host rule
     /// allows on that port; `any`: every name (linted: every tenant behind

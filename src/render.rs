@@ -13,8 +13,9 @@
 //! - forward: UDP has no name to read, so the UDP address rules (service tags
 //!   and CIDRs) become nftables sets that are forwarded and masqueraded;
 //!   UDP 443 (QUIC) is dropped so clients fall back to TCP, where SNI is
-//!   visible; inbound rules of the profile (e.g. AzureMachineLearning →
-//!   44224) are accepted; everything else is dropped and counted.
+//!   visible; inbound rules (e.g. AzureMachineLearning → the VNet on 44224
+//!   in the profile's `public-ip` scenario) are accepted to their `to`
+//!   ranges only; everything else is dropped and counted.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -315,17 +316,35 @@ fn write_udp_rules(out: &mut String, clients: ClientFamilies, udp: &[Emitted<'_>
     }
 }
 
-/// Forward rules for inbound traffic: the rule's set → its ports, per protocol.
+/// `{ a, b }` (or the one range) of `to`'s nets of one family, if any.
+fn daddr_expr(to: &[IpNet], v6: bool) -> Option<String> {
+    let nets: Vec<String> = to
+        .iter()
+        .filter(|n| matches!(n, IpNet::V6(_)) == v6)
+        .map(|n| n.trunc().to_string())
+        .collect();
+    match nets.len() {
+        0 => None,
+        1 => Some(nets[0].clone()),
+        _ => Some(format!("{{ {} }}", nets.join(", "))),
+    }
+}
+
+/// Forward rules for inbound traffic: the rule's set → its `to` ranges on
+/// its ports, per protocol. A family without `to` ranges gets no rule.
 fn write_inbound_rules(out: &mut String, inbound: &[Emitted<'_>]) {
     for e in inbound {
         let ports = ports_expr(&e.rule.ports);
         let comment = one_line(&format!("inbound rule {}", e.rule.name));
-        for (fam, set) in [("ip", &e.v4), ("ip6", &e.v6)] {
+        for (fam, set, v6) in [("ip", &e.v4, false), ("ip6", &e.v6, true)] {
             let Some(set) = set else { continue };
+            let Some(daddr) = daddr_expr(&e.rule.to, v6) else {
+                continue;
+            };
             for proto in l4(e.rule.protocol) {
                 let _ = writeln!(
                     out,
-                    "\t\t{fam} saddr @{set} {proto} dport {ports} counter accept comment \"{comment}\""
+                    "\t\t{fam} saddr @{set} {fam} daddr {daddr} {proto} dport {ports} counter accept comment \"{comment}\""
                 );
             }
         }

@@ -94,10 +94,21 @@ fn explain_says_what_a_tunnel_may_carry_off_the_web_ports() {
     let lines: Vec<&str> = stdout.lines().collect();
     assert!(lines[0].ends_with("must start with TLS or HTTP naming it (opaque = true on the rule for SSH and other protocols)"), "{stdout}");
     assert!(lines[1].ends_with("(allowed by rule 'gh')"), "{stdout}");
+    // opaque: anything may pass, but only the explicit proxy sees the name.
     std::fs::write(&file, rules("opaque = true\n")).unwrap();
     let out = portcullis(&["-c", &path, "explain", "github.com:22"]);
     assert!(
-        text(&out).trim_end().ends_with("(allowed by rule 'gh')"),
+        text(&out).trim_end().ends_with(
+            "(allowed by rule 'gh'); through the explicit proxy only: without a DNS listener ([listen] dns) a transparent connection on this port carries no name and is decided by address rules"
+        ),
+        "{}",
+        text(&out)
+    );
+    // check says the same, with the setting that switches the rule off.
+    let out = portcullis(&["-c", &path, "check"]);
+    assert!(
+        text(&out).contains("transparent connection on port 22, 443 carries no name")
+            && text(&out).contains("disable_rules = [\"gh\"]"),
         "{}",
         text(&out)
     );
@@ -248,9 +259,17 @@ fn explain_exit_codes_and_lines() {
     );
 }
 
+/// UDP names no host: a host rule on UDP is never enforced (`needs_dns`),
+/// the address rule is; rules waiting for a value say which (`needs_var`,
+/// `needs_service_tags`) and still deny, as the gateway does.
 #[test]
 fn explain_udp_and_vars() {
-    let out = portcullis(&[
+    let line = |args: &[&str]| {
+        let out = portcullis(args);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    };
+    let l = line(&[
         "--var",
         "region=westus2",
         "explain",
@@ -258,18 +277,65 @@ fn explain_udp_and_vars() {
         "udp",
         "westus2.tundra.azureml.ms:5831",
     ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    let out = portcullis(&[
+    assert!(
+        l.starts_with("westus2.tundra.azureml.ms:5831/udp deny rule=compute-instance-tundra scenario=basic reason=needs_dns (")
+            && l.contains("UDP carries no name"),
+        "{l}"
+    );
+    let l = line(&[
+        "--var",
+        "region=westus2",
         "explain",
         "--proto",
         "udp",
-        "westus2.tundra.azureml.ms:5831",
+        "pool.westus2.batch.azure.com:443",
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "without --var region the rule is disabled"
+    assert!(
+        l.contains("deny rule=compute-instance-batch scenario=basic reason=needs_dns"),
+        "{l}"
     );
+    let l = line(&["explain", "x.westus2.batch.azure.com:443"]);
+    assert!(
+        l.starts_with("x.westus2.batch.azure.com:443 deny rule=compute-instance-batch scenario=basic reason=needs_var (")
+            && l.contains("<region> has no value"),
+        "{l}"
+    );
+    let l = line(&["explain", "myacr.azurecr.io"]);
+    assert!(
+        l.contains("rule=container-registry scenario=basic reason=needs_var"),
+        "{l}"
+    );
+    let l = line(&["explain", "--proto", "udp", "20.37.64.10:5831"]);
+    assert!(
+        l.contains("rule=tag-azure-machine-learning-udp scenario=basic reason=needs_service_tags")
+            && l.contains("service tag AzureMachineLearning"),
+        "{l}"
+    );
+    // With the tags file, the address rule decides UDP 5831 by address.
+    let tags = format!(
+        "{}/tests/data/servicetags-public-subset.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let tags_text = std::fs::read_to_string(&tags).unwrap();
+    let parsed = portcullis::servicetags::ServiceTags::parse("t", &tags_text).unwrap();
+    let net = parsed.get("AzureMachineLearning").unwrap()[0];
+    let ip = net.hosts().next().unwrap_or(net.addr()).to_string();
+    let dest = if ip.contains(':') {
+        format!("[{ip}]:5831")
+    } else {
+        format!("{ip}:5831")
+    };
+    let out = portcullis(&[
+        "--service-tags",
+        &tags,
+        "--var",
+        "region=eastus",
+        "explain",
+        "--proto",
+        "udp",
+        &dest,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
 
 #[test]
@@ -359,13 +425,20 @@ fn check_says_which_rules_wait_for_service_tags() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("wait for a service tags file"), "{stdout}");
     assert!(stdout.contains("tag-azure-machine-learning"), "{stdout}");
-    // Unset placeholders are listed with their rules.
+    // Unset placeholders are listed with their rules, once, with the fix.
+    let summary: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("cannot be enforced yet"))
+        .collect();
+    assert_eq!(summary.len(), 1, "{stdout}");
     assert!(
-        stdout.contains(
-            "rule 'compute-instance-batch' is disabled: placeholder <region> has no value"
-        ),
+        summary[0].contains("<region> has no value (")
+            && summary[0].contains("compute-instance-batch")
+            && summary[0].contains("portcullis init ")
+            && summary[0].contains("--region westus2"),
         "{stdout}"
     );
+    assert!(!stdout.contains("is disabled: placeholder"), "{stdout}");
 
     let tags = format!(
         "{}/tests/data/servicetags-public-subset.json",

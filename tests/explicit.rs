@@ -1741,3 +1741,59 @@ fn learn_on_a_day_of_audit_traffic_allows_exactly_that_traffic() {
     let same = portcullis(&["diff", new_s, new_s, "--log", log_s]);
     assert_eq!(same.status.code(), Some(0), "{}", output_text(&same));
 }
+
+/// A gateway without a service tags file cannot know a tag's addresses: a
+/// CONNECT to an address only a service-tag rule could allow is refused,
+/// and the 403, the access line and the metric give the reason `explain`
+/// gives (`needs_service_tags`); the startup log lists the waiting rules in
+/// one warning. Nothing is dialled (the address is refused first).
+#[test]
+fn a_rule_waiting_for_service_tags_denies_with_the_reason_explain_gives() {
+    let proxy = Proxy::start(
+        r#"[listen]
+proxy = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+[clients]
+allow = ["127.0.0.0/8"]
+[policy]
+profile = "none"
+[[rule]]
+name = "aml"
+service_tags = ["AzureMachineLearning"]
+"#,
+    );
+    let resp = connect_refusal(proxy.addr(), "20.37.64.10:443");
+    assert_refused(&resp, 403, "destination_ip_prohibited", "waiting tag rule");
+    let ps = resp.header("proxy-status").unwrap_or_default();
+    assert!(ps.contains("needs_service_tags"), "{}", describe(&resp));
+    let labels = [("action", "deny"), ("reason", "needs_service_tags")];
+    let n = proxy.wait_metric("portcullis_decisions_total", &labels, METRIC_TIMEOUT, |v| {
+        v == 1.0
+    });
+    assert_eq!(n, 1.0, "{}", proxy.metrics_text());
+    let logged = |pred: &dyn Fn(&str) -> bool| {
+        let lines = [proxy.stdout_lines(), proxy.stderr_lines()].concat();
+        lines.into_iter().filter(|l| pred(l)).count()
+    };
+    let access = |l: &str| {
+        l.contains("portcullis::access")
+            && l.contains("\"host\":\"20.37.64.10\"")
+            && l.contains("\"reason\":\"needs_service_tags\"")
+    };
+    assert!(
+        support::process::wait_until(METRIC_TIMEOUT, || logged(&access) == 1),
+        "{:?}",
+        [proxy.stdout_lines(), proxy.stderr_lines()].concat()
+    );
+    assert_eq!(logged(&|l| l.contains("cannot be enforced yet")), 1);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["-c", &proxy.dir().join("portcullis.toml").to_string_lossy()])
+        .args(["explain", "20.37.64.10:443"])
+        .output()
+        .expect("explain runs");
+    let explained = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        explained.starts_with("20.37.64.10:443 deny rule=aml reason=needs_service_tags"),
+        "{explained}"
+    );
+}

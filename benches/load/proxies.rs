@@ -144,6 +144,7 @@ pub fn config_text(what: &str, listen: &str, clients: &str, rules: &str, level: 
 [vars]
 region = "westus2"
 storage = "loadstore"
+acr = "loadacr"
 vnet = "10.0.0.0/16"
 
 [listen]

@@ -98,12 +98,20 @@ fn describe(policy: &Policy, dest: &Dest<'_>, d: &Decision) -> String {
 /// not obvious from the destination, so `explain` does not promise more
 /// than the gateway delivers: an address carries only TLS names a host rule
 /// allows; a name on a port other than 80 and 443 carries only TLS or HTTP
-/// (SSH and other protocols need `opaque = true`).
+/// (SSH and other protocols need `opaque = true`); a name on an opaque
+/// rule's port is enforced only through the explicit proxy.
 fn tunnel_note(policy: &Policy, dest: &Dest<'_>, d: &Decision) -> Option<&'static str> {
     let id = d
         .rule
         .filter(|_| d.verdict == Verdict::Allow && dest.proto == Protocol::Tcp)?;
     let r = policy.rule(id);
+    if r.opaque && matches!(dest.target, Target::Name(_)) && dest.port != 80 && dest.port != 443 {
+        return Some(if policy.dns_listener() {
+            "transparent connections on this port carry no name: they are decided as this name once the client resolved it through the DNS listener ([listen] dns), by address rules otherwise"
+        } else {
+            "through the explicit proxy only: without a DNS listener ([listen] dns) a transparent connection on this port carries no name and is decided by address rules"
+        });
+    }
     if r.opaque || !policy.require_matching_sni() {
         return None;
     }
@@ -157,26 +165,12 @@ pub(super) fn check(loaded: &Loaded) -> Result<ExitCode> {
     for w in &loaded.warnings {
         writeln!(out, "{w}")?;
     }
-    let waiting: Vec<&str> = p
-        .rules()
-        .iter()
-        .filter(|r| r.state == RuleState::WaitingForServiceTags)
-        .map(|r| r.name.as_str())
-        .collect();
     if let Some(line) = service_tags_line(loaded) {
         writeln!(out, "{line}")?;
     }
     let (readiness, readiness_warnings) = readiness_lines(loaded);
     for line in readiness {
         writeln!(out, "{line}")?;
-    }
-    if !waiting.is_empty() {
-        writeln!(
-            out,
-            "note: {} rule(s) wait for a service tags file ([policy] service_tags or --service-tags; download 'Azure IP Ranges and Service Tags'): {}",
-            waiting.len(),
-            waiting.join(", ")
-        )?;
     }
     let mut failed = 0;
     let mut n = 0;
@@ -345,6 +339,12 @@ pub(super) fn profile_show(policy: &Policy, scenario: Option<&str>) -> Result<Ex
     {
         let on = if s.enabled { "enabled" } else { "disabled" };
         writeln!(out, "## {} ({on})\n{}\n", s.name, s.description)?;
+        for note in &s.notes {
+            writeln!(out, "> {note}")?;
+        }
+        if !s.notes.is_empty() {
+            writeln!(out)?;
+        }
         for r in policy
             .rules()
             .iter()
@@ -361,6 +361,7 @@ pub(super) fn profile_show(policy: &Policy, scenario: Option<&str>) -> Result<Ex
                         .filter(|_| r.service_tags.is_empty())
                         .map(ToString::to_string),
                 )
+                .chain(r.to.iter().map(|n| format!("to:{n}")))
                 .collect();
             let ports = crate::policy::port_ranges(&r.ports);
             let state = match &r.state {

@@ -258,6 +258,9 @@ fn deny_token(reason: Reason) -> &'static str {
         | Reason::PortNotAllowed
         | Reason::ProtocolNotAllowed
         | Reason::ScenarioDisabled
+        | Reason::NeedsVar
+        | Reason::NeedsServiceTags
+        | Reason::NeedsDns
         | Reason::MalformedHost
         | Reason::SniMismatch
         | Reason::HostMismatch

@@ -16,10 +16,12 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use toml::Spanned;
 
+use super::decision::Reason;
 use super::diagnostic::{Diagnostic, Diags};
 use super::grants::{self, Grant};
 use super::host::{self, HostKey, HostTable};
 use super::net::{self, NetTable};
+use super::pending::{Pattern, Pending};
 use super::profile::{self, Profile};
 use super::rule::{Rule, RuleState, ScenarioState};
 use super::{Inner, Policy, lint};
@@ -120,7 +122,13 @@ impl Policy {
         if d.has_errors() {
             return Err(d.list);
         }
-        lint::lint(&compiled.rules, &compiled.keyed, &mut d);
+        waiting_summary(&compiled.rules, input.lenient_placeholders, &mut d);
+        lint::lint(
+            &compiled.rules,
+            &compiled.keyed,
+            config.listen.dns.is_some(),
+            &mut d,
+        );
 
         let mut grants = Vec::new();
         let host_keys = grants::fold_host_grants(compiled.keyed, &mut grants);
@@ -130,6 +138,7 @@ impl Policy {
             grants,
             hosts: HostTable::build(&host_keys),
             nets,
+            pending: compiled.pending,
             mode: config.policy.mode,
             upstream: config.policy.upstream,
             require_matching_sni: config.policy.require_matching_sni,
@@ -138,6 +147,7 @@ impl Policy {
             dns: config.dns.clone(),
             dns_servers,
             private_ranges,
+            dns_listener: config.listen.dns.is_some(),
             scenarios,
             vars,
             service_tags: input.service_tags.map(ServiceTags::file),
@@ -207,6 +217,7 @@ fn scenarios(config: &Config, profile: Option<&Profile>, d: &mut Diags<'_>) -> V
                 .map(|s| ScenarioState {
                     name: s.name.clone(),
                     description: s.description.clone(),
+                    notes: s.notes.clone(),
                     enabled: s.default,
                 })
                 .collect()
@@ -219,6 +230,7 @@ fn scenarios(config: &Config, profile: Option<&Profile>, d: &mut Diags<'_>) -> V
             scenarios.push(ScenarioState {
                 name: s.clone(),
                 description: String::new(),
+                notes: Vec::new(),
                 enabled: false,
             });
         }
@@ -257,12 +269,21 @@ struct Compiled {
     rules: Vec<Rule>,
     keyed: Vec<(HostKey, Grant)>,
     netted: Vec<(IpNet, Grant)>,
+    pending: Pending,
 }
 
 impl Compiled {
-    /// Adds a rule, with one grant per port range on each of its keys and nets.
-    fn add(&mut self, rule: Rule, keys: &[HostKey], nets: &[IpNet]) {
+    /// Adds a rule, with one grant per port range on each of its keys and
+    /// nets, and on what it waits for.
+    fn add(&mut self, rule: Rule, keys: &[HostKey], nets: &[IpNet], waits: &Waits) {
         let rule_id = u32::try_from(self.rules.len()).expect("fewer than 2^32 rules");
+        let why = match rule.state {
+            RuleState::MissingVars(_) => Reason::NeedsVar,
+            RuleState::WaitingForServiceTags => Reason::NeedsServiceTags,
+            _ => Reason::ScenarioDisabled,
+        };
+        let waiting = matches!(why, Reason::NeedsVar | Reason::NeedsServiceTags)
+            && rule.action == Action::Allow;
         for &(lo, hi) in &rule.ports {
             let grant = Grant {
                 rule: rule_id,
@@ -271,11 +292,20 @@ impl Compiled {
                 proto: rule.protocol,
                 deny: rule.action == Action::Deny,
                 active: rule.state == RuleState::Active,
+                why,
                 unlocks_guarded: false,
                 more_specific: false,
             };
             for key in keys {
                 self.keyed.push((key.clone(), grant));
+            }
+            if waiting {
+                for p in &waits.patterns {
+                    self.pending.add_host(p.clone(), grant);
+                }
+                if let Some(guarded) = waits.addresses {
+                    self.pending.add_addr(grant, why, guarded);
+                }
             }
             for net in nets {
                 let unlocks_guarded = net::unlocks_guarded(net);
@@ -316,7 +346,7 @@ fn rules(
         .collect();
     for (src, path, rc) in all {
         let rule = RuleCx::new(rc, src, &path, vars, d).compile(input, enabled(&rc.scenario));
-        let Some((mut rule, keys, nets)) = rule else {
+        let Some((mut rule, keys, nets, waits)) = rule else {
             continue;
         };
         // A switched-off rule still compiles its keys, so that `explain`
@@ -335,10 +365,80 @@ fn rules(
                 ),
             );
         }
-        out.add(rule, &keys, &nets);
+        out.add(rule, &keys, &nets, &waits);
     }
     unknown_disabled(config, &names, d);
     out
+}
+
+/// The flag of `portcullis init` that sets a placeholder, and an example
+/// value, if it has one.
+fn init_flag(var: &str) -> Option<&'static str> {
+    Some(match var {
+        "region" => "--region westus2",
+        "storage" => "--storage ACCOUNT",
+        "acr" => "--acr REGISTRY",
+        "workspace_id" => "--workspace-id ID",
+        "vnet" => "--vnet 10.0.0.0/16",
+        _ => return None,
+    })
+}
+
+/// One warning for every rule of an enabled scenario that cannot be
+/// enforced yet (a placeholder without a value, or no service tags file),
+/// with the command that fixes it: the gateway denies what they would allow,
+/// and `explain` says `needs_var` / `needs_service_tags` for it.
+fn waiting_summary(rules: &[Rule], lenient: bool, d: &mut Diags<'_>) {
+    let mut by_var: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut tags: Vec<&str> = Vec::new();
+    for r in rules {
+        match &r.state {
+            RuleState::MissingVars(vars) => {
+                for v in vars {
+                    by_var.entry(v).or_default().push(&r.name);
+                }
+            }
+            RuleState::WaitingForServiceTags => tags.push(&r.name),
+            _ => {}
+        }
+    }
+    if by_var.is_empty() && tags.is_empty() {
+        return;
+    }
+    let mut parts: Vec<String> = by_var
+        .iter()
+        .map(|(v, names)| format!("<{v}> has no value ({})", names.join(", ")))
+        .collect();
+    if !tags.is_empty() {
+        parts.push(format!(
+            "{} rule(s) wait for a service tags file ({})",
+            tags.len(),
+            tags.join(", ")
+        ));
+    }
+    let mut fix: Vec<String> = by_var
+        .keys()
+        .map(|v| match init_flag(v) {
+            Some(flag) => flag.to_string(),
+            None => format!("--var {v}=VALUE"),
+        })
+        .collect();
+    if !tags.is_empty() {
+        fix.push("--service-tags FILE".into());
+    }
+    let how = if lenient {
+        format!(
+            "`portcullis init {}` writes a config that sets them (or pass --var NAME=VALUE and --service-tags FILE)",
+            fix.join(" ")
+        )
+    } else {
+        "set [policy] service_tags = \"FILE\" or pass --service-tags FILE (FILE from `az network list-service-tags --location REGION`, or the weekly 'Azure IP Ranges and Service Tags' download)".into()
+    };
+    let message = format!(
+        "rules of enabled scenarios cannot be enforced yet, so the gateway denies what they would allow (`explain` says needs_var / needs_service_tags): {}. Fix: {how}",
+        parts.join("; ")
+    );
+    d.warn(CFG, None, String::new(), message);
 }
 
 /// Lowercase hex SHA-256 of `bytes`.
@@ -397,8 +497,18 @@ fn shares_words(a: &str, b: &str) -> bool {
     words(a).iter().any(|w| wb.contains(w))
 }
 
-/// A compiled rule, with the host keys and nets it gives grants to.
-type CompiledRule = (Rule, Vec<HostKey>, Vec<IpNet>);
+/// A compiled rule, with the host keys and nets it gives grants to, and
+/// what it would allow once it stops waiting.
+type CompiledRule = (Rule, Vec<HostKey>, Vec<IpNet>, Waits);
+
+/// What a rule that waits for a value would allow: its host patterns with
+/// the unfilled placeholders, and whether it is an address rule (`Some`;
+/// `true` when a `cidrs` entry is unfilled, which may name private space).
+#[derive(Default)]
+struct Waits {
+    patterns: Vec<Pattern>,
+    addresses: Option<bool>,
+}
 
 /// One rule being compiled: its config, where it was written, and the
 /// placeholders it uses that have no value.
@@ -409,6 +519,10 @@ struct RuleCx<'a, 'd, 's> {
     vars: &'a BTreeMap<String, String>,
     d: &'d mut Diags<'s>,
     missing: Vec<String>,
+    /// Host patterns whose placeholders have no value, partially filled.
+    unfilled: Vec<Pattern>,
+    /// A `cidrs` entry has an unfilled placeholder.
+    unfilled_cidr: bool,
 }
 
 impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
@@ -426,6 +540,8 @@ impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
             vars,
             d,
             missing: Vec::new(),
+            unfilled: Vec::new(),
+            unfilled_cidr: false,
         }
     }
 
@@ -438,6 +554,7 @@ impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
         let ports = self.ports();
         let (hosts, keys) = self.hosts();
         let mut cidrs = self.cidrs();
+        let to = self.to();
         let must_exist = scenario_on && rc.direction == Direction::Egress;
         let (service_tags, waiting) = self.service_tags(input.service_tags, must_exist, &mut cidrs);
         let state = self.state(&name, scenario_on, waiting, input.lenient_placeholders);
@@ -452,12 +569,17 @@ impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
         // Rules that cannot match anything yet still compile their host keys, so
         // that a denial can say which scenario or placeholder would allow it.
         let keys = match state {
-            RuleState::MissingVars(_) | RuleState::NotEgress => Vec::new(),
+            RuleState::NotEgress => Vec::new(),
             _ => keys,
         };
         let nets = match state {
             RuleState::NotEgress => Vec::new(),
             _ => cidrs.clone(),
+        };
+        let has_addr = !rc.cidrs.is_empty() || !rc.service_tags.is_empty();
+        let waits = Waits {
+            patterns: std::mem::take(&mut self.unfilled),
+            addresses: has_addr.then_some(self.unfilled_cidr),
         };
         let rule = Rule {
             name,
@@ -470,13 +592,14 @@ impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
             hosts,
             cidrs,
             service_tags,
+            to,
             origin: self.d.locate(self.src, &rc.name.span()),
             state,
             from_profile: self.src == PROFILE,
             any_sni: rc.sni == SniMode::Any,
             opaque: rc.opaque,
         };
-        Some((rule, keys, nets))
+        Some((rule, keys, nets, waits))
     }
 
     fn error(&mut self, span: std::ops::Range<usize>, path: String, message: String) {
@@ -533,8 +656,9 @@ impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
                     }
                     Err(e) => self.error(h.span(), format!("{}.hosts[{i}]", self.path), e),
                 },
-                Err(m) => {
+                Err((partial, m)) => {
                     hosts.push(h.get_ref().clone());
+                    self.unfilled.push(Pattern::parse(&partial));
                     self.missing.extend(m);
                 }
             }
@@ -551,10 +675,43 @@ impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
                     Ok(n) => cidrs.push(n),
                     Err(e) => self.error(c.span(), format!("{}.cidrs[{i}]", self.path), e),
                 },
-                Err(m) => self.missing.extend(m),
+                Err((_, m)) => {
+                    self.unfilled_cidr = true;
+                    self.missing.extend(m);
+                }
             }
         }
         cidrs
+    }
+
+    /// `to`: where an inbound rule's traffic may go. An inbound rule must
+    /// say (the ruleset would otherwise accept it to every address); other
+    /// rules must not.
+    fn to(&mut self) -> Vec<IpNet> {
+        let rc = self.rc;
+        let inbound = rc.direction == Direction::Inbound;
+        if inbound && rc.to.is_empty() {
+            let message = format!(
+                "inbound rule '{}' needs `to`: the address ranges its traffic may reach, e.g. to = [\"<vnet>\"]",
+                rc.name.get_ref()
+            );
+            self.error(rc.name.span(), self.path.to_string(), message);
+        }
+        if !inbound && !rc.to.is_empty() {
+            let message = "`to` is for inbound rules (direction = \"inbound\")".to_string();
+            self.error(rc.to[0].span(), format!("{}.to", self.path), message);
+        }
+        let mut to = Vec::new();
+        for (i, c) in rc.to.iter().enumerate() {
+            match fill(c.get_ref(), self.vars) {
+                Ok(text) => match net::parse_cidr(&text) {
+                    Ok(n) => to.push(n),
+                    Err(e) => self.error(c.span(), format!("{}.to[{i}]", self.path), e),
+                },
+                Err((_, m)) => self.missing.extend(m),
+            }
+        }
+        to
     }
 
     /// Service tag names as shown, their ranges added to `cidrs`, and whether
@@ -570,7 +727,7 @@ impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
         for (i, t) in self.rc.service_tags.iter().enumerate() {
             let tag = match fill(t.get_ref(), self.vars) {
                 Ok(tag) => tag,
-                Err(m) => {
+                Err((_, m)) => {
                     tags.push(t.get_ref().clone());
                     self.missing.extend(m);
                     continue;
@@ -602,35 +759,33 @@ impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
     /// error, or with `lenient` a warning that disables the rule.
     fn state(&mut self, name: &str, scenario_on: bool, waiting: bool, lenient: bool) -> RuleState {
         let rc = self.rc;
-        if rc.direction != Direction::Egress {
-            return RuleState::NotEgress;
-        }
+        let egress = rc.direction == Direction::Egress;
         if !scenario_on {
-            return RuleState::ScenarioDisabled;
+            return if egress {
+                RuleState::ScenarioDisabled
+            } else {
+                RuleState::NotEgress
+            };
         }
         let mut missing = std::mem::take(&mut self.missing);
         missing.sort();
         missing.dedup();
         let Some(first) = missing.first() else {
-            return if waiting {
-                RuleState::WaitingForServiceTags
-            } else {
-                RuleState::Active
+            return match (egress, waiting) {
+                (false, _) => RuleState::NotEgress,
+                (true, true) => RuleState::WaitingForServiceTags,
+                (true, false) => RuleState::Active,
             };
         };
-        let list = missing
-            .iter()
-            .map(|m| format!("<{m}>"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let span = Some(rc.name.span());
-        if lenient {
-            let message = format!(
-                "rule '{name}' is disabled: placeholder {list} has no value (set it in [vars] or with --var {first}=...)"
-            );
-            self.d
-                .warn(self.src, span.as_ref(), self.path.to_string(), message);
-        } else {
+        // Without a config (lenient) one summary warning lists every rule
+        // that waits (`waiting_summary`); an inbound rule is not rendered.
+        if !lenient {
+            let list = missing
+                .iter()
+                .map(|m| format!("<{m}>"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let span = Some(rc.name.span());
             let message = format!(
                 "rule '{name}' uses placeholder {list} with no value: set it in [vars] or with --var {first}=..., or disable scenario '{}'",
                 rc.scenario.as_deref().unwrap_or("-")
@@ -638,12 +793,17 @@ impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
             self.d
                 .error(self.src, span.as_ref(), self.path.to_string(), message);
         }
-        RuleState::MissingVars(missing)
+        if egress {
+            RuleState::MissingVars(missing)
+        } else {
+            RuleState::NotEgress
+        }
     }
 }
 
-/// Replaces `<name>` placeholders. Returns the missing names on failure.
-fn fill(text: &str, vars: &BTreeMap<String, String>) -> Result<String, Vec<String>> {
+/// Replaces `<name>` placeholders. On failure, the text with the missing
+/// ones kept as written, and their names.
+fn fill(text: &str, vars: &BTreeMap<String, String>) -> Result<String, (String, Vec<String>)> {
     let mut out = String::with_capacity(text.len());
     let mut missing = Vec::new();
     let mut rest = text;
@@ -655,7 +815,10 @@ fn fill(text: &str, vars: &BTreeMap<String, String>) -> Result<String, Vec<Strin
         out.push_str(&rest[..open]);
         match vars.get(name) {
             Some(value) => out.push_str(value),
-            None => missing.push(name.to_string()),
+            None => {
+                out.push_str(&rest[open..=open + close]);
+                missing.push(name.to_string());
+            }
         }
         rest = &rest[open + close + 1..];
     }
@@ -663,7 +826,7 @@ fn fill(text: &str, vars: &BTreeMap<String, String>) -> Result<String, Vec<Strin
     if missing.is_empty() {
         Ok(out)
     } else {
-        Err(missing)
+        Err((out, missing))
     }
 }
 

@@ -74,8 +74,18 @@ pub enum Reason {
     PortNotAllowed,
     /// A rule allows the host and port, for another protocol.
     ProtocolNotAllowed,
-    /// Only a rule of a disabled scenario (or with unset placeholders) would allow it.
+    /// Only a rule of a disabled scenario (or one switched off by
+    /// `[policy] disable_rules`) would allow it.
     ScenarioDisabled,
+    /// Only a rule whose placeholders (`<region>`, `<storage>`, ...) have no
+    /// value would allow it: the gateway cannot enforce it until they do.
+    NeedsVar,
+    /// Only a service-tag rule would allow it, and no service tags file is
+    /// loaded: the gateway cannot know the tag's addresses.
+    NeedsServiceTags,
+    /// A host rule allows the name, but on a protocol that carries no name
+    /// (UDP): the gateway decides such traffic by address only.
+    NeedsDns,
     /// Not a valid host name.
     MalformedHost,
     /// A private, loopback, link-local or other guarded address.
@@ -100,13 +110,16 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for code that keeps one entry per reason (metrics).
-    pub const ALL: [Reason; 13] = [
+    pub const ALL: [Reason; 16] = [
         Reason::RuleMatched,
         Reason::DenyRule,
         Reason::NoRule,
         Reason::PortNotAllowed,
         Reason::ProtocolNotAllowed,
         Reason::ScenarioDisabled,
+        Reason::NeedsVar,
+        Reason::NeedsServiceTags,
+        Reason::NeedsDns,
         Reason::MalformedHost,
         Reason::GuardedAddress,
         Reason::PlatformAddress,
@@ -125,6 +138,9 @@ impl Reason {
             Reason::PortNotAllowed => "port_not_allowed",
             Reason::ProtocolNotAllowed => "protocol_not_allowed",
             Reason::ScenarioDisabled => "scenario_disabled",
+            Reason::NeedsVar => "needs_var",
+            Reason::NeedsServiceTags => "needs_service_tags",
+            Reason::NeedsDns => "needs_dns",
             Reason::MalformedHost => "malformed_host",
             Reason::GuardedAddress => "guarded_address",
             Reason::PlatformAddress => "platform_address",

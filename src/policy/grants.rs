@@ -25,9 +25,11 @@ pub(super) struct Grant {
     pub(super) proto: Protocol,
     /// A deny rule's grant.
     pub(super) deny: bool,
-    /// Its rule is active; an inactive grant only explains a denial
-    /// (`scenario_disabled`).
+    /// Its rule is active; an inactive grant only explains a denial.
     pub(super) active: bool,
+    /// Why an inactive grant's rule is off: `scenario_disabled`,
+    /// `needs_var` or `needs_service_tags` (unused when active).
+    pub(super) why: Reason,
     /// A CIDR inside guarded space: it may allow a guarded address.
     pub(super) unlocks_guarded: bool,
     /// In a key's folded list: the first grant of a more specific key than
@@ -36,11 +38,11 @@ pub(super) struct Grant {
 }
 
 impl Grant {
-    fn covers_port(&self, port: u16) -> bool {
+    pub(super) fn covers_port(&self, port: u16) -> bool {
         self.lo <= port && port <= self.hi
     }
 
-    fn covers_proto(&self, proto: Protocol) -> bool {
+    pub(super) fn covers_proto(&self, proto: Protocol) -> bool {
         self.proto == Protocol::Any || self.proto == proto
     }
 }
@@ -58,8 +60,8 @@ pub(super) struct Walk {
     pub(super) allow_unlocking: Option<u32>,
     /// An active allow grant on another port, or on this port for another protocol.
     near: Option<(u32, Reason)>,
-    /// An inactive allow grant on this port and protocol.
-    disabled: Option<u32>,
+    /// An inactive allow grant on this port and protocol, and why it is off.
+    disabled: Option<(u32, Reason)>,
 }
 
 impl Walk {
@@ -69,7 +71,7 @@ impl Walk {
         let proto_ok = g.covers_proto(proto);
         if !g.active {
             if port_ok && proto_ok && !g.deny {
-                self.disabled.get_or_insert(g.rule);
+                self.disabled.get_or_insert((g.rule, g.why));
             }
             return;
         }
@@ -93,12 +95,13 @@ impl Walk {
     }
 
     /// The denial when nothing allowed or denied: the nearest rule's port or
-    /// protocol, else a disabled rule that would allow it, else no rule.
+    /// protocol, else an inactive rule that would allow it (and why it is
+    /// off), else no rule.
     pub(super) fn refusal(&self) -> Decision {
         if let Some((rule, reason)) = self.near {
             Decision::deny(Some(rule), reason)
-        } else if let Some(rule) = self.disabled {
-            Decision::deny(Some(rule), Reason::ScenarioDisabled)
+        } else if let Some((rule, why)) = self.disabled {
+            Decision::deny(Some(rule), why)
         } else {
             Decision::deny(None, Reason::NoRule)
         }

@@ -35,16 +35,124 @@ const EXFILTRATION_SUFFIXES: &[&str] = &[
     "ngrok-free.app",
 ];
 
-/// Warnings: exfiltration wildcards, duplicate and shadowed host grants.
-pub(super) fn lint(rules: &[Rule], keyed: &[(HostKey, Grant)], d: &mut Diags<'_>) {
+/// Wildcards over endpoints every Azure tenant gets a name under, which the
+/// Azure ML document lists without warning: each reaches other tenants'
+/// services (a write channel out), not only yours.
+const MULTI_TENANT_SUFFIXES: &[(&str, &str)] = &[
+    ("kusto.windows.net", "Azure Data Explorer cluster"),
+    ("vault.azure.net", "Key Vault"),
+    ("azurewebsites.net", "App Service app"),
+    ("cloudapp.azure.com", "public IP name"),
+    ("cloudapp.net", "cloud service"),
+    (
+        "servicebus.windows.net",
+        "Service Bus / Event Hubs namespace",
+    ),
+    ("database.windows.net", "Azure SQL server"),
+    ("azurefd.net", "Front Door endpoint"),
+    ("trafficmanager.net", "Traffic Manager profile"),
+];
+
+/// Service tags whose ranges front many tenants' endpoints.
+const MULTI_TENANT_TAGS: &[(&str, &str)] = &[
+    (
+        "azurefrontdoor.",
+        "every Azure Front Door customer's endpoints",
+    ),
+    ("azurecloud", "every Azure customer's public addresses"),
+    ("appservice", "every App Service customer's apps"),
+];
+
+/// Warnings: exfiltration and multi-tenant wildcards, names on protocols
+/// that carry none, duplicate and shadowed host grants.
+pub(super) fn lint(
+    rules: &[Rule],
+    keyed: &[(HostKey, Grant)],
+    dns_listener: bool,
+    d: &mut Diags<'_>,
+) {
     for rule in rules
         .iter()
         .filter(|r| r.state == RuleState::Active && r.action == Action::Allow)
     {
         exfiltration(rule, d);
+        multi_tenant(rule, d);
+        nameless(rule, dns_listener, d);
         unchecked_tunnels(rule, d);
     }
     shadowing(rules, keyed, d);
+}
+
+/// Multi-tenant wildcards and service tags the document does not warn about.
+fn multi_tenant(rule: &Rule, d: &mut Diags<'_>) {
+    let off = format!("[policy] disable_rules = [\"{}\"]", rule.name);
+    for h in &rule.hosts {
+        let Some(suffix) = h.strip_prefix("*.") else {
+            continue;
+        };
+        let Some((_, what)) = MULTI_TENANT_SUFFIXES.iter().find(|(s, _)| *s == suffix) else {
+            continue;
+        };
+        d.warn_at(
+            &rule.origin,
+            format!(
+                "rule '{}' allows '{h}': every tenant's {what}, not only yours, so data can leave to another tenant; allow yours by name ('NAME.{suffix}') in a rule of your own and switch this one off with {off}",
+                rule.name
+            ),
+        );
+    }
+    for tag in &rule.service_tags {
+        let lower = tag.to_ascii_lowercase();
+        let Some((_, what)) = MULTI_TENANT_TAGS.iter().find(|(p, _)| lower.starts_with(p)) else {
+            continue;
+        };
+        let how = if rule.protocol == Protocol::Tcp && !rule.any_sni && !rule.opaque {
+            "TLS tunnels to them still carry only names a host rule allows, but a connection without a name is decided by the address alone"
+        } else {
+            "this rule lets traffic to them through without a name check (udp, any, opaque or sni = \"any\")"
+        };
+        d.warn_at(
+            &rule.origin,
+            format!(
+                "rule '{}' allows service tag '{tag}': addresses shared by {what}; {how}; if the host rules cover what you need, switch it off with {off}",
+                rule.name
+            ),
+        );
+    }
+}
+
+/// Host rules on traffic that carries no name: UDP (forwarded by address
+/// sets only), and opaque TCP through the transparent listener unless a DNS
+/// listener learns which address is which name.
+fn nameless(rule: &Rule, dns_listener: bool, d: &mut Diags<'_>) {
+    if rule.hosts.is_empty() {
+        return;
+    }
+    let off = format!("[policy] disable_rules = [\"{}\"]", rule.name);
+    if rule.protocol != Protocol::Tcp {
+        d.warn_at(
+            &rule.origin,
+            format!(
+                "rule '{}' names hosts on {}, but UDP carries no name: the gateway forwards UDP by address sets only, so the names are never enforced; UDP reaches these hosts only where an address rule allows their addresses, and `explain` says needs_dns for the names; allow the service's addresses with an address rule (service_tags or cidrs, protocol = \"udp\"), set protocol = \"tcp\", or switch it off with {off}",
+                rule.name,
+                rule.protocol.as_str()
+            ),
+        );
+    }
+    let tls_only = rule
+        .ports
+        .iter()
+        .all(|&(lo, hi)| lo == hi && (lo == 443 || lo == 80));
+    if rule.opaque && !tls_only && !dns_listener {
+        d.warn_at(
+            &rule.origin,
+            format!(
+                "rule '{}' names hosts with opaque = true: the explicit proxy enforces the name (CONNECT carries it), but without a DNS listener ([listen] dns) a transparent connection on port {} carries no name and is decided by address rules only (cidrs or service_tags on that port); send this traffic through the explicit proxy, add an address rule, or switch it off with {off}",
+                rule.name,
+                super::rule::ports_text(&rule.ports)
+            ),
+        );
+    }
 }
 
 /// Tunnels whose contents are not checked: `sni = "any"` reaches every

@@ -19,8 +19,11 @@
 //!    guarded address needs an allow rule whose CIDR lies inside guarded space;
 //! 4. otherwise deny, saying why: the host is allowed on other ports
 //!    (`port_not_allowed`) or for another protocol (`protocol_not_allowed`),
-//!    only in a disabled scenario (`scenario_disabled`), or not at all
-//!    (`no_rule`).
+//!    only in a disabled scenario (`scenario_disabled`), only by a rule that
+//!    waits for a placeholder value (`needs_var`) or a service tags file
+//!    (`needs_service_tags`), or not at all (`no_rule`);
+//! 5. a name allowed on UDP is denied (`needs_dns`): UDP carries no name, so
+//!    the gateway forwards UDP by address rules only (nftables sets).
 //!
 //! `reference_tests.rs` states this order as plainly as it can and compares
 //! it with `decide` on random rule sets.
@@ -39,6 +42,7 @@ mod grants;
 pub mod host;
 mod lint;
 pub mod net;
+mod pending;
 mod profile;
 mod rule;
 
@@ -53,6 +57,7 @@ use crate::config::{DnsConfig, Mode, Protocol, UpstreamMode};
 use grants::{Grant, KeyGrants, Walk};
 use host::HostTable;
 use net::{Guard, NetTable};
+use pending::Pending;
 use rule::ports_text;
 
 pub use compile::CompileInput;
@@ -73,6 +78,8 @@ struct Inner {
     grants: Vec<Grant>,
     hosts: HostTable<KeyGrants>,
     nets: NetTable,
+    /// What rules waiting for a value would allow (explains denials only).
+    pending: Pending,
     mode: Mode,
     upstream: UpstreamMode,
     require_matching_sni: bool,
@@ -81,6 +88,7 @@ struct Inner {
     dns: DnsConfig,
     dns_servers: Vec<SocketAddr>,
     private_ranges: Vec<IpNet>,
+    dns_listener: bool,
     scenarios: Vec<ScenarioState>,
     vars: BTreeMap<String, String>,
     service_tags: Option<crate::servicetags::TagsFile>,
@@ -136,10 +144,26 @@ impl Policy {
     fn decide_name(&self, name: &[u8], port: u16, proto: Protocol) -> Decision {
         let inner = &*self.inner;
         let found = inner.hosts.find_name(name);
-        match found.value {
+        let d = match found.value {
             Some(key) => grants::decide_name(key.of(&inner.grants), port, proto),
-            None if found.malformed => Decision::deny(None, Reason::MalformedHost),
+            None if found.malformed => return Decision::deny(None, Reason::MalformedHost),
             None => Decision::deny(None, Reason::NoRule),
+        };
+        match d.reason {
+            // No UDP datagram names its host: the ruleset forwards UDP only
+            // to the addresses of address rules, whatever a host rule says.
+            Reason::RuleMatched if proto == Protocol::Udp => Decision {
+                verdict: Verdict::Deny,
+                reason: Reason::NeedsDns,
+                ..d
+            },
+            Reason::NoRule if !inner.pending.is_empty() => {
+                match inner.pending.name(name, port, proto) {
+                    Some(rule) => Decision::deny(Some(rule), Reason::NeedsVar),
+                    None => d,
+                }
+            }
+            _ => d,
         }
     }
 
@@ -167,11 +191,19 @@ impl Policy {
         } else {
             walk.allow
         };
-        match (allow, guard) {
-            (Some(rule), _) => Decision::allow(rule),
+        let d = match (allow, guard) {
+            (Some(rule), _) => return Decision::allow(rule),
             (None, Some(_)) => Decision::deny(walk.allow, Reason::GuardedAddress),
             (None, None) => walk.refusal(),
+        };
+        let unexplained = matches!(d.reason, Reason::NoRule | Reason::GuardedAddress);
+        if unexplained
+            && !self.inner.pending.is_empty()
+            && let Some((rule, why)) = self.inner.pending.addr(guard.is_some(), port, proto)
+        {
+            return Decision::deny(Some(rule), why);
         }
+        d
     }
 
     /// Whether a resolved address of an allowed name may be dialled: not a
@@ -218,15 +250,34 @@ impl Policy {
                 Some((RuleState::Disabled, _)) => format!(
                     "no rule allows this host (rule '{name}' is switched off by [policy] disable_rules)"
                 ),
-                Some((RuleState::MissingVars(vars), _)) => format!(
-                    "no rule allows this host (rule '{name}' needs --var {})",
-                    vars.iter().map(|v| format!("{v}=...")).collect::<Vec<_>>().join(" --var ")
-                ),
                 Some((_, Some(scenario))) => {
                     format!("no rule allows this host (scenario {scenario} is disabled)")
                 }
                 _ => format!("no rule allows this host (rule '{name}' is inactive)"),
             },
+            Reason::NeedsVar => {
+                let vars = match rule.map(|r| &r.state) {
+                    Some(RuleState::MissingVars(vars)) => vars.clone(),
+                    _ => Vec::new(),
+                };
+                let names: Vec<String> = vars.iter().map(|v| format!("<{v}>")).collect();
+                let set: Vec<String> = vars.iter().map(|v| format!("--var {v}=...")).collect();
+                let verb = if names.len() == 1 { "has" } else { "have" };
+                format!(
+                    "rule '{name}' would allow this, but {} {verb} no value, so the gateway cannot enforce it: set it in [vars], with {} or with `portcullis init`",
+                    names.join(", "),
+                    set.join(" ")
+                )
+            }
+            Reason::NeedsServiceTags => {
+                let tags = rule.map(|r| r.service_tags.join(", ")).unwrap_or_default();
+                format!(
+                    "rule '{name}' (service tag {tags}) may allow this address, but no service tags file is loaded, so the gateway cannot know the tag's addresses: set [policy] service_tags or pass --service-tags FILE"
+                )
+            }
+            Reason::NeedsDns => format!(
+                "rule '{name}' names this host, but UDP carries no name: the gateway forwards UDP only to the addresses of address rules (service tags, cidrs) and drops UDP 443; explain the address instead"
+            ),
             Reason::MalformedHost => "not a valid host name".to_string(),
             Reason::GuardedAddress => {
                 "private, loopback and link-local addresses are refused unless an address rule names them"
@@ -348,6 +399,12 @@ impl Policy {
             d.verdict = Verdict::AuditDeny;
         }
         d
+    }
+
+    /// Whether the config runs a DNS listener (`[listen] dns`): connections
+    /// that name no host may then be decided as the name a client resolved.
+    pub fn dns_listener(&self) -> bool {
+        self.inner.dns_listener
     }
 
     /// `[dns]`: how the DNS listener answers and remembers.

@@ -21,6 +21,10 @@ pub struct Scenario {
     /// Enabled when `[policy] scenarios` is not given.
     #[serde(default)]
     pub default: bool,
+    /// What the scenario assumes or where its rules come from, shown by
+    /// `portcullis profile show`. Default: none.
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// A parsed built-in profile.

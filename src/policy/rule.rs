@@ -50,6 +50,8 @@ pub struct Rule {
     pub cidrs: Vec<IpNet>,
     /// Service tag names as written (after substitution).
     pub service_tags: Vec<String>,
+    /// Inbound rules: the ranges the traffic may reach (`to`, filled).
+    pub to: Vec<IpNet>,
     /// Where the rule was written.
     pub origin: Location,
     /// Whether it takes part in decisions.
@@ -69,6 +71,8 @@ pub struct ScenarioState {
     pub name: String,
     /// What it covers.
     pub description: String,
+    /// What it assumes or where its rules come from (profile scenarios).
+    pub notes: Vec<String>,
     /// Enabled in this policy.
     pub enabled: bool,
 }

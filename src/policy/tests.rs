@@ -147,9 +147,11 @@ fn ports_and_protocols() {
         "b.com", 443 => Deny Some("plain"), PortNotAllowed;
         "u.com", 443 => Deny Some("udp-only"), ProtocolNotAllowed;
     );
+    // UDP names no host: a host rule on UDP cannot be enforced, and the
+    // ruleset forwards UDP by address rules only.
     assert_eq!(
-        decide_proto(&p, "u.com", 443, Protocol::Udp).0,
-        Verdict::Allow
+        decide_proto(&p, "u.com", 443, Protocol::Udp),
+        (Verdict::Deny, Some("udp-only".into()), Reason::NeedsDns)
     );
 }
 
@@ -517,7 +519,7 @@ fn overlapping_keys_decide_by_specificity_and_port() {
     );
     assert_eq!(
         decide_proto(&p, "x.a.com", 53, Protocol::Udp),
-        (Verdict::Allow, Some("udp".into()), Reason::RuleMatched)
+        (Verdict::Deny, Some("udp".into()), Reason::NeedsDns)
     );
     let ports: Vec<String> = (1..=40).map(|i| (i * 100).to_string()).collect();
     let many = format!(
@@ -590,7 +592,13 @@ fn unchecked_tunnels_are_linted_and_sni_any_needs_addresses() {
     let ssh =
         warnings("[[rule]]\nname = \"ssh\"\nhosts = [\"a.test\"]\nports = [22]\nopaque = true\n")
             .expect("valid");
-    assert!(!ssh.contains("opaque"), "{ssh}");
+    assert!(!ssh.contains("carry anything"), "{ssh}");
+    assert!(
+        ssh.contains("rule 'ssh' names hosts with opaque = true")
+            && ssh.contains("transparent connection on port 22 carries no name")
+            && ssh.contains("disable_rules = [\"ssh\"]"),
+        "{ssh}"
+    );
     let err = warnings("[[rule]]\nname = \"h\"\nhosts = [\"a.test\"]\nsni = \"any\"\n")
         .expect_err("sni = any on a host rule is an error");
     let text: Vec<String> = err.iter().map(ToString::to_string).collect();
@@ -683,9 +691,240 @@ fn private_ranges_let_names_reach_guarded_space_but_never_an_address_by_itself()
     // Only guarded space may be named: a public range is an error.
     let errs = errors(&text("\"20.0.0.0/8\""));
     assert!(
-        errs.iter().any(|e| e.contains("private_ranges[0]") && e.contains("not inside")),
+        errs.iter()
+            .any(|e| e.contains("private_ranges[0]") && e.contains("not inside")),
         "{errs:?}"
     );
     let errs = errors(&text("\"0.0.0.0/0\""));
     assert!(errs.iter().any(|e| e.contains("not inside")), "{errs:?}");
+}
+
+/// Compiles `text` without a config file's strictness: placeholders without
+/// a value disable their rule (as for the embedded default); `tags`, if
+/// given, is the service tags file.
+fn lenient(text: &str, tags: Option<&crate::servicetags::ServiceTags>) -> (Policy, Vec<String>) {
+    let source = Source {
+        name: "t.toml".into(),
+        text: text.into(),
+    };
+    let config = Config::parse(&source).expect("test config parses");
+    let input = CompileInput {
+        service_tags: tags,
+        lenient_placeholders: true,
+        ..CompileInput::default()
+    };
+    match Policy::compile(&config, &source, &input) {
+        Ok((p, w)) => (p, w.iter().map(ToString::to_string).collect()),
+        Err(e) => panic!("compile failed: {e:?}"),
+    }
+}
+
+const WAITING: &str = r#"
+[policy]
+profile = "none"
+[[rule]]
+name = "batch"
+hosts = ["*.<region>.batch.azure.com"]
+[[rule]]
+name = "acr"
+hosts = ["<acr>.azurecr.io", "<acr>.<region>.data.azurecr.io", "fixed.azurecr.io"]
+[[rule]]
+name = "pe"
+cidrs = ["<vnet>"]
+[[rule]]
+name = "aml"
+service_tags = ["AzureMachineLearning"]
+ports = [443, 8787]
+[[rule]]
+name = "open"
+hosts = ["open.test"]
+"#;
+
+#[test]
+fn rules_waiting_for_a_value_explain_denials_with_what_is_missing() {
+    let (p, _) = lenient(WAITING, None);
+    t!(p,
+        "pool.westus2.batch.azure.com", 443 => Deny Some("batch"), NeedsVar;
+        "a.b.WestUS2.batch.azure.com.", 443 => Deny Some("batch"), NeedsVar;
+        "westus2.batch.azure.com", 443 => Deny NONE, NoRule;
+        "pool.westus2.batch.azure.com", 80 => Deny NONE, NoRule;
+        "myacr.azurecr.io", 443 => Deny Some("acr"), NeedsVar;
+        "myacr.westus2.data.azurecr.io", 443 => Deny Some("acr"), NeedsVar;
+        // a filled name of a waiting rule: its key is there, inactive
+        "fixed.azurecr.io", 443 => Deny Some("acr"), NeedsVar;
+        "x.myacr.azurecr.io", 443 => Deny NONE, NoRule;
+        "10.0.0.5", 443 => Deny Some("pe"), NeedsVar;
+        "20.1.2.3", 8787 => Deny Some("aml"), NeedsServiceTags;
+        "20.1.2.3", 22 => Deny NONE, NoRule;
+        "open.test", 443 => Allow Some("open"), RuleMatched;
+    );
+    // Private space is only ever named by a cidrs rule, never by a tag.
+    t!(p, "10.0.0.5", 8787 => Deny NONE, GuardedAddress;);
+    let text = p.explain(&p.decide(&Dest {
+        target: Target::parse("pool.westus2.batch.azure.com"),
+        port: 443,
+        proto: Protocol::Tcp,
+    }));
+    assert!(text.contains("<region> has no value"), "{text}");
+    let text = p.explain(&p.decide(&Dest {
+        target: Target::parse("20.1.2.3"),
+        port: 8787,
+        proto: Protocol::Tcp,
+    }));
+    assert!(
+        text.contains("service tag AzureMachineLearning") && text.contains("--service-tags"),
+        "{text}"
+    );
+    // Once the values are given, the same destinations are decided by the rules.
+    let filled = WAITING.replace(
+        "[policy]",
+        "[vars]\nregion = \"westus2\"\nacr = \"myacr\"\nvnet = \"10.0.0.0/16\"\n[policy]",
+    );
+    let tags = crate::servicetags::ServiceTags::parse(
+        "t.json",
+        r#"{"changeNumber": 1, "cloud": "Public", "values": [{"name": "AzureMachineLearning", "id": "AzureMachineLearning", "properties": {"changeNumber": 1, "addressPrefixes": ["20.1.2.0/24"]}}]}"#,
+    )
+    .expect("tags parse");
+    let (p, warnings) = lenient(&filled, Some(&tags));
+    assert!(
+        warnings
+            .iter()
+            .all(|w| !w.contains("cannot be enforced yet")),
+        "{warnings:?}"
+    );
+    t!(p,
+        "pool.westus2.batch.azure.com", 443 => Allow Some("batch"), RuleMatched;
+        "pool.eastus.batch.azure.com", 443 => Deny NONE, NoRule;
+        "myacr.azurecr.io", 443 => Allow Some("acr"), RuleMatched;
+        "10.0.0.5", 443 => Allow Some("pe"), RuleMatched;
+        "20.1.2.3", 8787 => Allow Some("aml"), RuleMatched;
+        "20.1.3.3", 8787 => Deny NONE, NoRule;
+    );
+}
+
+#[test]
+fn one_warning_lists_every_waiting_rule_with_the_command_that_fixes_it() {
+    let (_, warnings) = lenient(WAITING, None);
+    let summary: Vec<&String> = warnings
+        .iter()
+        .filter(|w| w.contains("cannot be enforced yet"))
+        .collect();
+    assert_eq!(summary.len(), 1, "{warnings:?}");
+    let w = summary[0];
+    for part in [
+        "<region> has no value (batch, acr)",
+        "<acr> has no value (acr)",
+        "<vnet> has no value (pe)",
+        "1 rule(s) wait for a service tags file (aml)",
+        "portcullis init --acr REGISTRY --region westus2 --vnet 10.0.0.0/16 --service-tags FILE",
+    ] {
+        assert!(w.contains(part), "missing {part:?} in {w}");
+    }
+    assert!(
+        !warnings
+            .iter()
+            .any(|w| w.contains("rule 'batch' is disabled")),
+        "{warnings:?}"
+    );
+    // A config file: missing values are errors; a missing tags file is the one warning.
+    let (_, w) = Policy::compile(
+        &Config::parse(&Source {
+            name: "t.toml".into(),
+            text: "[policy]\nprofile = \"none\"\n[[rule]]\nname = \"aml\"\nservice_tags = [\"AzureMachineLearning\"]\n".into(),
+        })
+        .expect("parses"),
+        &Source {
+            name: "t.toml".into(),
+            text: String::new(),
+        },
+        &CompileInput::default(),
+    )
+    .expect("valid");
+    let w: Vec<String> = w.iter().map(ToString::to_string).collect();
+    assert!(
+        w.len() == 1 && w[0].contains("[policy] service_tags") && w[0].contains("(aml)"),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn names_on_udp_are_not_enforceable_and_linted() {
+    let text = r#"
+[policy]
+profile = "none"
+[[rule]]
+name = "tundra"
+hosts = ["westus2.tundra.azureml.ms"]
+ports = [5831]
+protocol = "udp"
+[[rule]]
+name = "batch"
+hosts = ["*.batch.azure.com"]
+protocol = "any"
+"#;
+    let (p, warnings) = compile_text(text).expect("valid");
+    assert_eq!(
+        decide_proto(&p, "westus2.tundra.azureml.ms", 5831, Protocol::Udp),
+        (Verdict::Deny, Some("tundra".into()), Reason::NeedsDns)
+    );
+    assert_eq!(
+        decide_proto(&p, "x.batch.azure.com", 443, Protocol::Udp),
+        (Verdict::Deny, Some("batch".into()), Reason::NeedsDns)
+    );
+    t!(p, "x.batch.azure.com", 443 => Allow Some("batch"), RuleMatched;);
+    let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+    for (rule, proto) in [("tundra", "udp"), ("batch", "any")] {
+        assert!(
+            warnings.iter().any(|w| w.contains(&format!(
+                "rule '{rule}' names hosts on {proto}, but UDP carries no name"
+            )) && w.contains(&format!("disable_rules = [\"{rule}\"]"))
+                && w.contains("by address sets only")),
+            "{rule}: {warnings:?}"
+        );
+    }
+}
+
+#[test]
+fn multi_tenant_wildcards_and_tags_are_linted_with_the_setting_that_fixes_them() {
+    let tags = crate::servicetags::ServiceTags::parse(
+        "t.json",
+        r#"{"changeNumber": 1, "cloud": "Public", "values": [{"name": "AzureFrontDoor.Frontend", "id": "AzureFrontDoor.Frontend", "properties": {"changeNumber": 1, "addressPrefixes": ["13.107.0.0/16"]}}]}"#,
+    )
+    .expect("tags parse");
+    let text = r#"
+[policy]
+profile = "none"
+[[rule]]
+name = "kv"
+hosts = ["*.vault.azure.net", "mine.vault.azure.net"]
+[[rule]]
+name = "kusto"
+hosts = ["*.kusto.windows.net"]
+[[rule]]
+name = "fd"
+service_tags = ["AzureFrontDoor.Frontend"]
+"#;
+    let (_, warnings) = lenient(text, Some(&tags));
+    let has = |rule: &str, what: &str| {
+        warnings.iter().any(|w| {
+            w.contains(&format!("rule '{rule}' allows '{what}'"))
+                && w.contains(&format!("disable_rules = [\"{rule}\"]"))
+        })
+    };
+    assert!(has("kv", "*.vault.azure.net"), "{warnings:?}");
+    assert!(has("kusto", "*.kusto.windows.net"), "{warnings:?}");
+    assert!(
+        warnings.iter().any(|w| w
+            .contains("rule 'fd' allows service tag 'AzureFrontDoor.Frontend'")
+            && w.contains("every Azure Front Door customer")
+            && w.contains("disable_rules = [\"fd\"]")),
+        "{warnings:?}"
+    );
+    // A named account is what the warning asks for: no warning.
+    assert!(
+        !warnings
+            .iter()
+            .any(|w| w.contains("'mine.vault.azure.net'")),
+        "{warnings:?}"
+    );
 }

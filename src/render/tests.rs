@@ -200,3 +200,59 @@ fn one_line_never_panics_on_random_unicode() {
         }
     }
 }
+
+/// The profile's `public-ip` scenario: inbound 44224 from the
+/// AzureMachineLearning ranges of the region and its pair, accepted to the
+/// VNet only, never to every address.
+#[test]
+fn public_ip_inbound_is_accepted_to_the_vnet_only() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("public-ip.toml");
+    let text = format!(
+        "[vars]\nregion = \"eastus\"\npaired_region = \"centralus\"\nstorage = \"s\"\nacr = \"r\"\nvnet = \"10.7.0.0/16\"\n\
+         [listen]\ntransparent = \"0.0.0.0:3129\"\n[policy]\nscenarios = [\"basic\", \"public-ip\"]\nservice_tags = {:?}\n",
+        repo("tests/data/servicetags-public-subset.json")
+            .display()
+            .to_string()
+    );
+    std::fs::write(&path, text).expect("write");
+    let loaded = load(Some(&path), &[], None, 1).unwrap_or_else(|e| panic!("{e}"));
+    let ruleset = nftables(&loaded).expect("renders");
+    let lines: Vec<&str> = ruleset
+        .lines()
+        .filter(|l| l.contains("dport 44224"))
+        .collect();
+    assert!(!lines.is_empty(), "{ruleset}");
+    for l in &lines {
+        assert!(
+            l.contains("ip daddr 10.7.0.0/16 tcp dport 44224 counter accept"),
+            "{l}"
+        );
+    }
+    // Protocol-ANY host rules on 443 (`*.<region>.batch.azure.com`) get no
+    // UDP accept: UDP 443 is dropped, as `explain` says (needs_dns).
+    assert!(ruleset.contains("udp dport 443 counter drop comment \"quic\""));
+    assert!(
+        !ruleset
+            .lines()
+            .any(|l| l.contains("udp dport 443") && l.contains("accept"))
+    );
+    // Both regions' ranges are in the set the rule reads.
+    let tags =
+        crate::servicetags::ServiceTags::load(&repo("tests/data/servicetags-public-subset.json"))
+            .expect("tags");
+    for tag in [
+        "AzureMachineLearning.EastUS",
+        "AzureMachineLearning.CentralUS",
+    ] {
+        let net = tags.get(tag).expect("tag in test data")[0];
+        assert!(ruleset.contains(&net.trunc().to_string()), "{tag} {net}");
+    }
+    // Without the scenario: nothing inbound.
+    let basic = std::fs::read_to_string(&path)
+        .expect("read")
+        .replace(", \"public-ip\"", "");
+    std::fs::write(&path, basic).expect("write");
+    let loaded = load(Some(&path), &[], None, 1).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!nftables(&loaded).expect("renders").contains("44224"));
+}
