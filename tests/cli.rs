@@ -111,6 +111,27 @@ fn explain_says_what_a_tunnel_may_carry_off_the_web_ports() {
             && text(&out).contains("disable_rules = [\"gh\"]"),
         "{}",
         text(&out)
+    );    // With a DNS listener, the name is enforced for transparent connections
+    // too, once a client resolved it through the gateway: explain says so,
+    // and check has nothing to warn about.
+    let with_dns = format!(
+        "[listen]\ndns = \"127.0.0.1:5353\"\n{}",
+        rules("opaque = true\n")
+    );
+    std::fs::write(&file, with_dns).unwrap();
+    let out = portcullis(&["-c", &path, "explain", "github.com:22"]);
+    assert!(
+        text(&out).trim_end().ends_with(
+            "(allowed by rule 'gh'); transparent connections on this port carry no name: they are decided as this name once the client resolved it through the DNS listener ([listen] dns), by address rules otherwise"
+        ),
+        "{}",
+        text(&out)
+    );
+    let out = portcullis(&["-c", &path, "check"]);
+    assert!(
+        !text(&out).contains("carries no name") && out.status.success(),
+        "{}",
+        text(&out)
     );
 }
 

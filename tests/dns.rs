@@ -351,3 +351,42 @@ async fn an_address_answered_for_a_name_is_decided_as_that_name() {
     let (status, _) = connect(format!("127.0.0.2:{}", port.wrapping_add(1))).await;
     assert_eq!(status, 403, "the name's rule allows one port");
 }
+
+#[tokio::test]
+async fn a_learned_address_counts_only_for_its_ttl_and_grace() {
+    let origin = Origin::start(Answer::Banner).await;
+    let port = origin.addr.port();
+    let Some(dns) = Dnsmasq::start(&[
+        "--host-record=ready.test,20.0.0.2",
+        "--host-record=files.test,127.0.0.2",
+    ])
+    .await
+    else {
+        return;
+    };
+    // dnsmasq answers with TTL 0; no floor and no grace: the address counts
+    // for no time at all, so the CONNECT after the answer is refused again.
+    let rules = format!(
+        "private_ranges = [\"127.0.0.0/8\"]\n\
+         [[rule]]\nname = \"files\"\nhosts = [\"files.test\"]\nports = [{port}]\nopaque = true\n"
+    );
+    let cfg =
+        config(dns.addr, "\"127.0.0.0/8\"", &rules) + "min_ttl_s = 0\nmax_ttl_s = 0\ngrace_s = 0\n";
+    let gw = InProc::start(&cfg).await;
+    let a = ask(gw.addr("dns"), "files.test", RecordType::A).await;
+    assert_eq!(addresses(&a), ["127.0.0.2".parse::<IpAddr>().unwrap()]);
+    let mut s = TcpStream::connect(gw.addr("proxy")).await.unwrap();
+    let authority = format!("127.0.0.2:{port}");
+    s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head[9..12], b"403", "{}", String::from_utf8_lossy(&head));
+    assert_eq!(
+        gw.gw
+            .metrics
+            .decisions_counted(Verdict::Allow, Via::Connect, Reason::DnsAddress),
+        0
+    );
+}

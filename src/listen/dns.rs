@@ -361,3 +361,118 @@ fn log_refusal(peer: SocketAddr, policy: &Policy, name: &str, rtype: RecordType,
         policy.explain(d)
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Limits, Source};
+    use crate::policy::CompileInput;
+    use crate::testing::{Rng, seed};
+    use hickory_resolver::proto::op::Query;
+
+    /// A gateway allowing `allowed.test` (from `[resolve]`: no resolver is
+    /// ever asked) for clients on loopback.
+    fn gateway() -> Gateway {
+        let source = Source {
+            name: "t.toml".into(),
+            text: "[listen]\ndns = \"127.0.0.1:0\"\n[clients]\nallow = [\"127.0.0.0/8\"]\n\
+                   [policy]\nprofile = \"none\"\n[[rule]]\nname = \"r\"\nhosts = [\"allowed.test\"]\n\
+                   [resolve]\n\"allowed.test\" = [\"20.0.0.1\", \"2001:db8::1\"]\n"
+                .into(),
+        };
+        let config = Config::parse(&source).unwrap();
+        let (policy, _) = Policy::compile(&config, &source, &CompileInput::default()).unwrap();
+        Gateway::new(policy, Limits::default(), Vec::new())
+    }
+
+    fn query_bytes(name: &str, rtype: RecordType) -> Vec<u8> {
+        let mut m = Message::query();
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+        m.to_vec().unwrap()
+    }
+
+    const PEER: &str = "127.0.0.1:5353";
+
+    /// Mutated and random messages: never a panic, and every reply is a
+    /// DNS message within the UDP limit, never an answer for a name no
+    /// rule allows. Seeded (`PORTCULLIS_SEED`), the seed printed on failure.
+    #[tokio::test]
+    async fn hostile_messages_get_a_refusal_or_nothing() {
+        let gw = gateway();
+        let seed = seed();
+        let mut rng = Rng(seed);
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let valid = [
+            query_bytes("allowed.test", RecordType::A),
+            query_bytes("allowed.test", RecordType::AAAA),
+            query_bytes("evil.test", RecordType::TXT),
+            // A compression pointer to itself where the name should be.
+            [
+                &query_bytes("a.test", RecordType::A)[..12],
+                &[0xc0, 12, 0, 1, 0, 1][..],
+            ]
+            .concat(),
+        ];
+        for round in 0..4000 {
+            let mut bytes = rng.pick(&valid).clone();
+            match rng.below(4) {
+                0 => {
+                    for _ in 0..=rng.below(4) {
+                        let i = rng.below(bytes.len());
+                        bytes[i] = rng.byte();
+                    }
+                }
+                1 => bytes.truncate(rng.below(bytes.len())),
+                2 => bytes.extend((0..rng.below(600)).map(|_| rng.byte())),
+                _ => bytes = (0..rng.below(80)).map(|_| rng.byte()).collect(),
+            }
+            let Some(reply) = answer(&bytes, peer, &gw, Some(UDP_PLAIN)).await else {
+                continue;
+            };
+            assert!(
+                reply.len() <= UDP_EDNS as usize,
+                "seed {seed} round {round}: {} bytes",
+                reply.len()
+            );
+            let reply = Message::from_vec(&reply)
+                .unwrap_or_else(|e| panic!("seed {seed} round {round}: reply does not parse: {e}"));
+            for r in &reply.answers {
+                let name = r.name.to_ascii().to_ascii_lowercase();
+                assert_eq!(
+                    name, "allowed.test.",
+                    "seed {seed} round {round}: answered {name}"
+                );
+            }
+        }
+        // The answers stayed bounded: nothing learned but the allowed name's two addresses.
+        assert!(gw.learned.len() <= 2, "seed {seed}: {}", gw.learned.len());
+    }
+
+    #[tokio::test]
+    async fn an_answer_too_large_for_udp_is_truncated_for_a_retry_over_tcp() {
+        let source = Source {
+            name: "t.toml".into(),
+            text: format!(
+                "[listen]\ndns = \"127.0.0.1:0\"\n[clients]\nallow = [\"127.0.0.0/8\"]\n\
+                 [policy]\nprofile = \"none\"\n[[rule]]\nname = \"r\"\nhosts = [\"big.test\"]\n\
+                 [resolve]\n\"big.test\" = [{}]\n",
+                (1..=60)
+                    .map(|i| format!("\"20.0.1.{i}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let config = Config::parse(&source).unwrap();
+        let (policy, _) = Policy::compile(&config, &source, &CompileInput::default()).unwrap();
+        let gw = Gateway::new(policy, Limits::default(), Vec::new());
+        let peer: SocketAddr = PEER.parse().unwrap();
+        let q = query_bytes("big.test", RecordType::A);
+        let udp =
+            Message::from_vec(&answer(&q, peer, &gw, Some(UDP_PLAIN)).await.unwrap()).unwrap();
+        assert!(udp.metadata.truncation);
+        assert!(udp.answers.is_empty());
+        let tcp = Message::from_vec(&answer(&q, peer, &gw, None).await.unwrap()).unwrap();
+        assert!(!tcp.metadata.truncation);
+        assert_eq!(tcp.answers.len(), 60);
+    }
+}
