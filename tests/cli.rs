@@ -111,7 +111,7 @@ fn explain_says_what_a_tunnel_may_carry_off_the_web_ports() {
             && text(&out).contains("disable_rules = [\"gh\"]"),
         "{}",
         text(&out)
-    );    // With a DNS listener, the name is enforced for transparent connections
+    ); // With a DNS listener, the name is enforced for transparent connections
     // too, once a client resolved it through the gateway: explain says so,
     // and check has nothing to warn about.
     let with_dns = format!(

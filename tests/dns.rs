@@ -296,49 +296,56 @@ async fn clients_outside_allow_and_garbage_get_no_answer_they_can_use() {
     );
 }
 
-#[tokio::test]
-async fn an_address_answered_for_a_name_is_decided_as_that_name() {
-    // A service that speaks first and names nothing (SMB-like), on 127.0.0.2.
+/// An origin that speaks first and names nothing (SMB-like) on 127.0.0.2,
+/// a dnsmasq that knows `files.test` → 127.0.0.2, and a gateway whose only
+/// rule allows `files.test` on the origin's port (`opaque`), with
+/// `dns_extra` lines in `[dns]`. `None` (skipped) without dnsmasq.
+async fn files_gateway(dns_extra: &str) -> Option<(Origin, Dnsmasq, InProc)> {
     let origin = Origin::start(Answer::Banner).await;
     let port = origin.addr.port();
-    let Some(dns) = Dnsmasq::start(&[
+    let dns = Dnsmasq::start(&[
         "--host-record=ready.test,20.0.0.2",
         "--host-record=files.test,127.0.0.2",
     ])
-    .await
-    else {
-        return;
-    };
+    .await?;
     let rules = format!(
         "private_ranges = [\"127.0.0.0/8\"]\n\
          [[rule]]\nname = \"files\"\nhosts = [\"files.test\"]\nports = [{port}]\nopaque = true\n"
     );
-    let gw = InProc::start(&config(dns.addr, "\"127.0.0.0/8\"", &rules)).await;
-    let connect = |authority: String| {
-        let proxy = gw.addr("proxy");
-        async move {
-            let mut s = TcpStream::connect(proxy).await.unwrap();
-            let head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
-            s.write_all(head.as_bytes()).await.unwrap();
-            let mut buf = vec![0u8; 1024];
-            let mut got = Vec::new();
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut buf).await.unwrap();
-                assert!(n > 0, "closed before a head");
-                got.extend_from_slice(&buf[..n]);
-            }
-            let status: u16 = String::from_utf8_lossy(&got)[9..12].parse().unwrap();
-            (status, s)
-        }
+    let gw = InProc::start(&(config(dns.addr, "\"127.0.0.0/8\"", &rules) + dns_extra)).await;
+    Some((origin, dns, gw))
+}
+
+/// CONNECT to `authority` through `gw`: the status and the stream.
+async fn connect(gw: &InProc, authority: &str) -> (u16, TcpStream) {
+    let mut s = TcpStream::connect(gw.addr("proxy")).await.unwrap();
+    let head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before a head");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let status: u16 = String::from_utf8_lossy(&got)[9..12].parse().unwrap();
+    (status, s)
+}
+
+#[tokio::test]
+async fn an_address_answered_for_a_name_is_decided_as_that_name() {
+    let Some((origin, _dns, gw)) = files_gateway("").await else {
+        return;
     };
+    let port = origin.addr.port();
+    let at = format!("127.0.0.2:{port}");
     // Nobody resolved it: the address alone is not allowed.
-    let (status, _) = connect(format!("127.0.0.2:{port}")).await;
-    assert_eq!(status, 403);
+    assert_eq!(connect(&gw, &at).await.0, 403);
     // A client resolves the name through the gateway...
     let a = ask(gw.addr("dns"), "files.test", RecordType::A).await;
     assert_eq!(addresses(&a), ["127.0.0.2".parse::<IpAddr>().unwrap()]);
     // ...and the address is now decided as that name, on that rule's port.
-    let (status, mut s) = connect(format!("127.0.0.2:{port}")).await;
+    let (status, mut s) = connect(&gw, &at).await;
     assert_eq!(status, 200);
     let mut banner = vec![0u8; BANNER.len()];
     s.read_exact(&mut banner).await.unwrap();
@@ -348,41 +355,27 @@ async fn an_address_answered_for_a_name_is_decided_as_that_name() {
         m.decisions_counted(Verdict::Allow, Via::Connect, Reason::DnsAddress),
         1
     );
-    let (status, _) = connect(format!("127.0.0.2:{}", port.wrapping_add(1))).await;
-    assert_eq!(status, 403, "the name's rule allows one port");
+    let other = format!("127.0.0.2:{}", port.wrapping_add(1));
+    assert_eq!(
+        connect(&gw, &other).await.0,
+        403,
+        "the name's rule allows one port"
+    );
 }
 
 #[tokio::test]
 async fn a_learned_address_counts_only_for_its_ttl_and_grace() {
-    let origin = Origin::start(Answer::Banner).await;
-    let port = origin.addr.port();
-    let Some(dns) = Dnsmasq::start(&[
-        "--host-record=ready.test,20.0.0.2",
-        "--host-record=files.test,127.0.0.2",
-    ])
-    .await
+    // dnsmasq answers with TTL 0; no floor and no grace: the address counts
+    // for no time at all, so the CONNECT after the answer is refused again.
+    let Some((origin, _dns, gw)) =
+        files_gateway("min_ttl_s = 0\nmax_ttl_s = 0\ngrace_s = 0\n").await
     else {
         return;
     };
-    // dnsmasq answers with TTL 0; no floor and no grace: the address counts
-    // for no time at all, so the CONNECT after the answer is refused again.
-    let rules = format!(
-        "private_ranges = [\"127.0.0.0/8\"]\n\
-         [[rule]]\nname = \"files\"\nhosts = [\"files.test\"]\nports = [{port}]\nopaque = true\n"
-    );
-    let cfg =
-        config(dns.addr, "\"127.0.0.0/8\"", &rules) + "min_ttl_s = 0\nmax_ttl_s = 0\ngrace_s = 0\n";
-    let gw = InProc::start(&cfg).await;
     let a = ask(gw.addr("dns"), "files.test", RecordType::A).await;
     assert_eq!(addresses(&a), ["127.0.0.2".parse::<IpAddr>().unwrap()]);
-    let mut s = TcpStream::connect(gw.addr("proxy")).await.unwrap();
-    let authority = format!("127.0.0.2:{port}");
-    s.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).await.unwrap();
-    assert_eq!(&head[9..12], b"403", "{}", String::from_utf8_lossy(&head));
+    let at = format!("127.0.0.2:{}", origin.addr.port());
+    assert_eq!(connect(&gw, &at).await.0, 403);
     assert_eq!(
         gw.gw
             .metrics

@@ -350,29 +350,33 @@ async fn a_connect_head_is_decided_by_the_policy_in_force_when_it_arrives() {
     assert!(head_text.contains("client_not_allowed"), "{head_text}");
 }
 
+/// Asks for `/` of `allowed.test` at `origin`: forwarded (absolute URI),
+/// or over an allowed CONNECT tunnel when `tunnel`.
+async fn get_one(c: &mut TcpStream, origin: SocketAddr, tunnel: bool) {
+    if !tunnel {
+        send(c, &get(origin)).await;
+        return;
+    }
+    let port = origin.port();
+    let head = format!("CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n");
+    send(c, &head).await;
+    assert_eq!(response(c).await.0, 200);
+    send(
+        c,
+        &format!("GET / HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n"),
+    )
+    .await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_response_body_that_stalls_is_cut_at_the_idle_timeout_on_every_path() {
     // The origin sends a head and one chunk, then nothing, forever.
     let origin = Origin::start(Answer::Stall).await;
     let limits = "idle_timeout_ms = 60000";
     let gw = InProc::start(&config(origin.addr, "\"127.0.0.0/8\"", true, limits)).await;
-    let port = origin.addr.port();
     for tunnel in [false, true] {
         let mut c = TcpStream::connect(gw.addr("proxy")).await.unwrap();
-        if tunnel {
-            let head = format!(
-                "CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n"
-            );
-            send(&mut c, &head).await;
-            assert_eq!(response(&mut c).await.0, 200);
-            send(
-                &mut c,
-                &format!("GET / HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n"),
-            )
-            .await;
-        } else {
-            send(&mut c, &get(origin.addr)).await;
-        }
+        get_one(&mut c, origin.addr, tunnel).await;
         closed_after(&mut c, Duration::from_secs(60), &format!("tunnel {tunnel}")).await;
     }
 }
@@ -385,23 +389,9 @@ async fn a_client_that_stops_reading_a_response_is_closed_at_the_idle_timeout_on
     let origin = Origin::start(Answer::Bytes(SIZE)).await;
     let limits = "idle_timeout_ms = 60000";
     let gw = InProc::start(&config(origin.addr, "\"127.0.0.0/8\"", true, limits)).await;
-    let port = origin.addr.port();
     for tunnel in [false, true] {
         let mut c = TcpStream::connect(gw.addr("proxy")).await.unwrap();
-        if tunnel {
-            let head = format!(
-                "CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n"
-            );
-            send(&mut c, &head).await;
-            assert_eq!(response(&mut c).await.0, 200);
-            send(
-                &mut c,
-                &format!("GET / HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n"),
-            )
-            .await;
-        } else {
-            send(&mut c, &get(origin.addr)).await;
-        }
+        get_one(&mut c, origin.addr, tunnel).await;
         // The client reads nothing for well past the idle timeout...
         tokio::time::sleep(Duration::from_secs(150)).await;
         // ...then takes what is left: the gateway closed the connection
