@@ -1,28 +1,9 @@
 //! The CLI end to end, as a process: `check`, `explain`, `profile` exit codes and output.
 
-use std::io::Write;
-use std::process::{Command, Output};
+#[path = "support/cli.rs"]
+mod cli;
 
-fn portcullis(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(args)
-        .output()
-        .expect("run portcullis")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn config(body: &str) -> tempfile::NamedTempFile {
-    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    f.write_all(body.as_bytes()).unwrap();
-    f
-}
+use cli::{config, portcullis, text};
 
 #[test]
 fn shipped_configs_check_clean() {

@@ -247,18 +247,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let mut children =
-            std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
-        for child in &mut children {
-            let _ = child.kill();
-        }
-        for child in &mut children {
-            let _ = child.wait();
-        }
-        for name in &self.created {
-            let _ = Command::new("ip").args(["netns", "del", name]).output();
-            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(name));
-        }
+        support::netns::tear_down(&self.children, &self.created);
     }
 }
 

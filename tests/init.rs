@@ -1,23 +1,13 @@
 //! Configs that are written for the user or split over files, end to end as
 //! a process: `[policy] include`, `import aml-dependencies`, `init`.
 
+#[path = "support/cli.rs"]
+#[allow(dead_code)]
+mod cli;
+
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn portcullis(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(args)
-        .output()
-        .expect("run portcullis")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use cli::{portcullis, text};
 
 fn data(name: &str) -> String {
     format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"))

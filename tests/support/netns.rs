@@ -382,20 +382,25 @@ impl Topology {
     }
 }
 
+/// Kills and reaps `children`, then deletes the namespaces in `created`
+/// and their `/etc/netns` folders: what every lab does when it drops.
+pub fn tear_down(children: &Mutex<Vec<Child>>, created: &[String]) {
+    let mut children = std::mem::take(&mut *children.lock().unwrap_or_else(|e| e.into_inner()));
+    for child in &mut children {
+        let _ = child.kill();
+    }
+    for child in &mut children {
+        let _ = child.wait();
+    }
+    for name in created {
+        delete_netns(name);
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
+    }
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
-        let mut children =
-            std::mem::take(&mut *self.children.lock().unwrap_or_else(|e| e.into_inner()));
-        for child in &mut children {
-            let _ = child.kill();
-        }
-        for child in &mut children {
-            let _ = child.wait();
-        }
-        for name in &self.created {
-            delete_netns(name);
-            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
-        }
+        tear_down(&self.children, &self.created);
     }
 }
 
