@@ -195,7 +195,7 @@ impl AccessLog<'_> {
     pub fn json_line(&self, now: SystemTime) -> String {
         let policy = self.policy;
         let (verdict, rule, reason) = self.outcome();
-        let mut o = String::with_capacity(384);
+        let mut o = String::with_capacity(512);
         o.push_str("{\"timestamp\":\"");
         rfc3339(&mut o, now);
         o.push_str("\",\"level\":\"INFO\",\"message\":\"connection closed\"");

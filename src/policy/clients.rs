@@ -107,11 +107,12 @@ impl ClientMap {
     }
 
     /// The name of the client's first group in file order, or `""`.
+    #[inline]
     pub(super) fn label(&self, client: Client) -> &str {
-        client
-            .groups()
-            .next()
-            .map_or("", |i| self.names[i].as_str())
+        match client.mask & !SERVED {
+            0 => "",
+            groups => self.names[groups.trailing_zeros() as usize].as_str(),
+        }
     }
 }
 
