@@ -12,6 +12,13 @@
 //! same bytes with the 14-byte name replaced by `www.azureml.ms` (every
 //! length field stays valid), which `*.azureml.ms` allows.
 //!
+//! Each runs twice: on the profile alone (ids as above) and with client
+//! groups in use (`.../groups`: three groups, one auditing, and rules for
+//! single groups on the very keys decided, so the walk meets their grants;
+//! the client is in one group). Both look the client's groups up once per
+//! connection (`Policy::client`, as admission does) and decide with
+//! `decide_for`, as the listeners do.
+//!
 //! Each set-up asserts the expected answer (SNI, verdict, rule, counter
 //! values, the log line's fields), so a broken stage fails instead of
 //! looking fast. Run: `cargo bench --bench path` (under a minute);
@@ -27,7 +34,7 @@ use portcullis::classify::{Sniff, parse_http_head, sniff};
 use portcullis::config::{Config, Protocol, Source};
 use portcullis::listen::{AccessLog, Close};
 use portcullis::metrics::{Listener, Metrics, Via};
-use portcullis::policy::{CompileInput, Decision, Dest, Policy, Reason, Target, Verdict};
+use portcullis::policy::{Client, CompileInput, Decision, Dest, Policy, Reason, Target, Verdict};
 use portcullis::tunnel::CloseReason;
 
 const CHROME: &str = include_str!("../tests/data/clienthello-chrome.hex");
@@ -77,11 +84,40 @@ Connection: keep-alive\r\n\r\n"
     req
 }
 
-fn azureml() -> Policy {
+/// `[clients]` of both policies: the bench's client is served.
+const CLIENTS: &str = "[clients]\nallow = [\"10.0.0.0/16\"]\n";
+
+/// Client groups and rules for single groups on the keys the bench decides
+/// (`*.azureml.ms`, `www.azureml.ms`), none of them the client's group.
+const GROUPS: &str = r#"training = ["10.0.1.0/24"]
+inference = { cidrs = ["10.0.3.0/24"], mode = "audit" }
+gpu = ["10.0.1.128/25", "10.0.4.0/24"]
+
+[[rule]]
+name = "inference-alt-port"
+hosts = ["*.azureml.ms"]
+ports = [8443]
+clients = ["inference"]
+
+[[rule]]
+name = "gpu-no-www"
+hosts = ["www.azureml.ms"]
+action = "deny"
+clients = ["gpu"]
+
+[[rule]]
+name = "training-extra"
+hosts = ["*.azureml.ms"]
+clients = ["training"]
+"#;
+
+/// The embedded profile, `[clients]`, and `extra` after it.
+fn azureml(extra: &str) -> Policy {
     let source = Source {
         name: "bench-path.toml".into(),
-        text: "[vars]\nregion = \"westus2\"\nstorage = \"mlstore\"\nacr = \"mlacr\"\nvnet = \"10.0.0.0/16\"\n"
-            .into(),
+        text: format!(
+            "[vars]\nregion = \"westus2\"\nstorage = \"mlstore\"\nacr = \"mlacr\"\nvnet = \"10.0.0.0/16\"\n{CLIENTS}{extra}"
+        ),
     };
     let config = Config::parse(&source).expect("config parses");
     match Policy::compile(&config, &source, &CompileInput::default()) {
@@ -122,12 +158,15 @@ fn sni_of(hello: &[u8]) -> Option<&str> {
     }
 }
 
-fn decide(policy: &Policy, host: &str) -> Decision {
-    policy.decide(&Dest {
-        target: Target::Name(host),
-        port: 443,
-        proto: Protocol::Tcp,
-    })
+fn decide(policy: &Policy, host: &str, client: Client) -> Decision {
+    policy.decide_for(
+        &Dest {
+            target: Target::Name(host),
+            port: 443,
+            proto: Protocol::Tcp,
+        },
+        client,
+    )
 }
 
 /// Everything a connection does besides I/O: sniff, decide, count, log.
@@ -144,8 +183,11 @@ fn whole_path(
     let Some(sni) = sni_of(hello) else {
         return Verdict::Deny;
     };
-    let d = decide(policy, sni);
-    metrics.decision(d.verdict, Via::Sni, d.reason);
+    // Once per connection, at admission.
+    let me = policy.client(client.ip());
+    let d = decide(policy, sni, me);
+    let group = policy.client_group(me);
+    metrics.decision_in(d.verdict, Via::Sni, d.reason, group);
     let (upload, download) = if d.verdict == Verdict::Allow {
         let up = metrics.bytes.with_label_values(&["upload"]);
         let down = metrics.bytes.with_label_values(&["download"]);
@@ -153,7 +195,7 @@ fn whole_path(
         down.inc_by(4096);
         (hello.len() as u64, 4096)
     } else {
-        metrics.denied.record(sni, 443);
+        metrics.denied.record_in(sni, 443, group);
         (0, 0)
     };
     let line = AccessLog {
@@ -182,58 +224,51 @@ fn whole_path(
     d.verdict
 }
 
-fn benches(c: &mut Criterion) {
-    let recorded = unhex(CHROME);
-    assert_eq!(recorded.len(), 517);
-    let allowed_hello = with_sni(&recorded, RECORDED_SNI, ALLOWED_SNI);
-    assert_eq!(sni_of(&recorded), Some(RECORDED_SNI));
-    assert_eq!(sni_of(&allowed_hello), Some(ALLOWED_SNI));
+/// What one policy's benches need, checked in set-up.
+struct Case {
+    policy: Policy,
+    client: Client,
+    allowed: Decision,
+}
 
-    let policy = azureml();
-    let denied = decide(&policy, RECORDED_SNI);
+/// Set-up checks for one policy: verdicts, the client's group, and that the
+/// whole path counts and logs what it should.
+fn case(
+    policy: Policy,
+    group: &str,
+    hellos: (&[u8], &[u8]),
+    addrs: (SocketAddr, SocketAddr),
+) -> Case {
+    let (client_addr, upstream) = addrs;
+    let client = policy.client(client_addr.ip());
+    assert!(client.served(), "the bench's client is served");
+    assert_eq!(policy.client_group(client), group);
+    let denied = decide(&policy, RECORDED_SNI, client);
     assert_eq!(
         (denied.verdict, denied.reason),
         (Verdict::Deny, Reason::NoRule)
     );
-    let allowed = decide(&policy, ALLOWED_SNI);
+    let allowed = decide(&policy, ALLOWED_SNI, client);
     assert_eq!(
         (allowed.verdict, allowed.reason),
         (Verdict::Allow, Reason::RuleMatched)
     );
-    let rule = allowed.rule.map(|r| policy.rule(r).name.clone());
-    assert!(rule.is_some(), "an allow names its rule");
-
+    assert!(allowed.rule.is_some(), "an allow names its rule");
     let metrics = Metrics::new(500);
-    let client: SocketAddr = "10.0.1.17:50514".parse().expect("addr");
-    let upstream: SocketAddr = "20.42.1.9:443".parse().expect("addr");
-    let started = Instant::now();
-
-    // Set-up checks: the whole path counts and logs what it should.
     let mut captured = Vec::new();
-    assert_eq!(
-        whole_path(
-            &allowed_hello,
+    let started = Instant::now();
+    for (hello, verdict) in [(hellos.0, Verdict::Allow), (hellos.1, Verdict::Deny)] {
+        let got = whole_path(
+            hello,
             &policy,
             &metrics,
-            client,
+            client_addr,
             upstream,
             started,
-            &mut captured
-        ),
-        Verdict::Allow
-    );
-    assert_eq!(
-        whole_path(
-            &recorded,
-            &policy,
-            &metrics,
-            client,
-            upstream,
-            started,
-            &mut captured
-        ),
-        Verdict::Deny
-    );
+            &mut captured,
+        );
+        assert_eq!(got, verdict);
+    }
     let logged = String::from_utf8(captured).expect("utf-8");
     let lines: Vec<&str> = logged.lines().collect();
     assert_eq!(lines.len(), 2, "one access line per connection: {logged}");
@@ -244,15 +279,42 @@ fn benches(c: &mut Criterion) {
         let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
         assert_eq!(v["host"], host, "{line}");
         assert_eq!(v["verdict"], verdict, "{line}");
+        assert_eq!(v["client_group"], group, "{line}");
         assert_eq!(v["target"], "portcullis::access", "{line}");
     }
     assert_eq!(metrics.bytes.with_label_values(&["upload"]).get(), 517);
     assert_eq!(metrics.denied.tracked(), 1);
     let text = metrics.render();
+    let series = format!("client_group=\"{group}\"");
     assert!(
-        text.contains("portcullis_decisions_total{"),
-        "decisions family rendered"
+        text.lines()
+            .any(|l| l.starts_with("portcullis_decisions_total{")
+                && l.contains(&series)
+                && l.ends_with(" 1")),
+        "decisions counted under {series}"
     );
+    Case {
+        policy,
+        client,
+        allowed,
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let recorded = unhex(CHROME);
+    assert_eq!(recorded.len(), 517);
+    let allowed_hello = with_sni(&recorded, RECORDED_SNI, ALLOWED_SNI);
+    assert_eq!(sni_of(&recorded), Some(RECORDED_SNI));
+    assert_eq!(sni_of(&allowed_hello), Some(ALLOWED_SNI));
+    let client: SocketAddr = "10.0.1.17:50514".parse().expect("addr");
+    let upstream: SocketAddr = "20.42.1.9:443".parse().expect("addr");
+    let hellos = (allowed_hello.as_slice(), recorded.as_slice());
+    let plain = case(azureml(""), "", hellos, (client, upstream));
+    let grouped = case(azureml(GROUPS), "training", hellos, (client, upstream));
+    let (policy, allowed) = (&plain.policy, plain.allowed);
+    let rule = allowed.rule.map(|r| policy.rule(r).name.clone());
+    let metrics = Metrics::new(500);
+    let started = Instant::now();
 
     let req = http_request();
     let head = parse_http_head(&req)
@@ -267,12 +329,33 @@ fn benches(c: &mut Criterion) {
     g.warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
     g.bench_function("sniff/chrome", |b| b.iter(|| sni_of(black_box(&recorded))));
-    g.bench_function("decide/denied", |b| {
-        b.iter(|| decide(&policy, black_box(RECORDED_SNI)))
-    });
-    g.bench_function("decide/allowed", |b| {
-        b.iter(|| decide(&policy, black_box(ALLOWED_SNI)))
-    });
+    for (suffix, case) in [("", &plain), ("/groups", &grouped)] {
+        let p = &case.policy;
+        g.bench_function(format!("client{suffix}"), |b| {
+            b.iter(|| p.client(black_box(client.ip())))
+        });
+        g.bench_function(format!("decide/denied{suffix}"), |b| {
+            b.iter(|| decide(p, black_box(RECORDED_SNI), case.client))
+        });
+        g.bench_function(format!("decide/allowed{suffix}"), |b| {
+            b.iter(|| decide(p, black_box(ALLOWED_SNI), case.client))
+        });
+        for (what, hello) in [("allowed", &allowed_hello), ("denied", &recorded)] {
+            g.bench_function(format!("whole/{what}{suffix}"), |b| {
+                b.iter(|| {
+                    whole_path(
+                        black_box(hello),
+                        p,
+                        &metrics,
+                        client,
+                        upstream,
+                        started,
+                        &mut io::sink(),
+                    )
+                })
+            });
+        }
+    }
     g.bench_function("metrics", |b| {
         b.iter(|| {
             metrics.decision(allowed.verdict, Via::Sni, allowed.reason);
@@ -282,56 +365,28 @@ fn benches(c: &mut Criterion) {
             down.inc_by(black_box(4096));
         })
     });
-    {
-        g.bench_function("access_log", |b| {
-            b.iter(|| {
-                let line = AccessLog {
-                    client,
-                    listener: Listener::Transparent,
-                    policy: &policy,
-                    started,
-                    method: "TLS",
-                    host: black_box(ALLOWED_SNI),
-                    port: 443,
-                    upstream: Some(upstream),
-                    decision: Some(&allowed),
-                    upload: 517,
-                    download: 4096,
-                    close: Close::Tunnel(CloseReason::ClientClosed),
-                    ech: false,
-                    json: true,
-                }
-                .json_line(SystemTime::now());
-                io::sink().write_all(line.as_bytes()).expect("sink");
-            })
-        });
-        g.bench_function("whole/allowed", |b| {
-            b.iter(|| {
-                whole_path(
-                    black_box(&allowed_hello),
-                    &policy,
-                    &metrics,
-                    client,
-                    upstream,
-                    started,
-                    &mut io::sink(),
-                )
-            })
-        });
-        g.bench_function("whole/denied", |b| {
-            b.iter(|| {
-                whole_path(
-                    black_box(&recorded),
-                    &policy,
-                    &metrics,
-                    client,
-                    upstream,
-                    started,
-                    &mut io::sink(),
-                )
-            })
-        });
-    }
+    g.bench_function("access_log", |b| {
+        b.iter(|| {
+            let line = AccessLog {
+                client,
+                listener: Listener::Transparent,
+                policy,
+                started,
+                method: "TLS",
+                host: black_box(ALLOWED_SNI),
+                port: 443,
+                upstream: Some(upstream),
+                decision: Some(&allowed),
+                upload: 517,
+                download: 4096,
+                close: Close::Tunnel(CloseReason::ClientClosed),
+                ech: false,
+                json: true,
+            }
+            .json_line(SystemTime::now());
+            io::sink().write_all(line.as_bytes()).expect("sink");
+        })
+    });
     let rule_name = rule.as_deref().unwrap_or("-");
     let mut line = Vec::with_capacity(512);
     let by_hand = |line: &mut Vec<u8>| {

@@ -310,14 +310,120 @@ impl Default for DnsConfig {
     }
 }
 
-/// `[clients]`: who may use the gateway.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `[clients]`: who may use the gateway, and named groups of them.
+///
+/// Every key but `allow` names a client group: a list of CIDRs
+/// (`training = ["10.0.2.0/24"]`) or a table with `cidrs` and `mode`
+/// (`inference = { cidrs = ["10.0.3.0/24"], mode = "audit" }`). A rule with
+/// `clients = ["training"]` applies only to clients in that group.
+#[derive(Debug)]
 pub struct Clients {
     /// Client CIDRs served; everyone else gets 403. Default: loopback only.
     /// An empty list refuses to start: portcullis is never an open proxy.
-    #[serde(default = "default_clients")]
     pub allow: Vec<Spanned<String>>,
+    /// Named client groups, in file order. Default: none.
+    pub groups: Vec<ClientGroup>,
+}
+
+/// One named client group of `[clients]`.
+#[derive(Debug, Clone)]
+pub struct ClientGroup {
+    /// The group's name (its key in `[clients]`).
+    pub name: Spanned<String>,
+    /// Its CIDRs; each must lie inside `[clients] allow`.
+    pub cidrs: Vec<Spanned<String>>,
+    /// `enforce` or `audit` for its clients. Default: `[policy] mode`.
+    pub mode: Option<Mode>,
+}
+
+/// A group's value: a list of CIDRs, or a table with `cidrs` and `mode`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupTable {
+    /// The group's CIDRs.
+    cidrs: Vec<Spanned<String>>,
+    /// `enforce` or `audit`. Default: `[policy] mode`.
+    #[serde(default)]
+    mode: Option<Mode>,
+}
+
+impl<'de> Deserialize<'de> for Clients {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ClientsVisitor)
+    }
+}
+
+struct ClientsVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ClientsVisitor {
+    type Value = Clients;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a table: `allow = [CIDRs]` and named client groups")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Clients, A::Error> {
+        let mut allow = None;
+        let mut groups: Vec<ClientGroup> = Vec::new();
+        while let Some(key) = map.next_key::<Spanned<String>>()? {
+            if key.get_ref() == "allow" {
+                allow = Some(map.next_value()?);
+                continue;
+            }
+            let (cidrs, mode) = match map.next_value::<GroupValue>()? {
+                GroupValue::List(cidrs) => (cidrs, None),
+                GroupValue::Table(t) => (t.cidrs, t.mode),
+            };
+            groups.push(ClientGroup {
+                name: key,
+                cidrs,
+                mode,
+            });
+        }
+        // Tables may arrive in key order: file order is what group bits,
+        // labels and "first group" follow.
+        groups.sort_by_key(|g| (g.name.span().start, g.cidrs.first().map(|c| c.span().start)));
+        Ok(Clients {
+            allow: allow.unwrap_or_else(default_clients),
+            groups,
+        })
+    }
+}
+
+/// A group written as a list or as a table (read without buffering, so
+/// that spans survive).
+enum GroupValue {
+    List(Vec<Spanned<String>>),
+    Table(GroupTable),
+}
+
+impl<'de> Deserialize<'de> for GroupValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = GroupValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a client group: a list of CIDRs, or a table with `cidrs` and `mode`")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<GroupValue, A::Error> {
+                let list =
+                    Deserialize::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+                Ok(GroupValue::List(list))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<GroupValue, A::Error> {
+                let table =
+                    Deserialize::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(GroupValue::Table(table))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 fn default_clients() -> Vec<Spanned<String>> {
@@ -331,6 +437,7 @@ impl Default for Clients {
     fn default() -> Self {
         Clients {
             allow: default_clients(),
+            groups: Vec::new(),
         }
     }
 }
@@ -511,6 +618,10 @@ pub struct RuleConfig {
     /// Ports and ranges. Default: 443.
     #[serde(default)]
     pub ports: Vec<Spanned<PortSpec>>,
+    /// Client groups (`[clients]` names) the rule applies to. Default: every
+    /// client `[clients] allow` serves.
+    #[serde(default)]
+    pub clients: Option<Spanned<Vec<Spanned<String>>>>,
     /// `tcp` (default), `udp` or `any`.
     #[serde(default)]
     pub protocol: Protocol,
@@ -659,6 +770,10 @@ pub struct Expect {
     pub proto: Protocol,
     /// `allow` or `deny`.
     pub verdict: ExpectVerdict,
+    /// The client address the verdict is for. Default: every client the
+    /// gateway serves (each client group, and clients in none, must get it).
+    #[serde(default)]
+    pub client: Option<Spanned<String>>,
 }
 
 impl Config {

@@ -182,16 +182,19 @@ impl Gateway {
             .inc();
     }
 
-    /// Counts a decision, and for denials the destination and client subnet.
+    /// Counts a decision (with the client's `client_group` label), and for
+    /// denials the destination and client subnet.
     pub fn count_decision(
         &self,
         client_subnet: &IpNet,
+        client_group: &str,
         via: Via,
         d: &Decision,
         host: &str,
         port: u16,
     ) {
-        self.metrics.decision(d.verdict, via, d.reason);
+        self.metrics
+            .decision_in(d.verdict, via, d.reason, client_group);
         if d.verdict != Verdict::Allow {
             // A malformed name may be any length: one bucket, never the name.
             let label = if d.reason == Reason::MalformedHost || host.len() > MAX_NAME {
@@ -199,7 +202,7 @@ impl Gateway {
             } else {
                 host
             };
-            self.metrics.denied.record(label, port);
+            self.metrics.denied.record_in(label, port, client_group);
             self.metrics
                 .client_denials
                 .with_label_values(&[client_subnet.to_string().as_str()])

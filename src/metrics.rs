@@ -8,7 +8,7 @@
 //! Metrics live outside `Policy`, so a reload never resets a counter.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
@@ -74,24 +74,39 @@ pub fn decision_possible(verdict: Verdict, reason: Reason) -> bool {
     (verdict == Verdict::Allow) == matches!(reason, Reason::RuleMatched | Reason::DnsAddress)
 }
 
+/// Counter handles of one `client_group`, one per (verdict, via, reason).
+type GroupHandles = Box<[OnceLock<IntCounter>]>;
+
 /// The `decisions_total` family and a counter handle per
-/// (verdict, via, reason), so counting neither allocates nor hashes.
+/// (verdict, via, reason) for clients in no group, so counting neither
+/// allocates nor hashes; each client group's handles are made on its
+/// first decision and found by name among the few groups configured.
 struct Decisions {
     family: IntCounterVec,
     /// Indexed by [`Decisions::slot`]. Filled at start where
     /// [`decision_possible`]; any other slot is filled on first use, so a
     /// combination this module did not foresee is still counted.
-    handles: Vec<OnceLock<IntCounter>>,
+    handles: GroupHandles,
+    /// Per named client group (bounded by the groups ever configured).
+    groups: RwLock<Vec<(Box<str>, Arc<GroupHandles>)>>,
+}
+
+fn empty_handles() -> GroupHandles {
+    let mut handles = Vec::new();
+    handles.resize_with(
+        VERDICTS.len() * Via::ALL.len() * Reason::ALL.len(),
+        OnceLock::new,
+    );
+    handles.into_boxed_slice()
 }
 
 impl Decisions {
     fn new(family: IntCounterVec) -> Decisions {
-        let mut handles = Vec::new();
-        handles.resize_with(
-            VERDICTS.len() * Via::ALL.len() * Reason::ALL.len(),
-            OnceLock::new,
-        );
-        let d = Decisions { family, handles };
+        let d = Decisions {
+            family,
+            handles: empty_handles(),
+            groups: RwLock::new(Vec::new()),
+        };
         for verdict in VERDICTS {
             for via in Via::ALL {
                 for reason in Reason::ALL {
@@ -115,8 +130,50 @@ impl Decisions {
     fn handle(&self, verdict: Verdict, via: Via, reason: Reason) -> &IntCounter {
         self.handles[Self::slot(verdict, via, reason)].get_or_init(|| {
             self.family
-                .with_label_values(&[verdict.as_str(), via.as_str(), reason.as_str()])
+                .with_label_values(&[verdict.as_str(), via.as_str(), reason.as_str(), ""])
         })
+    }
+
+    /// The handles of a named group, made on first use.
+    fn group(&self, group: &str) -> Arc<GroupHandles> {
+        let found = (self.groups.read()).ok().and_then(|g| {
+            g.iter()
+                .find(|(n, _)| &**n == group)
+                .map(|(_, h)| h.clone())
+        });
+        if let Some(h) = found {
+            return h;
+        }
+        let mut groups = self.groups.write().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, h)) = groups.iter().find(|(n, _)| &**n == group) {
+            return h.clone();
+        }
+        let h = Arc::new(empty_handles());
+        groups.push((group.into(), h.clone()));
+        h
+    }
+
+    /// Counts one decision for a client in `group` (`""`: in none).
+    fn count(&self, verdict: Verdict, via: Via, reason: Reason, group: &str) {
+        if group.is_empty() {
+            self.handle(verdict, via, reason).inc();
+            return;
+        }
+        let labels = [verdict.as_str(), via.as_str(), reason.as_str(), group];
+        (self.group(group)[Self::slot(verdict, via, reason)])
+            .get_or_init(|| self.family.with_label_values(&labels))
+            .inc();
+    }
+
+    /// Decisions counted for this combination, over every group.
+    fn counted(&self, verdict: Verdict, via: Via, reason: Reason) -> u64 {
+        let slot = Self::slot(verdict, via, reason);
+        let groups = self.groups.read().map(|g| {
+            g.iter()
+                .filter_map(|(_, h)| h[slot].get().map(IntCounter::get))
+                .sum::<u64>()
+        });
+        self.handle(verdict, via, reason).get() + groups.unwrap_or(0)
     }
 }
 
@@ -268,7 +325,8 @@ label_enum! {
 /// grow memory or the scrape without bound.
 pub struct DeniedHosts {
     family: IntCounterVec,
-    seen: DashMap<(Box<str>, u16), IntCounter>,
+    /// Keyed by host, port and client group.
+    seen: DashMap<(Box<str>, u16, Box<str>), IntCounter>,
     other: IntCounter,
     max: AtomicUsize,
     /// Slots taken in `seen` (reserved before inserting).
@@ -276,9 +334,14 @@ pub struct DeniedHosts {
 }
 
 impl DeniedHosts {
-    /// Counts one denial of `host:port`.
+    /// Counts one denial of `host:port` for a client in no group.
     pub fn record(&self, host: &str, port: u16) {
-        let key = (Box::from(host), port);
+        self.record_in(host, port, "");
+    }
+
+    /// Counts one denial of `host:port` for a client in `group` (`""`: none).
+    pub fn record_in(&self, host: &str, port: u16, group: &str) {
+        let key = (Box::from(host), port, Box::from(group));
         if let Some(c) = self.seen.get(&key) {
             c.inc();
             return;
@@ -303,9 +366,8 @@ impl DeniedHosts {
                 self.reserved.fetch_sub(1, Ordering::AcqRel);
             }
             dashmap::Entry::Vacant(v) => {
-                let counter = self
-                    .family
-                    .with_label_values(&[host, port.to_string().as_str()]);
+                let counter =
+                    (self.family).with_label_values(&[host, port.to_string().as_str(), group]);
                 counter.inc();
                 v.insert(counter);
             }
@@ -406,16 +468,16 @@ fn register_decisions(r: &Registry, max_denied_hosts: usize) -> DecisionFamilies
     let decisions = Decisions::new(counter_vec(
         r,
         "decisions_total",
-        "Policy decisions by action, how the destination was learnt, and reason.",
-        &["action", "via", "reason"],
+        "Policy decisions by action, how the destination was learnt, reason, and the client's group.",
+        &["action", "via", "reason", "client_group"],
     ));
     let denied_family = counter_vec(
         r,
         "denied_destinations_total",
-        "Denied destinations by host and port; hosts beyond the tracked maximum are folded into __other__.",
-        &["host", "port"],
+        "Denied destinations by host, port and the client's group; hosts beyond the tracked maximum are folded into __other__.",
+        &["host", "port", "client_group"],
     );
-    let other = denied_family.with_label_values(&["__other__", ""]);
+    let other = denied_family.with_label_values(&["__other__", "", ""]);
     let tls_name_mismatch = counter_vec(
         r,
         "tls_name_mismatch_total",
@@ -919,16 +981,24 @@ impl Metrics {
         }
     }
 
-    /// Counts a decision. No allocation, no hashing: handles of every
-    /// [possible](decision_possible) combination are resolved at start.
+    /// Counts a decision for a client in no group. No allocation, no
+    /// hashing: handles of every [possible](decision_possible) combination
+    /// are resolved at start.
     #[inline]
     pub fn decision(&self, verdict: Verdict, via: Via, reason: Reason) {
         self.decisions.handle(verdict, via, reason).inc();
     }
 
-    /// How many decisions were counted for this combination.
+    /// Counts a decision for a client whose `client_group` label is `group`
+    /// (`""`: in no group, as [`Metrics::decision`]).
+    #[inline]
+    pub fn decision_in(&self, verdict: Verdict, via: Via, reason: Reason, group: &str) {
+        self.decisions.count(verdict, via, reason, group);
+    }
+
+    /// How many decisions were counted for this combination, every group together.
     pub fn decisions_counted(&self, verdict: Verdict, via: Via, reason: Reason) -> u64 {
-        self.decisions.handle(verdict, via, reason).get()
+        self.decisions.counted(verdict, via, reason)
     }
 
     /// The text exposition (our families and the process collector's).
@@ -1001,11 +1071,11 @@ mod tests {
             .count();
         assert_eq!(series, 11, "10 hosts + __other__");
         assert!(
-            text.contains("portcullis_denied_destinations_total{host=\"__other__\",port=\"\"} 990"),
+            text.contains("portcullis_denied_destinations_total{client_group=\"\",host=\"__other__\",port=\"\"} 990"),
             "{text}"
         );
         assert!(text.contains(
-            "portcullis_denied_destinations_total{host=\"spray0.example.com\",port=\"443\"} 2"
+            "portcullis_denied_destinations_total{client_group=\"\",host=\"spray0.example.com\",port=\"443\"} 2"
         ));
     }
 
@@ -1229,9 +1299,30 @@ cidrs = ["10.1.0.0/16", "203.0.113.0/24"]
         let text = m.render();
         assert!(
             text.contains(
-                "portcullis_decisions_total{action=\"allow\",reason=\"deny_rule\",via=\"host\"} 2"
+                "portcullis_decisions_total{action=\"allow\",client_group=\"\",reason=\"deny_rule\",via=\"host\"} 2"
             ),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn a_client_group_is_a_label_of_its_own() {
+        let m = Metrics::new(10);
+        m.decision_in(Verdict::AuditDeny, Via::Sni, Reason::NoRule, "new-team");
+        m.decision_in(Verdict::AuditDeny, Via::Sni, Reason::NoRule, "new-team");
+        m.decision_in(Verdict::AuditDeny, Via::Sni, Reason::NoRule, "");
+        m.denied.record_in("x.test", 443, "new-team");
+        let text = m.render();
+        for line in [
+            "portcullis_decisions_total{action=\"audit_deny\",client_group=\"new-team\",reason=\"no_rule\",via=\"sni\"} 2",
+            "portcullis_decisions_total{action=\"audit_deny\",client_group=\"\",reason=\"no_rule\",via=\"sni\"} 1",
+            "portcullis_denied_destinations_total{client_group=\"new-team\",host=\"x.test\",port=\"443\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
+        }
+        assert_eq!(
+            m.decisions_counted(Verdict::AuditDeny, Via::Sni, Reason::NoRule),
+            3
         );
     }
 
@@ -1243,12 +1334,12 @@ cidrs = ["10.1.0.0/16", "203.0.113.0/24"]
         let text = m.render();
         assert!(
             text.contains(
-                "portcullis_decisions_total{action=\"audit_deny\",reason=\"no_rule\",via=\"sni\"} 1"
+                "portcullis_decisions_total{action=\"audit_deny\",client_group=\"\",reason=\"no_rule\",via=\"sni\"} 1"
             ),
             "{text}"
         );
         assert!(text.contains(
-            "portcullis_decisions_total{action=\"allow\",reason=\"rule_matched\",via=\"connect\"} 1"
+            "portcullis_decisions_total{action=\"allow\",client_group=\"\",reason=\"rule_matched\",via=\"connect\"} 1"
         ));
         assert!(text.contains("portcullis_build_info{version="));
     }

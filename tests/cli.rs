@@ -537,3 +537,108 @@ fn profile_list_and_show() {
         text(&out)
     );
 }
+
+const GROUPS: &str = r#"
+[clients]
+allow = ["10.0.0.0/16"]
+training = ["10.0.2.0/24"]
+inference = { cidrs = ["10.0.3.0/24"], mode = "audit" }
+
+[policy]
+profile = "none"
+
+[[rule]]
+name = "pypi"
+hosts = ["pypi.org"]
+clients = ["training"]
+
+[[rule]]
+name = "registry"
+hosts = ["registry.test"]
+"#;
+
+/// `explain --client` decides for that address; without it, a verdict that
+/// differs between client groups is printed once per group, never as one
+/// line that holds for some clients only.
+#[test]
+fn explain_decides_for_a_client_and_splits_by_group_without_one() {
+    let file = config(GROUPS);
+    let path = file.path().to_string_lossy().to_string();
+    let run = |args: &[&str]| {
+        let mut all = vec!["-c", path.as_str(), "explain"];
+        all.extend_from_slice(args);
+        let out = portcullis(&all);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, out) = run(&["--client", "10.0.2.7", "pypi.org"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("pypi.org:443 allow rule=pypi"), "{out}");
+    assert!(out.contains("client=10.0.2.7 groups=training"), "{out}");
+    let (code, out) = run(&["--client", "10.0.3.7", "pypi.org"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("audit_deny rule=pypi reason=no_rule"), "{out}");
+    assert!(out.contains("is for client group(s) training"), "{out}");
+    assert!(out.contains("groups=inference"), "{out}");
+    let (code, out) = run(&["--client", "10.9.9.9", "registry.test"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not in [clients] allow"), "{out}");
+    // Without --client: one line per set of groups, each saying whom.
+    let (code, out) = run(&["pypi.org"]);
+    assert_eq!(code, Some(1), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[0].starts_with("pypi.org:443 deny ")
+            && lines[0].ends_with("for clients in no group (e.g. 10.0.0.0)"),
+        "{out}"
+    );
+    assert!(
+        lines[1].starts_with("pypi.org:443 allow ")
+            && lines[1].ends_with("for clients in group training (e.g. 10.0.2.0)"),
+        "{out}"
+    );
+    assert!(
+        lines[2].starts_with("pypi.org:443 audit_deny ")
+            && lines[2].ends_with("for clients in group inference (e.g. 10.0.3.0)"),
+        "{out}"
+    );
+    // The same for everyone: one line, as without groups.
+    let (code, out) = run(&["registry.test"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(!out.contains("for clients"), "{out}");
+}
+
+/// `[[expect]]` with `client` checks that client; without it the verdict
+/// must hold for every group.
+#[test]
+fn expectations_hold_per_client_or_for_every_group() {
+    let ok = format!(
+        "{GROUPS}\n[[expect]]\ndest = \"pypi.org\"\nclient = \"10.0.2.7\"\nverdict = \"allow\"\n\n[[expect]]\ndest = \"registry.test\"\nverdict = \"allow\"\n"
+    );
+    let file = config(&ok);
+    let out = portcullis(&["check", "-c", &file.path().to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let bad = format!("{GROUPS}\n[[expect]]\ndest = \"pypi.org\"\nverdict = \"allow\"\n");
+    let file = config(&bad);
+    let out = portcullis(&["check", "-c", &file.path().to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("expect failed: wanted allow for clients in no group (e.g. 10.0.0.0), got pypi.org:443 deny"),
+        "{}",
+        text(&out)
+    );
+    let unknown = GROUPS.replace("clients = [\"training\"]", "clients = [\"trainig\"]");
+    let file = config(&unknown);
+    let out = portcullis(&["check", "-c", &file.path().to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains(":13:"), "{}", text(&out));
+    assert!(
+        text(&out).contains("did you mean 'training'?"),
+        "{}",
+        text(&out)
+    );
+}

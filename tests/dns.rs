@@ -240,7 +240,9 @@ async fn allowed_names_are_answered_and_everything_else_refused() {
     );
     let text = m.render();
     assert!(
-        text.contains("portcullis_denied_destinations_total{host=\"evil.test\",port=\"53\"} 2"),
+        text.contains(
+            "portcullis_denied_destinations_total{client_group=\"\",host=\"evil.test\",port=\"53\"} 2"
+        ),
         "{text}"
     );
 }

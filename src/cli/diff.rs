@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -49,7 +50,7 @@ pub fn diff(old: &Loaded, new: &Loaded, logs: &[PathBuf]) -> Result<ExitCode> {
                 port: *port,
                 proto: Protocol::Tcp,
             };
-            if let Some(flip) = flip(&old.policy, &new.policy, &dest) {
+            if let Some(flip) = flip(&old.policy, &new.policy, &dest, seen.client) {
                 let who = if group.is_empty() {
                     String::new()
                 } else {
@@ -78,9 +79,14 @@ pub fn diff(old: &Loaded, new: &Loaded, logs: &[PathBuf]) -> Result<ExitCode> {
     })
 }
 
-/// `old verdict → new verdict`, when they differ.
-fn flip(old: &Policy, new: &Policy, dest: &Dest<'_>) -> Option<String> {
-    let (a, b) = (old.decide(dest), new.decide(dest));
+/// `old verdict → new verdict` for a client at `client` (each policy
+/// placing it in its own groups; none: a client in no group), when they differ.
+fn flip(old: &Policy, new: &Policy, dest: &Dest<'_>, client: Option<IpAddr>) -> Option<String> {
+    let decide = |p: &Policy| match client {
+        Some(ip) if p.client(ip).served() => p.decide_for(dest, p.client(ip)),
+        _ => p.decide(dest),
+    };
+    let (a, b) = (decide(old), decide(new));
     (a.verdict != b.verdict)
         .then(|| format!("{} → {}", verdict_text(old, &a), verdict_text(new, &b)))
 }
@@ -104,7 +110,8 @@ fn expectations(old: &Loaded, new: &Loaded) -> Vec<String> {
                 port: arg.port,
                 proto: e.proto,
             };
-            if let Some(flip) = flip(&old.policy, &new.policy, &dest) {
+            let client = (e.client.as_ref()).and_then(|c| c.get_ref().trim().parse().ok());
+            if let Some(flip) = flip(&old.policy, &new.policy, &dest, client) {
                 let loc = source.locate(&e.dest.span());
                 out.push(format!(
                     "{loc}: {}:{}/{}: {flip}",

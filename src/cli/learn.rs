@@ -101,7 +101,11 @@ fn wanted(host: &str, port: u16, seen: &Seen, ask: &Ask<'_>) -> bool {
         port,
         proto: Protocol::Tcp,
     };
-    policy.decide(&dest).verdict != Verdict::Allow
+    let d = match seen.client {
+        Some(ip) if policy.client(ip).served() => policy.decide_for(&dest, policy.client(ip)),
+        _ => policy.decide(&dest),
+    };
+    d.verdict != Verdict::Allow
 }
 
 /// `host`, or `*.suffix` for the first `--collapse` suffix it lies under.

@@ -67,6 +67,10 @@ enum Command {
         /// Protocol of the destinations.
         #[arg(long, default_value = "tcp", value_parser = parse_proto)]
         proto: Protocol,
+        /// Decide for this client address (its client groups). Without it,
+        /// every client group whose verdict differs gets its own line.
+        #[arg(long, value_name = "ADDR")]
+        client: Option<std::net::IpAddr>,
     },
     /// Print configuration for other tools.
     #[command(subcommand)]
@@ -181,7 +185,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Run => run_gateway(loaded, input),
         Command::Check => report::check(&loaded),
-        Command::Explain { dests, proto } => report::explain(&loaded.policy, dests, *proto),
+        Command::Explain {
+            dests,
+            proto,
+            client,
+        } => report::explain(&loaded.policy, dests, *proto, *client),
         Command::Render(Render::Nftables) => {
             let text = crate::render::nftables(&loaded).map_err(anyhow::Error::msg)?;
             print!("{text}");

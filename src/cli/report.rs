@@ -5,6 +5,7 @@
 //! `Policy::decide`, so `explain` says what the running gateway does.
 
 use std::io::Write;
+use std::net::IpAddr;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
@@ -12,7 +13,7 @@ use anyhow::{Result, bail};
 use crate::config::{Expect, ExpectVerdict, Protocol, Source};
 
 use crate::load::Loaded;
-use crate::policy::{Decision, Dest, Policy, RuleState, Target, Verdict, host};
+use crate::policy::{ClientClass, Decision, Dest, Policy, RuleState, Target, Verdict, host};
 use crate::servicetags::RefreshStatus;
 
 /// A destination argument, parsed and normalised.
@@ -126,28 +127,71 @@ fn tunnel_note(policy: &Policy, dest: &Dest<'_>, d: &Decision) -> Option<&'stati
     }
 }
 
-/// Prints one line per destination; exit 0 all allowed, 1 any denied, 2 a bad argument.
-pub(super) fn explain(policy: &Policy, dests: &[String], proto: Protocol) -> Result<ExitCode> {
+/// Who a decision is for, as `explain` and `check` say it: `for clients in
+/// group training (e.g. 10.0.2.0)`.
+fn class_text(policy: &Policy, class: &ClientClass) -> String {
+    let groups = policy.client_groups(class.client);
+    let who = match groups.as_slice() {
+        [] => "clients in no group".to_string(),
+        [one] => format!("clients in group {one}"),
+        many => format!("clients in groups {}", many.join(" and ")),
+    };
+    format!("for {who} (e.g. {})", class.example)
+}
+
+/// The decisions on `dest` for every client class, or one when they all
+/// agree (always, without client groups): `(decision, class)` pairs.
+fn decide_per_class(policy: &Policy, dest: &Dest<'_>) -> Vec<(Decision, Option<ClientClass>)> {
+    let classes = policy.client_classes();
+    let all: Vec<(Decision, Option<ClientClass>)> = classes
+        .iter()
+        .map(|c| (policy.decide_for(dest, c.client), Some(*c)))
+        .collect();
+    match all.first() {
+        Some(&(first, _)) if all.iter().all(|&(d, _)| d == first) => vec![(first, None)],
+        Some(_) => all,
+        None => vec![(policy.decide(dest), None)],
+    }
+}
+
+/// Prints one line per destination (and, without `--client`, per client
+/// group whose verdict differs); exit 0 all allowed, 1 any denied, 2 a bad
+/// argument.
+pub(super) fn explain(
+    policy: &Policy,
+    dests: &[String],
+    proto: Protocol,
+    client: Option<IpAddr>,
+) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let mut denied = false;
     let mut bad = false;
     for text in dests {
-        match parse_dest(text, 443) {
-            Ok(arg) => {
-                let dest = Dest {
-                    target: Target::parse(&arg.host),
-                    port: arg.port,
-                    proto,
-                };
-                let d = policy.decide(&dest);
-                denied |= d.verdict != Verdict::Allow;
-                writeln!(out, "{}", describe(policy, &dest, &d))?;
-            }
+        let arg = match parse_dest(text, 443) {
+            Ok(arg) => arg,
             Err(e) => {
                 bad = true;
                 writeln!(out, "{text} error ({e})")?;
+                continue;
             }
-        }
+        };
+        let dest = Dest {
+            target: Target::parse(&arg.host),
+            port: arg.port,
+            proto,
+        };
+        let Some(ip) = client else {
+            for (d, class) in decide_per_class(policy, &dest) {
+                denied |= d.verdict != Verdict::Allow;
+                let mut line = describe(policy, &dest, &d);
+                if let Some(class) = class {
+                    line = format!("{line}; {}", class_text(policy, &class));
+                }
+                writeln!(out, "{line}")?;
+            }
+            continue;
+        };
+        denied |= explain_for(&mut out, policy, &dest, ip)? != Verdict::Allow;
     }
     Ok(ExitCode::from(if bad {
         2
@@ -156,6 +200,34 @@ pub(super) fn explain(policy: &Policy, dests: &[String], proto: Protocol) -> Res
     } else {
         0
     }))
+}
+
+/// One `explain --client` line: the decision for that client, with its
+/// groups, or a refusal when `[clients] allow` does not serve it.
+fn explain_for(
+    out: &mut impl Write,
+    policy: &Policy,
+    dest: &Dest<'_>,
+    ip: IpAddr,
+) -> Result<Verdict> {
+    let client = policy.client(ip);
+    if !client.served() {
+        writeln!(
+            out,
+            "{dest} deny client={ip} (not in [clients] allow: the gateway refuses this client before any request)"
+        )?;
+        return Ok(Verdict::Deny);
+    }
+    let d = policy.decide_for(dest, client);
+    let groups = policy.client_groups(client);
+    let groups = if groups.is_empty() {
+        "-".to_string()
+    } else {
+        groups.join(",")
+    };
+    let line = describe(policy, dest, &d);
+    writeln!(out, "{line}; client={ip} groups={groups}")?;
+    Ok(d.verdict)
 }
 
 /// Prints warnings, waiting rules and `[[expect]]` results; exit 0 ok, 1 an expectation failed.
@@ -220,21 +292,65 @@ fn run_expects(
             port: arg.port,
             proto: e.proto,
         };
-        let d = p.decide(&dest);
-        let got_allow = d.verdict == Verdict::Allow;
-        let want_allow = e.verdict == ExpectVerdict::Allow;
-        if got_allow != want_allow {
-            failed += 1;
-            let loc = source.locate(&e.dest.span());
-            let want = if want_allow { "allow" } else { "deny" };
-            writeln!(
-                out,
-                "{loc}: expect failed: wanted {want}, got {}",
-                describe(p, &dest, &d)
-            )?;
-        }
+        failed += usize::from(!expect_holds(out, p, source, e, &dest)?);
     }
     Ok(failed)
+}
+
+/// Runs one `[[expect]]`: for its `client`, or for every client class
+/// (each must get the verdict). Prints a failure; returns whether it held.
+fn expect_holds(
+    out: &mut impl Write,
+    p: &Policy,
+    source: &Source,
+    e: &crate::config::Expect,
+    dest: &Dest<'_>,
+) -> Result<bool> {
+    let loc = source.locate(&e.dest.span());
+    let want_allow = e.verdict == ExpectVerdict::Allow;
+    let want = if want_allow { "allow" } else { "deny" };
+    let decisions: Vec<(Decision, String)> = match &e.client {
+        Some(text) => {
+            let loc = source.locate(&text.span());
+            let Ok(ip) = text.get_ref().trim().parse::<IpAddr>() else {
+                writeln!(
+                    out,
+                    "{loc}: error: expect: client '{}' is not an IP address",
+                    text.get_ref()
+                )?;
+                return Ok(false);
+            };
+            let client = p.client(ip);
+            if !client.served() {
+                writeln!(
+                    out,
+                    "{loc}: expect failed: client {ip} is not in [clients] allow"
+                )?;
+                return Ok(false);
+            }
+            vec![(p.decide_for(dest, client), format!("for client {ip}"))]
+        }
+        None => decide_per_class(p, dest)
+            .into_iter()
+            .map(|(d, c)| (d, c.map(|c| class_text(p, &c)).unwrap_or_default()))
+            .collect(),
+    };
+    for (d, who) in decisions {
+        if (d.verdict == Verdict::Allow) != want_allow {
+            let who = if who.is_empty() {
+                String::new()
+            } else {
+                format!(" {who}")
+            };
+            writeln!(
+                out,
+                "{loc}: expect failed: wanted {want}{who}, got {}",
+                describe(p, dest, &d)
+            )?;
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Service tags older than this draw a warning: Microsoft publishes weekly.

@@ -23,6 +23,8 @@ pub struct Seen {
     pub audit_denied: u64,
     /// Connections refused.
     pub denied: u64,
+    /// The first client address seen going there, to decide as that client.
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl Seen {
@@ -59,6 +61,8 @@ struct Line {
     verdict: String,
     #[serde(default)]
     client_group: String,
+    #[serde(default)]
+    client: String,
 }
 
 impl Log {
@@ -113,6 +117,9 @@ impl Log {
         }
         let key = (line.host.to_ascii_lowercase(), line.port, line.client_group);
         let seen = self.dests.entry(key).or_default();
+        if seen.client.is_none() {
+            seen.client = client_ip(&line.client);
+        }
         match line.verdict.as_str() {
             "allow" => seen.allowed += 1,
             "audit_deny" => seen.audit_denied += 1,
@@ -120,6 +127,11 @@ impl Log {
         }
         true
     }
+}
+
+/// The address of a logged `client` (`10.0.2.7:5000`, `[::1]:5000`).
+fn client_ip(text: &str) -> Option<std::net::IpAddr> {
+    (text.parse::<std::net::SocketAddr>().ok().map(|a| a.ip())).or_else(|| text.parse().ok())
 }
 
 #[cfg(test)]
@@ -142,6 +154,7 @@ not json at all
         let pypi = &log.dests[&("pypi.org".to_string(), 443, String::new())];
         assert_eq!((pypi.allowed, pypi.audit_denied, pypi.denied), (1, 1, 0));
         assert_eq!(pypi.hits(), 2);
+        assert_eq!(pypi.client, Some("10.0.2.7".parse().unwrap()));
         let evil = &log.dests[&("evil.example".to_string(), 443, String::new())];
         assert_eq!(evil.denied, 1);
     }

@@ -150,6 +150,7 @@ impl<'a> AccessLog<'a> {
         tracing::info!(
             target: "portcullis::access",
             client = %self.client,
+            client_group = self.client_group(),
             listener = self.listener.as_str(),
             method = self.method,
             host = %shown_host(self.host),
@@ -170,6 +171,12 @@ impl<'a> AccessLog<'a> {
 }
 
 impl AccessLog<'_> {
+    /// The client's first group under the line's policy, or `""`.
+    fn client_group(&self) -> &str {
+        let client = self.policy.client(self.client.ip());
+        self.policy.client_group(client)
+    }
+
     /// Verdict, rule name and reason as logged (`-` when there is no decision).
     fn outcome(&self) -> (&str, &str, &str) {
         match self.decision {
@@ -188,11 +195,12 @@ impl AccessLog<'_> {
     pub fn json_line(&self, now: SystemTime) -> String {
         let policy = self.policy;
         let (verdict, rule, reason) = self.outcome();
-        let mut o = String::with_capacity(384);
+        let mut o = String::with_capacity(512);
         o.push_str("{\"timestamp\":\"");
         rfc3339(&mut o, now);
         o.push_str("\",\"level\":\"INFO\",\"message\":\"connection closed\"");
         let _ = write!(o, ",\"client\":\"{}\"", self.client);
+        field(&mut o, "client_group", self.client_group());
         field(&mut o, "listener", self.listener.as_str());
         field(&mut o, "method", self.method);
         field(&mut o, "host", &shown_host(self.host));

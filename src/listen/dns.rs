@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 use crate::config::RefuseWith;
 use crate::gateway::Gateway;
 use crate::metrics::{DnsAnswer, Via};
-use crate::policy::{Decision, Policy, Reason, Verdict, host};
+use crate::policy::{Client, Decision, Policy, Reason, Verdict, host};
 
 /// Queries answered at once over UDP; past it a query is dropped (the
 /// client retries), so a flood cannot grow memory.
@@ -162,8 +162,10 @@ async fn answer(
     let q = &msg.queries[0];
     let name = host::normalized_or_kept(q.name().to_ascii().trim_end_matches('.'));
     let rtype = q.query_type();
-    let decision = judge(&policy, &name, rtype);
-    gw.count_decision(&subnet, Via::Dns, &decision, &name, 53);
+    let client = policy.client(peer.ip());
+    let decision = judge(&policy, client, &name, rtype);
+    let group = policy.client_group(client);
+    gw.count_decision(&subnet, group, Via::Dns, &decision, &name, 53);
     if decision.verdict == Verdict::Deny {
         log_refusal(peer, &policy, &name, rtype, &decision);
         count(gw, DnsAnswer::Refused);
@@ -192,7 +194,7 @@ async fn answer(
 /// Whether `name` may be answered for `rtype`: as the policy says for the
 /// name, except ANY, NULL and zone transfers, refused for every name even
 /// in audit mode.
-fn judge(policy: &Policy, name: &str, rtype: RecordType) -> Decision {
+fn judge(policy: &Policy, client: Client, name: &str, rtype: RecordType) -> Decision {
     let tunnel_only = matches!(
         rtype,
         RecordType::ANY | RecordType::NULL | RecordType::AXFR | RecordType::IXFR
@@ -204,7 +206,7 @@ fn judge(policy: &Policy, name: &str, rtype: RecordType) -> Decision {
             reason: Reason::NoRule,
         };
     }
-    policy.decide_query(name)
+    policy.decide_query(name, client)
 }
 
 /// The records for `name`: from `[resolve]` when it is there, else from

@@ -200,11 +200,12 @@ impl Relay {
         };
         let (host, d) = match (&named, &self.expect.host) {
             (Ok(Some(name)), Some(want)) if name == want => {
-                let d = policy.decide(&Dest {
+                let dest = Dest {
                     target: Target::parse(name),
                     port,
                     proto: Protocol::Tcp,
-                });
+                };
+                let d = policy.decide_for(&dest, judge.client());
                 if (d, policy.generation()) != self.expect.decided {
                     judge.record(Via::Host, name, port, &d);
                 }

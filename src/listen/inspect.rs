@@ -24,7 +24,7 @@ use super::respond::Speech;
 use crate::classify::{self, Classified, OpaqueReason};
 use crate::config::Protocol;
 use crate::gateway::Gateway;
-use crate::policy::{Decision, Dest, Policy, Reason, Target, Verdict, host};
+use crate::policy::{Client, Decision, Dest, Policy, Reason, Target, Verdict, host};
 use crate::tunnel::CloseReason;
 
 /// What an allowed tunnel's first bytes call for.
@@ -55,6 +55,8 @@ pub struct Tunnel<'a> {
     pub port: u16,
     /// The decision that allowed it.
     pub decision: &'a Decision,
+    /// The client it was decided for (an SNI must be a name allowed for it).
+    pub client: Client,
 }
 
 /// Reads and judges the tunnel's first client bytes; `prefix` keeps them
@@ -152,11 +154,14 @@ fn sni_agrees(policy: &Policy, tunnel: &Tunnel<'_>, sni: &str) -> bool {
                 .rule
                 .is_some_and(|id| policy.rule(id).any_sni);
             any || policy
-                .decide(&Dest {
-                    target: Target::Name(&name),
-                    port: tunnel.port,
-                    proto: Protocol::Tcp,
-                })
+                .decide_for(
+                    &Dest {
+                        target: Target::Name(&name),
+                        port: tunnel.port,
+                        proto: Protocol::Tcp,
+                    },
+                    tunnel.client,
+                )
                 .verdict
                 == Verdict::Allow
         }

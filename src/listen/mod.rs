@@ -32,7 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::gateway::Gateway;
 use crate::metrics::{Listener, RejectReason, Via};
-use crate::policy::{Decision, Policy, Target, Verdict};
+use crate::policy::{Client, Decision, Policy, Target, Verdict};
 use crate::shutdown::TaskGuard;
 use crate::spare::{Accepted, Spare};
 use respond::Refusal;
@@ -47,6 +47,8 @@ pub struct Conn {
     pub listener: Listener,
     /// Policy snapshot taken at accept.
     pub policy: Arc<Policy>,
+    /// The client's groups under that snapshot, looked up once at accept.
+    pub client: Client,
     /// When it was accepted.
     pub started: Instant,
     /// Access lines are written as JSON (`[log] format = "json"`).
@@ -67,6 +69,18 @@ impl Conn {
         let current = arc_swap::Guard::into_inner(current);
         current.client_allowed(self.peer.ip())?;
         Some(current)
+    }
+
+    /// The client as `policy` sees it: the one looked up at accept while
+    /// `policy` is the snapshot, else looked up again (a reload may have
+    /// changed the groups).
+    #[inline]
+    pub fn client_under(&self, policy: &Policy) -> Client {
+        if policy.generation() == self.policy.generation() {
+            self.client
+        } else {
+            policy.client(self.peer.ip())
+        }
     }
 }
 
@@ -126,6 +140,7 @@ fn admit(
         peer,
         client_subnet: subnet,
         listener,
+        client: policy.client(peer.ip()),
         policy,
         started: Instant::now(),
         json_log: gw.json_log,
@@ -302,16 +317,30 @@ pub fn log_denial(conn: &Conn, policy: &Policy, via: Via, host: &str, port: u16,
     tracing::info!(
         target: "portcullis::deny",
         client = %conn.peer,
+        client_group = policy.client_group(conn.client_under(policy)),
         via = via.as_str(),
         host,
         port,
         verdict = d.verdict.as_str(),
         rule = d.rule.map(|r| policy.rule(r).name.as_str()).unwrap_or("-"),
         reason = d.reason.as_str(),
-        explain = %format!("portcullis explain {host}:{port}"),
+        explain = %explain_command(policy, conn, host, port),
         "{}",
         policy.explain(d)
     );
+}
+
+/// The command that explains a denial: with `--client` when client groups
+/// may change the answer.
+fn explain_command(policy: &Policy, conn: &Conn, host: &str, port: u16) -> String {
+    if policy.group_names().is_empty() {
+        format!("portcullis explain {host}:{port}")
+    } else {
+        format!(
+            "portcullis explain --client {} {host}:{port}",
+            conn.peer.ip()
+        )
+    }
 }
 
 /// Decides for one connection under one policy, and counts and logs what
@@ -327,13 +356,22 @@ pub struct Judge<'a> {
 }
 
 impl Judge<'_> {
-    /// Decides `host:port` over TCP, counts it and logs a denial.
+    /// The client as the deciding policy sees it.
+    #[inline]
+    pub fn client(&self) -> Client {
+        self.conn.client_under(self.policy)
+    }
+
+    /// Decides `host:port` over TCP for this client, counts it and logs a denial.
     pub fn decide(&self, via: Via, host: &str, port: u16) -> Decision {
-        let d = self.policy.decide(&crate::policy::Dest {
-            target: Target::parse(host),
-            port,
-            proto: crate::config::Protocol::Tcp,
-        });
+        let d = self.policy.decide_for(
+            &crate::policy::Dest {
+                target: Target::parse(host),
+                port,
+                proto: crate::config::Protocol::Tcp,
+            },
+            self.client(),
+        );
         self.record(via, host, port, &d);
         d
     }
@@ -345,24 +383,24 @@ impl Judge<'_> {
     /// (never a platform, guarded or address-denied one). Counted and logged.
     pub fn decide_address(&self, via: Via, ip: IpAddr, port: u16) -> (Decision, Option<String>) {
         let tcp = crate::config::Protocol::Tcp;
-        let by_address = self.policy.decide(&crate::policy::Dest {
-            target: Target::Ip(ip),
-            port,
-            proto: tcp,
-        });
+        let client = self.client();
+        let decide = |target: Target<'_>| -> Decision {
+            let dest = crate::policy::Dest {
+                target,
+                port,
+                proto: tcp,
+            };
+            self.policy.decide_for(&dest, client)
+        };
+        let by_address = decide(Target::Ip(ip));
         let ip_text = ip.to_string();
-        if by_address.verdict == Verdict::Allow
-            || self.policy.check_resolved(ip, port, tcp).is_err()
-        {
+        let checked = self.policy.check_resolved_for(ip, port, tcp, Some(client));
+        if by_address.verdict == Verdict::Allow || checked.is_err() {
             self.record(via, &ip_text, port, &by_address);
             return (by_address, None);
         }
         for name in self.gw.learned.names(ip, std::time::Instant::now()) {
-            let d = self.policy.decide(&crate::policy::Dest {
-                target: Target::Name(&name),
-                port,
-                proto: tcp,
-            });
+            let d = decide(Target::Name(&name));
             if d.verdict == Verdict::Allow {
                 let d = Decision {
                     reason: crate::policy::Reason::DnsAddress,
@@ -378,8 +416,9 @@ impl Judge<'_> {
 
     /// Counts `d` and logs it if it is a denial.
     pub fn record(&self, via: Via, host: &str, port: u16, d: &Decision) {
+        let group = self.policy.client_group(self.client());
         self.gw
-            .count_decision(&self.conn.client_subnet, via, d, host, port);
+            .count_decision(&self.conn.client_subnet, group, via, d, host, port);
         if d.verdict != Verdict::Allow {
             log_denial(self.conn, self.policy, via, host, port, d);
         }

@@ -240,7 +240,15 @@ async fn unreadable(
         reason: Reason::MalformedHost,
     };
     let ip_text = orig.ip().to_string();
-    gw.count_decision(&conn.client_subnet, Via::Address, &d, &ip_text, orig.port());
+    let group = conn.policy.client_group(conn.client);
+    gw.count_decision(
+        &conn.client_subnet,
+        group,
+        Via::Address,
+        &d,
+        &ip_text,
+        orig.port(),
+    );
     let close = Close::Unreadable(why);
     AccessLog::new(
         conn,
@@ -310,7 +318,7 @@ async fn decide_and_relay(
     let plan = dial_plan(conn.policy.upstream(), &heard, target, orig);
     let dialled = gw
         .upstream
-        .connect(&conn.policy, plan, port, &gw.metrics)
+        .connect(&conn.policy, Some(conn.client), plan, port, &gw.metrics)
         .await;
     match dialled {
         Ok((upstream, addr)) => {

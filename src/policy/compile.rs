@@ -6,7 +6,7 @@
 //! with file:line:col and config path) instead of stopping at the first.
 //! This is the only place that builds host and CIDR tables. Each step is a
 //! function below, in the order `compile` runs them: profile, vars,
-//! scenarios, rules, clients, static resolution, then (only without errors)
+//! scenarios, clients, rules, static resolution, then (only without errors)
 //! lints and tables.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -16,6 +16,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use toml::Spanned;
 
+use super::clients::{self, ClientMap};
 use super::decision::Reason;
 use super::diagnostic::{Diagnostic, Diags};
 use super::grants::{self, Grant};
@@ -114,8 +115,8 @@ impl Policy {
         unmatched_includes(config, &mut d);
         let vars = vars(config, input, &mut d);
         let scenarios = scenarios(config, profile, &mut d);
-        let compiled = rules(config, profile, &vars, &scenarios, input, &mut d);
-        let clients = clients(config, &mut d);
+        let clients = clients::compile(config, CFG, &mut d);
+        let compiled = rules(config, profile, &vars, &scenarios, &clients, input, &mut d);
         let resolve = static_resolve(config, &mut d);
         let dns_servers = dns_servers(config, &mut d);
         let private_ranges = private_ranges(config, &mut d);
@@ -142,6 +143,7 @@ impl Policy {
             mode: config.policy.mode,
             upstream: config.policy.upstream,
             require_matching_sni: config.policy.require_matching_sni,
+            default_client: clients.with_mask(clients::SERVED),
             clients,
             resolve,
             dns: config.dns.clone(),
@@ -274,8 +276,8 @@ struct Compiled {
 
 impl Compiled {
     /// Adds a rule, with one grant per port range on each of its keys and
-    /// nets, and on what it waits for.
-    fn add(&mut self, rule: Rule, keys: &[HostKey], nets: &[IpNet], waits: &Waits) {
+    /// nets, and on what it waits for; `clients` is its group mask.
+    fn add(&mut self, rule: Rule, keys: &[HostKey], nets: &[IpNet], waits: &Waits, clients: u64) {
         let rule_id = u32::try_from(self.rules.len()).expect("fewer than 2^32 rules");
         let why = match rule.state {
             RuleState::MissingVars(_) => Reason::NeedsVar,
@@ -295,6 +297,7 @@ impl Compiled {
                 why,
                 unlocks_guarded: false,
                 more_specific: false,
+                clients,
             };
             for key in keys {
                 self.keyed.push((key.clone(), grant));
@@ -328,6 +331,7 @@ fn rules(
     profile: Option<&Profile>,
     vars: &BTreeMap<String, String>,
     scenarios: &[ScenarioState],
+    groups: &ClientMap,
     input: &CompileInput<'_>,
     d: &mut Diags<'_>,
 ) -> Compiled {
@@ -345,6 +349,7 @@ fn rules(
         .map(|n| n.get_ref().as_str())
         .collect();
     for (src, path, rc) in all {
+        let mask = clients::rule_mask(rc.clients.as_ref(), groups, &path, (src, &mut *d));
         let rule = RuleCx::new(rc, src, &path, vars, d).compile(input, enabled(&rc.scenario));
         let Some((mut rule, keys, nets, waits)) = rule else {
             continue;
@@ -365,7 +370,7 @@ fn rules(
                 ),
             );
         }
-        out.add(rule, &keys, &nets, &waits);
+        out.add(rule, &keys, &nets, &waits, mask);
     }
     unknown_disabled(config, &names, d);
     out
@@ -598,6 +603,9 @@ impl<'a, 'd, 's> RuleCx<'a, 'd, 's> {
             from_profile: self.src == PROFILE,
             any_sni: rc.sni == SniMode::Any,
             opaque: rc.opaque,
+            clients: (rc.clients.as_ref())
+                .map(|c| c.get_ref().iter().map(|n| n.get_ref().clone()).collect())
+                .unwrap_or_default(),
         };
         Some((rule, keys, nets, waits))
     }
@@ -874,18 +882,6 @@ fn parse_port_spec(spec: &PortSpec) -> Result<(u16, u16), String> {
             }
         }
     }
-}
-
-/// Client CIDRs served (`[clients] allow`).
-fn clients(config: &Config, d: &mut Diags<'_>) -> Vec<IpNet> {
-    let mut clients = Vec::new();
-    for (i, c) in config.clients.allow.iter().enumerate() {
-        match net::parse_cidr(c.get_ref()) {
-            Ok(n) => clients.push(n),
-            Err(e) => d.error(CFG, Some(&c.span()), format!("clients.allow[{i}]"), e),
-        }
-    }
-    clients
 }
 
 /// `[policy] private_ranges`: CIDRs, each inside one guarded range (a

@@ -35,6 +35,10 @@ pub(super) struct Grant {
     /// In a key's folded list: the first grant of a more specific key than
     /// the grants before it (host keys only).
     pub(super) more_specific: bool,
+    /// The clients it applies to: its rule's group bits, or `SERVED` for
+    /// every served client (`clients.rs`). A client whose mask shares no
+    /// bit with it does not see it.
+    pub(super) clients: u64,
 }
 
 impl Grant {
@@ -47,11 +51,14 @@ impl Grant {
     }
 }
 
-/// What a walk over the grants a destination meets has seen: the first
-/// grant of each kind, in walk order (names: least specific key first, then
-/// rule order; addresses: longest prefix first, then rule order).
-#[derive(Debug, Default)]
+/// What a walk over the grants a destination meets has seen, for one
+/// client: the first grant of each kind, in walk order (names: least
+/// specific key first, then rule order; addresses: longest prefix first,
+/// then rule order). Grants for other clients are skipped.
+#[derive(Debug)]
 pub(super) struct Walk {
+    /// The client's mask (`clients.rs`).
+    mask: u64,
     /// An active deny grant on this port and protocol.
     pub(super) deny: Option<u32>,
     /// An active allow grant on this port and protocol.
@@ -62,13 +69,36 @@ pub(super) struct Walk {
     near: Option<(u32, Reason)>,
     /// An inactive allow grant on this port and protocol, and why it is off.
     disabled: Option<(u32, Reason)>,
+    /// An active allow grant on this port and protocol for other clients.
+    other_clients: Option<u32>,
 }
 
 impl Walk {
+    /// A walk for the client with this mask.
+    #[inline]
+    pub(super) fn new(mask: u64) -> Walk {
+        Walk {
+            mask,
+            deny: None,
+            allow: None,
+            allow_unlocking: None,
+            near: None,
+            disabled: None,
+            other_clients: None,
+        }
+    }
+
     /// Takes one more grant into account.
+    #[inline]
     pub(super) fn observe(&mut self, g: &Grant, port: u16, proto: Protocol) {
         let port_ok = g.covers_port(port);
         let proto_ok = g.covers_proto(proto);
+        if g.clients & self.mask == 0 {
+            if g.active && !g.deny && port_ok && proto_ok {
+                self.other_clients.get_or_insert(g.rule);
+            }
+            return;
+        }
         if !g.active {
             if port_ok && proto_ok && !g.deny {
                 self.disabled.get_or_insert((g.rule, g.why));
@@ -96,14 +126,15 @@ impl Walk {
 
     /// The denial when nothing allowed or denied: the nearest rule's port or
     /// protocol, else an inactive rule that would allow it (and why it is
-    /// off), else no rule.
+    /// off), else no rule (naming a rule that allows it for other clients,
+    /// if one does).
     pub(super) fn refusal(&self) -> Decision {
         if let Some((rule, reason)) = self.near {
             Decision::deny(Some(rule), reason)
         } else if let Some((rule, why)) = self.disabled {
             Decision::deny(Some(rule), why)
         } else {
-            Decision::deny(None, Reason::NoRule)
+            Decision::deny(self.other_clients, Reason::NoRule)
         }
     }
 }
@@ -111,8 +142,8 @@ impl Walk {
 /// The decision on a name from its most specific key's folded grants. The
 /// first deny met wins; otherwise the allow of the most specific key that
 /// has one, the first in rule order; otherwise [`Walk::refusal`].
-pub(super) fn decide_name(grants: &[Grant], port: u16, proto: Protocol) -> Decision {
-    let mut walk = Walk::default();
+pub(super) fn decide_name(grants: &[Grant], port: u16, proto: Protocol, mask: u64) -> Decision {
+    let mut walk = Walk::new(mask);
     // The allow of the most specific key seen so far that had one.
     let mut allow = None;
     for g in grants {

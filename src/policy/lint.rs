@@ -249,6 +249,7 @@ impl<'a> Allows<'a> {
                 && o.lo <= g.lo
                 && g.hi <= o.hi
                 && (o.proto == Protocol::Any || o.proto == g.proto)
+                && super::clients::covers(o.clients, g.clients)
         };
         let (name, same) = match key {
             HostKey::Exact(n) => (n.as_str(), self.exact.get(n.as_str())),

@@ -34,6 +34,7 @@
 //! decides), `host/` (names), `net.rs` (addresses), `profile.rs` (built-in
 //! rules).
 
+mod clients;
 mod compile;
 mod decision;
 mod diagnostic;
@@ -54,12 +55,14 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use crate::config::{DnsConfig, Mode, Protocol, UpstreamMode};
+use clients::ClientMap;
 use grants::{Grant, KeyGrants, Walk};
 use host::HostTable;
 use net::{Guard, NetTable};
 use pending::Pending;
 use rule::ports_text;
 
+pub use clients::{Client, ClientClass, MAX_GROUPS};
 pub use compile::CompileInput;
 pub use decision::{Decision, Dest, Reason, RuleId, Target, Verdict};
 pub use diagnostic::{Diagnostic, Severity};
@@ -83,7 +86,9 @@ struct Inner {
     mode: Mode,
     upstream: UpstreamMode,
     require_matching_sni: bool,
-    clients: Vec<IpNet>,
+    clients: ClientMap,
+    /// What [`Policy::decide`] decides for: a served client in no group.
+    default_client: Client,
     resolve: HashMap<String, Vec<IpAddr>>,
     dns: DnsConfig,
     dns_servers: Vec<SocketAddr>,
@@ -128,24 +133,38 @@ impl Policy {
     /// assert_eq!(policy.decide(&dest("pythonhosted.org", 443)).verdict, Verdict::Deny);
     /// assert_eq!(policy.decide(&dest("pypi.org", 80)).verdict, Verdict::Deny);
     /// ```
+    ///
+    /// It decides for a served client in no client group; the gateway
+    /// decides with [`Policy::decide_for`] and the connection's [`Client`].
     #[inline(always)]
     pub fn decide(&self, dest: &Dest<'_>) -> Decision {
+        self.decide_for(dest, self.inner.default_client)
+    }
+
+    /// Decides on a destination for one client ([`Policy::client`]): rules
+    /// whose `clients` it is in no group of do not exist for it, and its
+    /// denials are `audit_deny` when its groups (or, in none, `[policy]
+    /// mode`) audit.
+    #[inline(always)]
+    pub fn decide_for(&self, dest: &Dest<'_>, client: Client) -> Decision {
         let mut decision = match dest.target {
-            Target::Name(name) => self.decide_name(name.as_bytes(), dest.port, dest.proto),
-            Target::Ip(ip) => self.decide_ip(ip, dest.port, dest.proto),
+            Target::Name(name) => {
+                self.decide_name(name.as_bytes(), dest.port, dest.proto, client.mask)
+            }
+            Target::Ip(ip) => self.decide_ip(ip, dest.port, dest.proto, client.mask),
         };
-        if self.inner.mode == Mode::Audit && decision.verdict == Verdict::Deny {
+        if client.audit && decision.verdict == Verdict::Deny {
             decision.verdict = Verdict::AuditDeny;
         }
         decision
     }
 
     #[inline]
-    fn decide_name(&self, name: &[u8], port: u16, proto: Protocol) -> Decision {
+    fn decide_name(&self, name: &[u8], port: u16, proto: Protocol, mask: u64) -> Decision {
         let inner = &*self.inner;
         let found = inner.hosts.find_name(name);
         let d = match found.value {
-            Some(key) => grants::decide_name(key.of(&inner.grants), port, proto),
+            Some(key) => grants::decide_name(key.of(&inner.grants), port, proto, mask),
             None if found.malformed => return Decision::deny(None, Reason::MalformedHost),
             None => Decision::deny(None, Reason::NoRule),
         };
@@ -168,21 +187,21 @@ impl Policy {
     }
 
     /// The grants of every CIDR containing `ip`, longest prefix first.
-    fn walk_ip(&self, ip: IpAddr, port: u16, proto: Protocol) -> Walk {
+    fn walk_ip(&self, ip: IpAddr, port: u16, proto: Protocol, mask: u64) -> Walk {
         let inner = &*self.inner;
-        let mut walk = Walk::default();
+        let mut walk = Walk::new(mask);
         inner
             .nets
             .visit(ip, |g| walk.observe(&inner.grants[g as usize], port, proto));
         walk
     }
 
-    fn decide_ip(&self, ip: IpAddr, port: u16, proto: Protocol) -> Decision {
+    fn decide_ip(&self, ip: IpAddr, port: u16, proto: Protocol, mask: u64) -> Decision {
         let guard = net::guard(ip);
         if guard == Some(Guard::Platform) {
             return Decision::deny(None, Reason::PlatformAddress);
         }
-        let walk = self.walk_ip(ip, port, proto);
+        let walk = self.walk_ip(ip, port, proto, mask);
         if let Some(rule) = walk.deny {
             return Decision::deny(Some(rule), Reason::DenyRule);
         }
@@ -206,19 +225,53 @@ impl Policy {
         d
     }
 
-    /// Whether a resolved address of an allowed name may be dialled: not a
-    /// platform address, not denied by an address rule, and not guarded
-    /// unless an address rule names that guarded range explicitly or it lies
-    /// in `[policy] private_ranges`.
+    /// Whether a resolved address of an allowed name may be dialled, for a
+    /// served client in no group (as [`Policy::decide`]); see
+    /// [`Policy::check_resolved_for`].
     ///
     /// # Errors
     /// The reason the address is refused.
     pub fn check_resolved(&self, ip: IpAddr, port: u16, proto: Protocol) -> Result<(), Reason> {
+        self.check_resolved_mask(ip, port, proto, self.inner.default_client.mask)
+    }
+
+    /// Whether a resolved address of an allowed name may be dialled for
+    /// `client`: not a platform address, not denied by an address rule, and
+    /// not guarded unless an address rule names that guarded range
+    /// explicitly or it lies in `[policy] private_ranges`. `None`: for a connection any client may reuse (the
+    /// forwarding pool), so the address must pass for every client class.
+    ///
+    /// # Errors
+    /// The reason the address is refused.
+    pub fn check_resolved_for(
+        &self,
+        ip: IpAddr,
+        port: u16,
+        proto: Protocol,
+        client: Option<Client>,
+    ) -> Result<(), Reason> {
+        match client {
+            Some(c) => self.check_resolved_mask(ip, port, proto, c.mask),
+            None if self.inner.clients.classes.is_empty() => {
+                self.check_resolved_mask(ip, port, proto, self.inner.default_client.mask)
+            }
+            None => (self.inner.clients.classes.iter())
+                .try_for_each(|class| self.check_resolved_mask(ip, port, proto, class.client.mask)),
+        }
+    }
+
+    fn check_resolved_mask(
+        &self,
+        ip: IpAddr,
+        port: u16,
+        proto: Protocol,
+        mask: u64,
+    ) -> Result<(), Reason> {
         let guard = net::guard(ip);
         if guard == Some(Guard::Platform) {
             return Err(Reason::PlatformAddress);
         }
-        let walk = self.walk_ip(ip, port, proto);
+        let walk = self.walk_ip(ip, port, proto, mask);
         if walk.deny.is_some() {
             return Err(Reason::DenyRule);
         }
@@ -237,7 +290,13 @@ impl Policy {
         match decision.reason {
             Reason::RuleMatched => format!("allowed by rule '{name}'"),
             Reason::DenyRule => format!("denied by rule '{name}'"),
-            Reason::NoRule => "no rule allows this destination".to_string(),
+            Reason::NoRule => match rule {
+                Some(r) => format!(
+                    "no rule allows this destination for this client (rule '{name}' is for client group(s) {})",
+                    r.clients.join(", ")
+                ),
+                None => "no rule allows this destination".to_string(),
+            },
             Reason::PortNotAllowed => {
                 let ports = rule.map(|r| ports_text(&r.ports)).unwrap_or_default();
                 format!("rule '{name}' allows this host only on port {ports}")
@@ -337,12 +396,44 @@ impl Policy {
     /// Whether a client address may use the gateway.
     pub fn client_allowed(&self, ip: IpAddr) -> Option<&IpNet> {
         let ip = net::canonical(ip);
-        self.inner.clients.iter().find(|n| n.contains(&ip))
+        self.inner.clients.allow.iter().find(|n| n.contains(&ip))
     }
 
     /// Client CIDRs served.
     pub fn clients(&self) -> &[IpNet] {
-        &self.inner.clients
+        &self.inner.clients.allow
+    }
+
+    /// The client at `ip` as this policy sees it: its groups (one lookup)
+    /// and whether its denials are audited.
+    #[inline]
+    pub fn client(&self, ip: IpAddr) -> Client {
+        self.inner.clients.client(ip)
+    }
+
+    /// The `client_group` label of a client: its first group in file
+    /// order, or `""` for a client in none (bounded by the groups configured).
+    pub fn client_group(&self, client: Client) -> &str {
+        self.inner.clients.label(client)
+    }
+
+    /// Every group a client is in, in file order.
+    pub fn client_groups(&self, client: Client) -> Vec<&str> {
+        (client.groups())
+            .map(|i| self.inner.clients.names[i].as_str())
+            .collect()
+    }
+
+    /// Names of the client groups `[clients]` defines, in file order.
+    pub fn group_names(&self) -> &[String] {
+        &self.inner.clients.names
+    }
+
+    /// The served clients whose decisions may differ: one per distinct set
+    /// of groups a served address is in (clients in no group first). One
+    /// class when no groups are configured.
+    pub fn client_classes(&self) -> &[ClientClass] {
+        &self.inner.clients.classes
     }
 
     /// Static addresses for a normalised name from `[resolve]`.
@@ -376,26 +467,28 @@ impl Policy {
         &self.inner.config_sha256
     }
 
-    /// The first active allow rule for `name` on any port and protocol: the
-    /// DNS listener answers only such names. `None` for a malformed name.
-    pub fn name_allowed(&self, name: &str) -> Option<RuleId> {
+    /// The first active allow rule for `name` on any port and protocol that
+    /// applies to `client`: the DNS listener answers only such names. `None`
+    /// for a malformed name.
+    pub fn name_allowed(&self, name: &str, client: Client) -> Option<RuleId> {
         let inner = &*self.inner;
         let key = inner.hosts.find_name(name.as_bytes()).value?;
         key.of(&inner.grants)
             .iter()
-            .find(|g| g.active && !g.deny)
+            .find(|g| g.active && !g.deny && g.clients & client.mask != 0)
             .map(|g| RuleId::new(g.rule))
     }
 
-    /// The DNS listener's decision for a query of `name`: allowed when an
-    /// active allow rule names it on any port and protocol; audit mode lets
-    /// the rest through as `audit_deny`, as `decide` does.
-    pub fn decide_query(&self, name: &str) -> Decision {
-        let mut d = match self.name_allowed(name) {
+    /// The DNS listener's decision for `client`'s query of `name`: allowed
+    /// when an active allow rule for that client names it on any port and
+    /// protocol; denials are `audit_deny` where the client is audited, as
+    /// `decide_for` does.
+    pub fn decide_query(&self, name: &str, client: Client) -> Decision {
+        let mut d = match self.name_allowed(name, client) {
             Some(rule) => Decision::allow(rule.index() as u32),
             None => Decision::deny(None, Reason::NoRule),
         };
-        if self.inner.mode == Mode::Audit && d.verdict == Verdict::Deny {
+        if client.audit && d.verdict == Verdict::Deny {
             d.verdict = Verdict::AuditDeny;
         }
         d
@@ -428,6 +521,8 @@ impl Policy {
     }
 }
 
+#[cfg(test)]
+mod group_tests;
 #[cfg(test)]
 mod reference_tests;
 #[cfg(test)]

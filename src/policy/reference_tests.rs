@@ -31,6 +31,33 @@ struct RefRule {
     proto: Protocol,
     /// `Some(true)`: in an enabled scenario; `Some(false)`: a disabled one.
     scenario: Option<bool>,
+    /// `clients`: indices into the set's groups; `None`: every client.
+    clients: Option<Vec<usize>>,
+}
+
+/// A client group as the reference reads it.
+#[derive(Debug)]
+struct RefGroup {
+    cidrs: Vec<IpNet>,
+    /// `Some(true)`: `mode = "audit"`; `Some(false)`: `"enforce"`; `None`: `[policy] mode`.
+    audit: Option<bool>,
+}
+
+/// A client as the reference reads it: the groups holding its address,
+/// and whether its denials are audited (in no group: `[policy] mode`; in
+/// groups: only if every one of them audits).
+fn ref_client(groups: &[RefGroup], policy_audit: bool, ip: IpAddr) -> (Vec<usize>, bool) {
+    let ip = net::canonical(ip);
+    let mine: Vec<usize> = (0..groups.len())
+        .filter(|&g| groups[g].cidrs.iter().any(|c| c.contains(&ip)))
+        .collect();
+    let audit = if mine.is_empty() {
+        policy_audit
+    } else {
+        mine.iter()
+            .all(|&g| groups[g].audit.unwrap_or(policy_audit))
+    };
+    (mine, audit)
 }
 
 impl RefRule {
@@ -56,19 +83,29 @@ struct Met {
     active: bool,
     /// Port and protocol both match.
     fits: bool,
+    /// The rule applies to the client (no `clients`, or one of its groups).
+    applies: bool,
+    /// The rule is active (its scenario on), whoever it is for.
+    rule_active: bool,
     port_ok: bool,
     unlocks_guarded: bool,
     specificity: usize,
 }
 
 impl Met {
-    fn new(rule: usize, r: &RefRule, (lo, hi): (u16, u16), dest: &Dest<'_>, spec: usize) -> Met {
+    fn new(rule: usize, r: &RefRule, (lo, hi): (u16, u16), q: &Query<'_>, spec: usize) -> Met {
+        let dest = q.dest;
         let port_ok = lo <= dest.port && dest.port <= hi;
         let proto_ok = r.proto == Protocol::Any || r.proto == dest.proto;
+        let applies = (r.clients.as_ref()).is_none_or(|c| c.iter().any(|g| q.groups.contains(g)));
         Met {
             rule,
             deny: r.deny,
-            active: r.active(),
+            // A rule for other clients does not exist for this one, but for
+            // naming it when nothing else allows.
+            active: r.active() && applies,
+            applies,
+            rule_active: r.active(),
             fits: port_ok && proto_ok,
             port_ok,
             unlocks_guarded: false,
@@ -93,17 +130,23 @@ fn allow(rule: usize) -> Decision {
     }
 }
 
+/// One decision to make: the destination, and the client's groups.
+struct Query<'a> {
+    dest: &'a Dest<'a>,
+    groups: &'a [usize],
+}
+
 /// The semantics, plainly. `met` is in walk order: least specific pattern
 /// first for names, longest prefix first for addresses, then rule order,
-/// then port order.
-fn reference(rules: &[RefRule], audit: bool, dest: &Dest<'_>) -> Decision {
-    let decision = match dest.target {
-        Target::Name(name) => reference_name(rules, name, dest),
-        Target::Ip(ip) => reference_ip(rules, ip, dest),
+/// then port order. `audit`: the client's denials are audited.
+fn reference(rules: &[RefRule], audit: bool, q: &Query<'_>) -> Decision {
+    let decision = match q.dest.target {
+        Target::Name(name) => reference_name(rules, name, q),
+        Target::Ip(ip) => reference_ip(rules, ip, q),
     };
     // No UDP datagram names its host: a name allowed on UDP is not enforceable.
-    let named = matches!(dest.target, Target::Name(_));
-    let decision = if named && dest.proto == Protocol::Udp && decision.verdict == Verdict::Allow {
+    let named = matches!(q.dest.target, Target::Name(_));
+    let decision = if named && q.dest.proto == Protocol::Udp && decision.verdict == Verdict::Allow {
         deny(decision.rule.map(RuleId::index), Reason::NeedsDns)
     } else {
         decision
@@ -131,7 +174,7 @@ fn specificity(pattern: &str, name: &str) -> Option<usize> {
     }
 }
 
-fn reference_name(rules: &[RefRule], name: &str, dest: &Dest<'_>) -> Decision {
+fn reference_name(rules: &[RefRule], name: &str, q: &Query<'_>) -> Decision {
     // IDNs reach a listener as A-labels: other non-ASCII bytes are malformed.
     if !name.is_ascii() {
         return deny(None, Reason::MalformedHost);
@@ -144,7 +187,7 @@ fn reference_name(rules: &[RefRule], name: &str, dest: &Dest<'_>) -> Decision {
         for ports in r.ports() {
             for pattern in &r.hosts {
                 if let Some(spec) = specificity(pattern, &name) {
-                    met.push(Met::new(i, r, ports, dest, spec));
+                    met.push(Met::new(i, r, ports, q, spec));
                 }
             }
         }
@@ -161,7 +204,7 @@ fn reference_name(rules: &[RefRule], name: &str, dest: &Dest<'_>) -> Decision {
     }
 }
 
-fn reference_ip(rules: &[RefRule], ip: IpAddr, dest: &Dest<'_>) -> Decision {
+fn reference_ip(rules: &[RefRule], ip: IpAddr, q: &Query<'_>) -> Decision {
     let guard = net::guard(ip);
     if guard == Some(net::Guard::Platform) {
         return deny(None, Reason::PlatformAddress);
@@ -173,7 +216,7 @@ fn reference_ip(rules: &[RefRule], ip: IpAddr, dest: &Dest<'_>) -> Decision {
             for cidr in r.cidrs.iter().filter(|c| c.contains(&canonical)) {
                 met.push(Met {
                     unlocks_guarded: net::unlocks_guarded(cidr),
-                    ..Met::new(i, r, ports, dest, cidr.prefix_len().into())
+                    ..Met::new(i, r, ports, q, cidr.prefix_len().into())
                 });
             }
         }
@@ -194,7 +237,8 @@ fn reference_ip(rules: &[RefRule], ip: IpAddr, dest: &Dest<'_>) -> Decision {
 }
 
 /// Nothing allowed or denied: the first rule on another port or protocol,
-/// else the first disabled rule that would allow it, else no rule.
+/// else the first disabled rule that would allow it, else no rule (naming
+/// the first rule for other clients that would allow it).
 fn refusal(met: &[Met]) -> Decision {
     if let Some(m) = met.iter().find(|m| m.active && !m.deny && !m.fits) {
         let reason = if m.port_ok {
@@ -204,10 +248,16 @@ fn refusal(met: &[Met]) -> Decision {
         };
         return deny(Some(m.rule), reason);
     }
-    if let Some(m) = met.iter().find(|m| !m.active && !m.deny && m.fits) {
+    if let Some(m) = met
+        .iter()
+        .find(|m| m.applies && !m.active && !m.deny && m.fits)
+    {
         return deny(Some(m.rule), Reason::ScenarioDisabled);
     }
-    deny(None, Reason::NoRule)
+    let other = met
+        .iter()
+        .find(|m| !m.applies && !m.deny && m.fits && m.rule_active);
+    deny(other.map(|m| m.rule), Reason::NoRule)
 }
 
 const LABELS: [&str; 4] = ["a", "b", "ab", "x"];
@@ -291,7 +341,49 @@ fn pattern(rng: &mut Rng) -> String {
     p
 }
 
-fn random_rule(rng: &mut Rng) -> RefRule {
+/// Client ranges inside `ALLOW`, nesting and overlapping.
+const GROUP_CIDRS: [&str; 6] = [
+    "10.200.1.0/24",
+    "10.200.1.128/25",
+    "10.200.2.0/24",
+    "10.200.0.0/22",
+    "10.200.3.7/32",
+    "fd99::/64",
+];
+const ALLOW: [&str; 2] = ["10.200.0.0/16", "fd99::/48"];
+const CLIENTS: [&str; 7] = [
+    "10.200.1.5",
+    "10.200.1.200",
+    "10.200.2.9",
+    "10.200.3.7",
+    "10.200.3.8",
+    "10.200.9.9",
+    "fd99::5",
+];
+
+/// Up to three groups of one or two ranges, each with a random mode.
+fn random_groups(rng: &mut Rng) -> Vec<RefGroup> {
+    if rng.chance(40) {
+        return Vec::new();
+    }
+    (0..1 + rng.below(3))
+        .map(|_| RefGroup {
+            cidrs: (0..1 + rng.below(2))
+                .map(|_| rng.pick(&GROUP_CIDRS).parse().expect("a CIDR"))
+                .collect(),
+            audit: *rng.pick(&[None, None, Some(true), Some(false)]),
+        })
+        .collect()
+}
+
+fn random_rule(rng: &mut Rng, groups: usize) -> RefRule {
+    let clients = (groups > 0 && rng.chance(40)).then(|| {
+        let mut c: Vec<usize> = (0..groups).filter(|_| rng.chance(50)).collect();
+        if c.is_empty() {
+            c.push(rng.below(groups));
+        }
+        c
+    });
     let names = rng.chance(65);
     let count = 1 + rng.below(2);
     let ports = (0..rng.below(3)).map(|_| *rng.pick(&PORTS)).collect();
@@ -312,12 +404,37 @@ fn random_rule(rng: &mut Rng) -> RefRule {
         ports,
         proto: *rng.pick(&[Protocol::Tcp, Protocol::Tcp, Protocol::Udp, Protocol::Any]),
         scenario: *rng.pick(&[None, None, None, Some(true), Some(false)]),
+        clients,
     }
 }
 
-/// The rules as a config file.
-fn config_text(rules: &[RefRule], audit: bool) -> String {
-    let mut text = String::from("[policy]\nprofile = \"none\"\n");
+/// `[clients]`: `ALLOW`, and the groups as `g0`, `g1`, ...
+fn clients_text(groups: &[RefGroup]) -> String {
+    let quoted = |items: &[&str]| -> String {
+        let items: Vec<String> = items.iter().map(|s| format!("{s:?}")).collect();
+        items.join(", ")
+    };
+    let mut text = format!("[clients]\nallow = [{}]\n", quoted(&ALLOW));
+    for (i, g) in groups.iter().enumerate() {
+        let cidrs: Vec<String> = g.cidrs.iter().map(ToString::to_string).collect();
+        let cidrs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
+        let mode = match g.audit {
+            None => String::new(),
+            Some(true) => ", mode = \"audit\"".into(),
+            Some(false) => ", mode = \"enforce\"".into(),
+        };
+        text.push_str(&format!(
+            "g{i} = {{ cidrs = [{}]{mode} }}\n",
+            quoted(&cidrs)
+        ));
+    }
+    text
+}
+
+/// The groups and rules as a config file.
+fn config_text(groups: &[RefGroup], rules: &[RefRule], audit: bool) -> String {
+    let mut text = clients_text(groups);
+    text.push_str("[policy]\nprofile = \"none\"\n");
     if audit {
         text.push_str("mode = \"audit\"\n");
     }
@@ -356,6 +473,10 @@ fn config_text(rules: &[RefRule], audit: bool) -> String {
             Some(true) => text.push_str("scenario = \"on\"\n"),
             Some(false) => text.push_str("scenario = \"off\"\n"),
             None => {}
+        }
+        if let Some(c) = &r.clients {
+            let names: Vec<String> = c.iter().map(|g| format!("\"g{g}\"")).collect();
+            text.push_str(&format!("clients = [{}]\n", names.join(", ")));
         }
     }
     text
@@ -404,12 +525,14 @@ fn decide_agrees_with_the_plain_semantics() {
     let seed = seed();
     let mut rng = Rng(seed);
     let mut seen = Vec::new();
+    let mut other_clients = false;
     for set in 0..SETS {
+        let groups = random_groups(&mut rng);
         let rules: Vec<RefRule> = (0..1 + rng.below(6))
-            .map(|_| random_rule(&mut rng))
+            .map(|_| random_rule(&mut rng, groups.len()))
             .collect();
         let audit = rng.chance(10);
-        let text = config_text(&rules, audit);
+        let text = config_text(&groups, &rules, audit);
         let source = Source {
             name: "random.toml".into(),
             text: text.clone(),
@@ -427,15 +550,26 @@ fn decide_agrees_with_the_plain_semantics() {
                 port: *rng.pick(&PROBE_PORTS),
                 proto: *rng.pick(&[Protocol::Tcp, Protocol::Tcp, Protocol::Udp]),
             };
-            let got = policy.decide(&dest);
-            let want = reference(&rules, audit, &dest);
+            let ip: IpAddr = rng.pick(&CLIENTS).parse().expect("an address");
+            let (mine, client_audit) = ref_client(&groups, audit, ip);
+            let q = Query {
+                dest: &dest,
+                groups: &mine,
+            };
+            let got = policy.decide_for(&dest, policy.client(ip));
+            let want = reference(&rules, client_audit, &q);
             assert!(
                 got == want,
-                "seed {seed}: set {set}: {dest:?}\n decide:    {got:?}\n reference: {want:?}\n{text}"
+                "seed {seed}: set {set}: {dest:?} from {ip}\n decide:    {got:?}\n reference: {want:?}\n{text}"
             );
             seen.push((got.verdict, got.reason));
+            other_clients |= got.reason == Reason::NoRule && got.rule.is_some();
         }
     }
+    assert!(
+        other_clients,
+        "seed {seed}: no denial naming another group's rule"
+    );
     // The generator reaches every reason and verdict, so none goes untested;
     // its rules never wait for a value (`needs_var`, `needs_service_tags`:
     // tests.rs tests those by name).

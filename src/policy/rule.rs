@@ -62,6 +62,8 @@ pub struct Rule {
     pub any_sni: bool,
     /// Tunnels it allows may carry a protocol that names no host (`opaque = true`).
     pub opaque: bool,
+    /// The client groups it applies to (`clients`); empty: every served client.
+    pub clients: Vec<String>,
 }
 
 /// A scenario as compiled: known from the profile or from config rules, and whether it is on.

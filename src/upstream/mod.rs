@@ -29,7 +29,7 @@ use tokio::sync::OnceCell;
 
 use crate::config::Protocol;
 use crate::metrics::{DnsResult, Metrics, UpstreamError};
-use crate::policy::{Policy, Reason, Target};
+use crate::policy::{Client, Policy, Reason, Target};
 
 pub mod pool;
 
@@ -322,6 +322,7 @@ impl Upstream {
     async fn addresses(
         &self,
         policy: &Policy,
+        client: Option<Client>,
         target: Target<'_>,
         port: u16,
         metrics: &Metrics,
@@ -337,13 +338,15 @@ impl Upstream {
         let allowed: Vec<IpAddr> = all
             .iter()
             .copied()
-            .filter(|ip| match policy.check_resolved(*ip, port, Protocol::Tcp) {
-                Ok(()) => true,
-                Err(r) => {
-                    first_reason.get_or_insert(r);
-                    false
-                }
-            })
+            .filter(
+                |ip| match policy.check_resolved_for(*ip, port, Protocol::Tcp, client) {
+                    Ok(()) => true,
+                    Err(r) => {
+                        first_reason.get_or_insert(r);
+                        false
+                    }
+                },
+            )
             .collect();
         if allowed.is_empty() {
             return Err(ConnectError::Prohibited {
@@ -359,22 +362,26 @@ impl Upstream {
         Ok(allowed)
     }
 
-    /// Resolves and checks the addresses of `plan`, then dials them.
+    /// Resolves and checks the addresses of `plan` for `client` (`None`: a
+    /// connection any client may reuse), then dials them.
     ///
     /// # Errors
     /// Any [`ConnectError`].
     pub async fn connect(
         &self,
         policy: &Policy,
+        client: Option<Client>,
         plan: DialPlan<'_>,
         port: u16,
         metrics: &Metrics,
     ) -> Result<(TcpStream, SocketAddr), ConnectError> {
         let addrs = match plan {
-            DialPlan::Target(target) => self.addresses(policy, target, port, metrics).await?,
+            DialPlan::Target(target) => {
+                (self.addresses(policy, client, target, port, metrics)).await?
+            }
             DialPlan::Verify { name, original } => {
                 let addrs = self
-                    .addresses(policy, Target::Name(name), port, metrics)
+                    .addresses(policy, client, Target::Name(name), port, metrics)
                     .await?;
                 if !addrs.contains(&original) {
                     return Err(ConnectError::NotAmong {
@@ -385,7 +392,7 @@ impl Upstream {
                 vec![original]
             }
             DialPlan::Original(ip) => {
-                if let Err(reason) = policy.check_resolved(ip, port, Protocol::Tcp) {
+                if let Err(reason) = policy.check_resolved_for(ip, port, Protocol::Tcp, client) {
                     return Err(ConnectError::Prohibited {
                         name: ip.to_string(),
                         addrs: ip.to_string(),

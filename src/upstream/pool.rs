@@ -133,6 +133,8 @@ impl tower_service::Service<Uri> for GuardedConnector {
                 .upstream
                 .connect(
                     &policy,
+                    // Pooled connections are shared by every client.
+                    None,
                     DialPlan::Target(Target::parse(&name)),
                     port,
                     &this.metrics,

@@ -219,7 +219,13 @@ async fn open(
     }
     let dialled = gw
         .upstream
-        .connect(policy, DialPlan::Target(target), port, &gw.metrics)
+        .connect(
+            policy,
+            Some(judge.client()),
+            DialPlan::Target(target),
+            port,
+            &gw.metrics,
+        )
         .await;
     match dialled {
         Ok((upstream, addr)) => Ok(Open {
@@ -269,6 +275,7 @@ async fn tunnel(
         host: &host,
         port,
         decision: &decision,
+        client: conn.client_under(&policy),
     };
     let (client_ref, ech) = (&mut client, &mut log.ech);
     let carried = inspect::first_bytes(
