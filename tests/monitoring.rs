@@ -179,6 +179,46 @@ fn deny_get(proxy: SocketAddr, host: &str, times: usize) -> usize {
     opened
 }
 
+/// `times` UDP queries (TXT, as a tunnel would send) for `host` to the DNS
+/// listener at `dns`, each answered REFUSED. Returns `times`.
+fn deny_dns(dns: SocketAddr, host: &str, times: usize) -> usize {
+    use hickory_resolver::proto::op::{Message, Query, ResponseCode};
+    use hickory_resolver::proto::rr::{Name, RecordType};
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(METRIC_TIMEOUT)).unwrap();
+    for i in 0..times {
+        let mut m = Message::query();
+        m.metadata.id = i as u16;
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(
+            Name::from_ascii(host).unwrap(),
+            RecordType::TXT,
+        ));
+        socket.send_to(&m.to_vec().unwrap(), dns).unwrap();
+        let mut buf = [0u8; 1500];
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no answer from the DNS listener for {host}: {e}"));
+        let reply = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(reply.metadata.id, i as u16);
+        assert_eq!(
+            reply.metadata.response_code,
+            ResponseCode::Refused,
+            "{host}"
+        );
+    }
+    times
+}
+
+/// The DNS listener's address from a running proxy's `listening dns ADDR` line.
+fn dns_addr(proxy: &Proxy) -> SocketAddr {
+    proxy
+        .stdout_lines()
+        .iter()
+        .find_map(|l| l.strip_prefix("listening dns ")?.trim().parse().ok())
+        .expect("a `listening dns ADDR` line")
+}
+
 // ---------------------------------------------------------------------------
 // Prometheus
 
@@ -651,8 +691,14 @@ fn prometheus_scrapes_and_every_dashboard_and_alert_expression_evaluates() {
 
     let ca = TestCa::new();
     let up = Upstream::start(&ca);
-    let cfg = config(Some(&up), &[], "");
+    // With a DNS listener, whose refusals the DNS panels show. Refused
+    // names are never forwarded; port 9 (discard) on loopback answers nothing.
+    let cfg = config(Some(&up), &[], "[dns]\nservers = [\"127.0.0.1:9\"]\n").replace(
+        "admin = \"127.0.0.1:0\"\n",
+        "admin = \"127.0.0.1:0\"\ndns = \"127.0.0.1:0\"\n",
+    );
     let proxy = Proxy::start(&cfg);
+    let dns = dns_addr(&proxy);
     let admin = proxy.admin_addr();
     let prom = Prometheus::start(admin);
     let instance = admin.to_string();
@@ -683,16 +729,18 @@ fn prometheus_scrapes_and_every_dashboard_and_alert_expression_evaluates() {
     download_through_tunnel(proxy.addr(), &up, "/blob");
     allowed_plain_get(proxy.addr(), &up);
     // (host, port, via, further denials in phase 2)
-    let denied: [(&str, u16, &str, usize); 4] = [
+    let denied: [(&str, u16, &str, usize); 5] = [
         ("denied-1.test", 443, "connect", 4),
         ("denied-2.test", 443, "connect", 15),
         ("denied-3.test", 80, "http", 1),
         ("denied-4.test", 80, "http", 9),
+        ("x1f8b.tunnel.test", 53, "dns", 6),
     ];
     let drive = |times: &dyn Fn(usize) -> usize| {
         for &(host, port, via, n) in &denied {
             match via {
                 "connect" => deny_connect(proxy.addr(), host, port, times(n)),
+                "dns" => deny_dns(dns, host, times(n)),
                 _ => deny_get(proxy.addr(), host, times(n)),
             };
         }
@@ -785,10 +833,18 @@ fn prometheus_scrapes_and_every_dashboard_and_alert_expression_evaluates() {
     );
 
     // The top-denied table lists exactly the test's hosts, most denied first.
-    let (_, top_raw) = queries
-        .iter()
-        .find(|(_, e)| e.contains("topk(") && e.contains("portcullis_denied_destinations_total"))
-        .expect("a topk query over portcullis_denied_destinations_total");
+    let top_query = |dns_only: bool| {
+        queries
+            .iter()
+            .find(|(_, e)| {
+                e.contains("topk(")
+                    && e.contains("portcullis_denied_destinations_total")
+                    && e.contains("port=\"53\"") == dns_only
+            })
+            .map(|(_, e)| e.clone())
+            .expect("a topk query over portcullis_denied_destinations_total")
+    };
+    let top_raw = &top_query(false);
     let mut top = prom.vector(&substitute(top_raw));
     top.sort_by(|a, b| b.1.total_cmp(&a.1));
     let got: Vec<(String, String, f64)> = top
@@ -821,6 +877,25 @@ fn prometheus_scrapes_and_every_dashboard_and_alert_expression_evaluates() {
     assert!(
         got.windows(2).all(|w| w[0].2 > w[1].2) && got.last().is_some_and(|l| l.2 > 0.0),
         "counts not strictly ordered: {got:?}"
+    );
+    // The refused-DNS-names table: only the name refused on port 53, with
+    // its count: 1 + 6 queries, which increase() extrapolates towards the
+    // range's ends (8.3 for 7 in one run; the table above shows the same).
+    let dns_top = prom.vector(&substitute(&top_query(true)));
+    eprintln!("top refused DNS names: {dns_top:?}");
+    let dns_top: Vec<(String, f64)> = dns_top
+        .into_iter()
+        .map(|(l, v)| (l.get("host").cloned().unwrap_or_default(), v))
+        .filter(|(h, _)| h != "__other__")
+        .collect();
+    assert_eq!(dns_top.len(), 1, "{dns_top:?}");
+    assert_eq!(dns_top[0].0, "x1f8b.tunnel.test");
+    assert!((6.5..10.5).contains(&dns_top[0].1), "{dns_top:?}");
+    // The DNS listener's queries by result: the refusals were scraped.
+    let refused = prom.vector(r#"portcullis_dns_queries_total{result="refused"}"#);
+    assert!(
+        refused.iter().any(|(_, v)| *v == 7.0),
+        "refused DNS queries: {refused:?}"
     );
 
     // The count panels count one event as one: one reload, one fronted CONNECT.
