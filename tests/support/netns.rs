@@ -147,8 +147,15 @@ impl Topology {
     /// Builds the namespaces, links, addresses and routes; panics on failure
     /// (after tearing down what was built).
     pub fn create(layout: Layout) -> Topology {
+        Topology::create_named("pcl", layout)
+    }
+
+    /// [`Topology::create`] with namespace names starting with `prefix`
+    /// (then the pid and a sequence number): a test's own namespaces are
+    /// recognisable in `ip netns list`.
+    pub fn create_named(prefix: &str, layout: Layout) -> Topology {
         let seq = SEQ.fetch_add(1, Ordering::SeqCst);
-        let base = format!("pcl{}n{seq}", std::process::id());
+        let base = format!("{prefix}{}n{seq}", std::process::id());
         let names = [format!("{base}c"), format!("{base}g"), format!("{base}s")];
         let mut topo = Topology {
             layout,
