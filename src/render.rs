@@ -97,7 +97,8 @@ fn l4(proto: Protocol) -> Vec<&'static str> {
 /// The nftables ruleset for the gateway host.
 ///
 /// # Errors
-/// When the config has no transparent listener to redirect to.
+/// When the config has no transparent listener to redirect to, or its DNS
+/// listener is on a loopback address (redirected DNS could not reach it).
 pub fn nftables(loaded: &Loaded) -> Result<String, String> {
     let Some(transparent) = loaded.config.listen.transparent else {
         return Err(
@@ -106,6 +107,14 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
                 .into(),
         );
     };
+    let dns = loaded.config.listen.dns;
+    if let Some(dns) = dns.filter(|d| d.ip().is_loopback()) {
+        return Err(format!(
+            "[listen] dns = \"{dns}\" is a loopback address: the ruleset redirects the clients' port 53 to the address their packets arrive on, where nothing would answer; \
+             bind it to that address or to all (e.g. dns = \"0.0.0.0:{}\")",
+            dns.port()
+        ));
+    }
     let policy = &loaded.policy;
     let mut out = String::new();
     write_header(&mut out, loaded);
@@ -116,7 +125,6 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
     let _ = writeln!(out, "table inet {TABLE} {{");
     let clients = write_client_sets(&mut out, policy.clients());
     let sets = write_rule_sets(&mut out, policy);
-    let dns = loaded.config.listen.dns;
     if dns.is_some() {
         write_dns_sets(&mut out);
     }

@@ -20,8 +20,11 @@
 //! address and port passes only after the gateway put it into the
 //! ruleset's set; another port or address stays dropped.
 //!
+//! portcullis runs with the systemd unit's privileges: an unprivileged
+//! user with CAP_NET_ADMIN only (setpriv), which `nft` needs for (c).
+//!
 //! Without root the test prints `SKIPPED: ...` (or panics when `CI=true`);
-//! without dnsmasq likewise.
+//! without dnsmasq or setpriv likewise.
 
 mod support;
 
@@ -115,8 +118,25 @@ connect_timeout_ms = 3000
     )
 }
 
+/// The unit's `User=` (an unprivileged one: nobody) and its
+/// `AmbientCapabilities=` / `CapabilityBoundingSet=` (CAP_NET_ADMIN), with
+/// `NoNewPrivileges=yes`.
+const UNIT_PRIVILEGES: [&str; 8] = [
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all,+net_admin",
+    "--ambient-caps=-all,+net_admin",
+    "--bounding-set=-all,+net_admin",
+    "--no-new-privs",
+];
+
 fn setup(test: &str) -> Option<Env> {
-    if !require_root(test) || !require(have("dnsmasq", &["--version"]), "dnsmasq not found") {
+    if !require_root(test)
+        || !require(have("dnsmasq", &["--version"]), "dnsmasq not found")
+        || !require(have("setpriv", &["--version"]), "setpriv not found")
+    {
         return None;
     }
     let topo = Topology::create_named(
@@ -165,7 +185,9 @@ fn setup(test: &str) -> Option<Env> {
         &[SMB_PORT],
         &[UDP_ALLOWED, UDP_OTHER],
     );
-    let gw = topo.start_portcullis(&config());
+    // As deploy/systemd/portcullis.service runs it: not root, with
+    // CAP_NET_ADMIN (for `nft`, adding set elements) and nothing else.
+    let gw = topo.start_portcullis_as(&config(), &UNIT_PRIVILEGES);
     Some(Env {
         gw,
         dnsmasq,

@@ -96,14 +96,20 @@ fn allow(rule: usize) -> Decision {
 /// The semantics, plainly. `met` is in walk order: least specific pattern
 /// first for names, longest prefix first for addresses, then rule order,
 /// then port order.
-fn reference(rules: &[RefRule], audit: bool, dest: &Dest<'_>) -> Decision {
+fn reference(rules: &[RefRule], audit: bool, dns: bool, dest: &Dest<'_>) -> Decision {
     let decision = match dest.target {
         Target::Name(name) => reference_name(rules, name, dest),
         Target::Ip(ip) => reference_ip(rules, ip, dest),
     };
-    // No UDP datagram names its host: a name allowed on UDP is not enforceable.
+    // No UDP datagram names its host: a name allowed on UDP is enforceable
+    // only through a DNS listener's answers, and never on 443 (QUIC).
     let named = matches!(dest.target, Target::Name(_));
-    let decision = if named && dest.proto == Protocol::Udp && decision.verdict == Verdict::Allow {
+    let unenforceable = !dns || dest.port == 443;
+    let decision = if named
+        && dest.proto == Protocol::Udp
+        && decision.verdict == Verdict::Allow
+        && unenforceable
+    {
         deny(decision.rule.map(RuleId::index), Reason::NeedsDns)
     } else {
         decision
@@ -316,8 +322,12 @@ fn random_rule(rng: &mut Rng) -> RefRule {
 }
 
 /// The rules as a config file.
-fn config_text(rules: &[RefRule], audit: bool) -> String {
-    let mut text = String::from("[policy]\nprofile = \"none\"\n");
+fn config_text(rules: &[RefRule], audit: bool, dns: bool) -> String {
+    let mut text = String::new();
+    if dns {
+        text.push_str("[listen]\ndns = \"127.0.0.1:5353\"\n");
+    }
+    text.push_str("[policy]\nprofile = \"none\"\n");
     if audit {
         text.push_str("mode = \"audit\"\n");
     }
@@ -409,7 +419,8 @@ fn decide_agrees_with_the_plain_semantics() {
             .map(|_| random_rule(&mut rng))
             .collect();
         let audit = rng.chance(10);
-        let text = config_text(&rules, audit);
+        let dns = rng.chance(30);
+        let text = config_text(&rules, audit, dns);
         let source = Source {
             name: "random.toml".into(),
             text: text.clone(),
@@ -428,7 +439,7 @@ fn decide_agrees_with_the_plain_semantics() {
                 proto: *rng.pick(&[Protocol::Tcp, Protocol::Tcp, Protocol::Udp]),
             };
             let got = policy.decide(&dest);
-            let want = reference(&rules, audit, &dest);
+            let want = reference(&rules, audit, dns, &dest);
             assert!(
                 got == want,
                 "seed {seed}: set {set}: {dest:?}\n decide:    {got:?}\n reference: {want:?}\n{text}"

@@ -278,6 +278,16 @@ fn nftables_snapshot_with_a_dns_listener() {
         .expect("learned");
     assert!(deny < learned, "{text}");
     assert_snapshot("tests/data/render/nftables-dns.nft", &text);
+    // A listener on loopback cannot take redirected DNS: a clear error.
+    let looped = std::env::temp_dir().join(format!("pcl-render-dns-{}.toml", std::process::id()));
+    let text = std::fs::read_to_string(repo("tests/data/render/nftables-dns.toml")).expect("read");
+    std::fs::write(&looped, text.replace("0.0.0.0:5353", "127.0.0.1:5353")).expect("write");
+    let err = nftables(&load(Some(&looped), &[], None, 1).expect("loads")).expect_err("loopback");
+    let _ = std::fs::remove_file(&looped);
+    assert!(
+        err.contains("[listen] dns = \"127.0.0.1:5353\" is a loopback address"),
+        "{err}"
+    );
     // Without the listener: neither the redirect nor the sets.
     let plain = render_normalised(&load_config("tests/data/render/nftables.toml", None));
     assert!(!plain.contains("dport 53 counter redirect") && !plain.contains("dns_udp"));
