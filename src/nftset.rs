@@ -296,9 +296,24 @@ fn run_nft(nft: &str, script: &str) -> Result<(), String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run {nft}: {e}"))?;
-    let wrote = (child.stdin.take())
-        .map(|mut stdin| stdin.write_all(script.as_bytes()))
-        .unwrap_or(Ok(()));
+    // Read stderr on the side, so a long complaint never fills the pipe
+    // and stalls nft; keep its first 4 KiB.
+    let stderr = child.stderr.take().map(|mut err| {
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut all = Vec::new();
+            let _ = err.read_to_end(&mut all);
+            all.truncate(4096);
+            String::from_utf8_lossy(&all).into_owned()
+        })
+    });
+    // Written on the side too: an nft that stops reading cannot hold this
+    // thread past the timeout.
+    let script = script.to_string();
+    let wrote = child
+        .stdin
+        .take()
+        .map(|mut stdin| std::thread::spawn(move || stdin.write_all(script.as_bytes()).is_ok()));
     let started = Instant::now();
     let status = loop {
         match child.try_wait() {
@@ -314,13 +329,10 @@ fn run_nft(nft: &str, script: &str) -> Result<(), String> {
             Err(e) => return Err(format!("waiting for {nft}: {e}")),
         }
     };
-    if status.success() && wrote.is_ok() {
+    let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+    let wrote = wrote.is_some_and(|t| t.join().unwrap_or(false));
+    if status.success() && wrote {
         return Ok(());
-    }
-    let mut stderr = String::new();
-    if let Some(mut err) = child.stderr.take() {
-        use std::io::Read;
-        let _ = (&mut err).take(4096).read_to_string(&mut stderr);
     }
     Err(format!("{nft} -f - failed ({status}): {}", stderr.trim()))
 }
@@ -379,8 +391,9 @@ mod tests {
         assert_eq!(w.counters.written.get(), 0);
         assert!(w.installed.is_empty());
 
-        // `true` stands in for a working nft: written once, then held.
-        w.nft = "true".into();
+        // `sort -f -` reads its whole input and succeeds: it stands in for
+        // a working nft. Written once, then held.
+        w.nft = "sort".into();
         w.flush(&mut HashMap::from([((addr, 5831), until)]));
         w.flush(&mut HashMap::from([((addr, 5831), until)]));
         assert_eq!(w.counters.runs_ok.get(), 1);
