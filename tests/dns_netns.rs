@@ -265,140 +265,174 @@ impl Env {
     }
 }
 
+/// The SMB client's first bytes, echoed when it gets through.
+const SMB_HELLO: &[u8] = b"\x00\x00\x00\x08SMB-ish!";
+
+fn smb_opts() -> TcpOpts {
+    TcpOpts {
+        send: SMB_HELLO.to_vec(),
+        want: SMB_HELLO.len(),
+        timeout: ANSWER,
+        ..TcpOpts::default()
+    }
+}
+
+impl Env {
+    /// Before any resolution: SMB and UDP to the servers get nowhere.
+    fn nothing_passes_unresolved(&self) {
+        // (b, before) SMB to the server's address: no name, nothing
+        // learned, refused by the gateway, never reaching the server.
+        let smb = SocketAddr::from((SMB, SMB_PORT));
+        let before = self.topo.tcp(Side::Client, smb, &smb_opts());
+        assert!(before.received.is_empty(), "{before:?}\n{}", self.context());
+        assert_eq!(
+            self.echo_saw("tcp accept", SMB_PORT),
+            0,
+            "{}",
+            self.context()
+        );
+        // (c, before) UDP to the service's address: dropped by the ruleset.
+        let udp = SocketAddr::from((UDP_SERVER, UDP_ALLOWED));
+        assert_eq!(self.topo.udp(udp, b"early", SILENCE), None);
+        assert_eq!(
+            self.echo_saw("udp recv", UDP_ALLOWED),
+            0,
+            "{}",
+            self.context()
+        );
+    }
+
+    /// (a) DNS to Azure's resolver and to a public one, UDP and TCP: the
+    /// gateway answers (dnsmasq is the only server that knows the names),
+    /// and refuses a name no rule allows.
+    fn dns_goes_through_the_gateway(&self) {
+        let (code, n, has) = reply(&self.ask_udp(AZURE_DNS, SMB_NAME, TYPE_A), SMB);
+        assert_eq!(
+            (code, n, has),
+            (RCODE_NOERROR, 1, true),
+            "{}",
+            self.context()
+        );
+        let (code, n, has) = reply(&self.ask_tcp(PUBLIC_DNS, UDP_NAME, TYPE_A), UDP_SERVER);
+        assert_eq!(
+            (code, n, has),
+            (RCODE_NOERROR, 1, true),
+            "{}",
+            self.context()
+        );
+        // A name no rule allows: REFUSED, for A and TXT, over UDP and TCP;
+        // it never reaches dnsmasq.
+        for (server, qtype) in [(AZURE_DNS, TYPE_A), (PUBLIC_DNS, TYPE_TXT)] {
+            let (code, n, _) = reply(&self.ask_udp(server, DENIED_NAME, qtype), DENIED);
+            assert_eq!((code, n), (RCODE_REFUSED, 0), "{}", self.context());
+        }
+        let (code, _, _) = reply(&self.ask_tcp(AZURE_DNS, DENIED_NAME, TYPE_A), DENIED);
+        assert_eq!(code, RCODE_REFUSED, "{}", self.context());
+        let dnsmasq_log = self.dnsmasq.stderr.snapshot().join("\n");
+        assert!(dnsmasq_log.contains(SMB_NAME), "{}", self.context());
+        assert!(!dnsmasq_log.contains(DENIED_NAME), "{}", self.context());
+        let refused = self.gw.wait_metric(
+            "portcullis_dns_queries_total",
+            &[("result", "refused")],
+            METRIC_TIMEOUT,
+            |v| v >= 3.0,
+        );
+        assert!(refused >= 3.0, "{}", self.context());
+    }
+
+    /// (b, after) The same SMB connection passes, decided as the name; an
+    /// address nobody resolved stays refused on the same port.
+    fn smb_passes_as_the_resolved_name(&self) {
+        let smb = SocketAddr::from((SMB, SMB_PORT));
+        let after = self.topo.tcp(Side::Client, smb, &smb_opts());
+        assert_eq!(after.received, SMB_HELLO, "{after:?}\n{}", self.context());
+        assert_eq!(
+            self.echo_saw("tcp accept", SMB_PORT),
+            1,
+            "{}",
+            self.context()
+        );
+        let line = self.gw.logs().wait_line(METRIC_TIMEOUT, |l| {
+            l.contains("\"reason\":\"dns_address\"")
+                && l.contains(&format!("\"host\":\"{SMB_NAME}\""))
+        });
+        assert!(
+            line.is_some(),
+            "no dns_address access line\n{}",
+            self.context()
+        );
+        let denied = SocketAddr::from((DENIED, SMB_PORT));
+        let denied = self.topo.tcp(Side::Client, denied, &smb_opts());
+        assert!(denied.received.is_empty(), "{denied:?}\n{}", self.context());
+        assert_eq!(
+            self.echo_saw("tcp accept", SMB_PORT),
+            1,
+            "{}",
+            self.context()
+        );
+    }
+
+    /// (c, after) Once the gateway wrote the element, UDP to that address
+    /// and port passes; another port, or another address, stays dropped.
+    fn udp_passes_to_the_resolved_address_and_port_only(&self) {
+        let written = self.gw.wait_metric(
+            "portcullis_dns_udp_set_elements_total",
+            &[("result", "written")],
+            METRIC_TIMEOUT,
+            |v| v >= 1.0,
+        );
+        assert_eq!(written, 1.0, "{}", self.context());
+        let set = ["list", "set", "inet", "portcullis", "dns_udp_v4"];
+        let set = self.topo.run(Side::Gateway, "nft", &set, ANSWER);
+        let set = String::from_utf8_lossy(&set.stdout).into_owned();
+        let element = format!("{UDP_SERVER} . {UDP_ALLOWED} timeout");
+        assert!(set.contains(&element), "{set}");
+        let udp = SocketAddr::from((UDP_SERVER, UDP_ALLOWED));
+        let echoed = self.topo.udp(udp, b"resolved", ANSWER);
+        assert_eq!(
+            echoed.as_deref(),
+            Some(&b"resolved"[..]),
+            "{}",
+            self.context()
+        );
+        assert_eq!(
+            self.echo_saw("udp recv", UDP_ALLOWED),
+            1,
+            "{}",
+            self.context()
+        );
+        let other_port = SocketAddr::from((UDP_SERVER, UDP_OTHER));
+        assert_eq!(self.topo.udp(other_port, b"other", SILENCE), None);
+        let other_addr = SocketAddr::from((DENIED, UDP_ALLOWED));
+        assert_eq!(self.topo.udp(other_addr, b"other", SILENCE), None);
+        assert_eq!(
+            self.echo_saw("udp recv", UDP_OTHER),
+            0,
+            "{}",
+            self.context()
+        );
+        assert_eq!(
+            self.echo_saw("udp recv", UDP_ALLOWED),
+            1,
+            "{}",
+            self.context()
+        );
+        let failed = ("result", "failed");
+        let failed = self
+            .gw
+            .metric("portcullis_dns_udp_set_runs_total", &[failed]);
+        assert_eq!(failed, 0.0, "{}", self.context());
+    }
+}
+
 #[test]
 fn dns_is_filtered_and_names_open_smb_and_udp_only_once_resolved() {
     let Some(env) = setup("dns_is_filtered_and_names_open_smb_and_udp_only_once_resolved") else {
         return;
     };
     assert!(env.gw.ruleset.contains(&format!("redirect to :{DNS_PORT}")));
-
-    // (b, before) SMB to the server's address: no name, nothing learned,
-    // refused by the gateway, never reaching the server.
-    let smb = SocketAddr::from((SMB, SMB_PORT));
-    let hello = b"\x00\x00\x00\x08SMB-ish!".to_vec();
-    let opts = TcpOpts {
-        send: hello.clone(),
-        want: hello.len(),
-        timeout: ANSWER,
-        ..TcpOpts::default()
-    };
-    let before = env.topo.tcp(Side::Client, smb, &opts);
-    assert!(before.received.is_empty(), "{before:?}\n{}", env.context());
-    assert_eq!(env.echo_saw("tcp accept", SMB_PORT), 0, "{}", env.context());
-
-    // (c, before) UDP to the service's address: dropped by the ruleset.
-    let udp = SocketAddr::from((UDP_SERVER, UDP_ALLOWED));
-    assert_eq!(env.topo.udp(udp, b"early", SILENCE), None);
-    assert_eq!(
-        env.echo_saw("udp recv", UDP_ALLOWED),
-        0,
-        "{}",
-        env.context()
-    );
-
-    // (a) DNS to Azure's resolver and to a public one, UDP and TCP: the
-    // gateway answers (dnsmasq is the only server that knows the names).
-    let (code, n, has) = reply(&env.ask_udp(AZURE_DNS, SMB_NAME, TYPE_A), SMB);
-    assert_eq!(
-        (code, n, has),
-        (RCODE_NOERROR, 1, true),
-        "{}",
-        env.context()
-    );
-    let (code, n, has) = reply(&env.ask_tcp(PUBLIC_DNS, UDP_NAME, TYPE_A), UDP_SERVER);
-    assert_eq!(
-        (code, n, has),
-        (RCODE_NOERROR, 1, true),
-        "{}",
-        env.context()
-    );
-    // A name no rule allows: REFUSED, for A and TXT, over UDP and TCP; it
-    // never reaches dnsmasq.
-    for (server, qtype) in [(AZURE_DNS, TYPE_A), (PUBLIC_DNS, TYPE_TXT)] {
-        let (code, n, _) = reply(&env.ask_udp(server, DENIED_NAME, qtype), DENIED);
-        assert_eq!((code, n), (RCODE_REFUSED, 0), "{}", env.context());
-    }
-    let (code, _, _) = reply(&env.ask_tcp(AZURE_DNS, DENIED_NAME, TYPE_A), DENIED);
-    assert_eq!(code, RCODE_REFUSED, "{}", env.context());
-    let dnsmasq_log = env.dnsmasq.stderr.snapshot().join("\n");
-    assert!(dnsmasq_log.contains(SMB_NAME), "{}", env.context());
-    assert!(!dnsmasq_log.contains(DENIED_NAME), "{}", env.context());
-    let refused = env.gw.wait_metric(
-        "portcullis_dns_queries_total",
-        &[("result", "refused")],
-        METRIC_TIMEOUT,
-        |v| v >= 3.0,
-    );
-    assert!(refused >= 3.0, "{}", env.context());
-
-    // (b, after) The same SMB connection passes, decided as the name.
-    let after = env.topo.tcp(Side::Client, smb, &opts);
-    assert_eq!(after.received, hello, "{after:?}\n{}", env.context());
-    assert_eq!(env.echo_saw("tcp accept", SMB_PORT), 1, "{}", env.context());
-    let line = env.gw.logs().wait_line(METRIC_TIMEOUT, |l| {
-        l.contains("\"reason\":\"dns_address\"") && l.contains(&format!("\"host\":\"{SMB_NAME}\""))
-    });
-    assert!(
-        line.is_some(),
-        "no dns_address access line\n{}",
-        env.context()
-    );
-    // An address nobody resolved stays refused on the same port.
-    let denied = env
-        .topo
-        .tcp(Side::Client, SocketAddr::from((DENIED, SMB_PORT)), &opts);
-    assert!(denied.received.is_empty(), "{denied:?}\n{}", env.context());
-    assert_eq!(env.echo_saw("tcp accept", SMB_PORT), 1, "{}", env.context());
-
-    // (c, after) Once the gateway wrote the element, UDP passes.
-    let written = env.gw.wait_metric(
-        "portcullis_dns_udp_set_elements_total",
-        &[("result", "written")],
-        METRIC_TIMEOUT,
-        |v| v >= 1.0,
-    );
-    assert_eq!(written, 1.0, "{}", env.context());
-    let set = env.topo.run(
-        Side::Gateway,
-        "nft",
-        &["list", "set", "inet", "portcullis", "dns_udp_v4"],
-        ANSWER,
-    );
-    let set = String::from_utf8_lossy(&set.stdout).into_owned();
-    assert!(
-        set.contains(&format!("{UDP_SERVER} . {UDP_ALLOWED} timeout")),
-        "{set}"
-    );
-    assert_eq!(
-        env.topo.udp(udp, b"resolved", ANSWER).as_deref(),
-        Some(&b"resolved"[..]),
-        "{}",
-        env.context()
-    );
-    assert_eq!(
-        env.echo_saw("udp recv", UDP_ALLOWED),
-        1,
-        "{}",
-        env.context()
-    );
-    // Another port on that address, and the allowed port on an address the
-    // name never resolved to: still dropped.
-    let other_port = SocketAddr::from((UDP_SERVER, UDP_OTHER));
-    assert_eq!(env.topo.udp(other_port, b"other", SILENCE), None);
-    let other_addr = SocketAddr::from((DENIED, UDP_ALLOWED));
-    assert_eq!(env.topo.udp(other_addr, b"other", SILENCE), None);
-    assert_eq!(env.echo_saw("udp recv", UDP_OTHER), 0, "{}", env.context());
-    assert_eq!(
-        env.echo_saw("udp recv", UDP_ALLOWED),
-        1,
-        "{}",
-        env.context()
-    );
-    assert_eq!(
-        env.gw
-            .metric("portcullis_dns_udp_set_runs_total", &[("result", "failed")]),
-        0.0,
-        "{}",
-        env.context()
-    );
+    env.nothing_passes_unresolved();
+    env.dns_goes_through_the_gateway();
+    env.smb_passes_as_the_resolved_name();
+    env.udp_passes_to_the_resolved_address_and_port_only();
 }
