@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use crate::config::Limits;
 use crate::learned::Learned;
 use crate::metrics::{ByteDirection, Listener, Metrics, NameMismatch, UpstreamError, Via};
+use crate::nftset::{self, NftSets};
 use crate::policy::{Decision, Policy, Reason, Verdict};
 
 /// The longest valid host name (RFC 1035 §2.3.4, without the trailing dot).
@@ -40,6 +41,8 @@ pub struct Gateway {
     pub upstream: Arc<Upstream>,
     /// Addresses the DNS listener answered, with their names.
     pub learned: Learned,
+    /// Where the learned addresses of UDP name rules go: the ruleset's sets.
+    pub nftset: NftSets,
     /// Sizes and timeouts (fixed for the process: a restart changes them).
     pub limits: Limits,
     /// Drain state.
@@ -101,10 +104,12 @@ impl Gateway {
             policy.dns_servers(),
         ));
         let learned = Learned::new(policy.dns().max_learned);
+        let nftset = udp_sets(&metrics, policy.dns().max_learned);
         Gateway {
             policy: Arc::new(ArcSwap::from_pointee(policy)),
             upstream,
             learned,
+            nftset,
             metrics: Arc::new(metrics),
             limits,
             shutdown: Shutdown::new(),
@@ -209,4 +214,18 @@ impl Gateway {
                 .inc();
         }
     }
+}
+
+/// The writer of learned UDP addresses, counting into `metrics`: it holds
+/// at most 4 elements (address, port) per learned pair.
+fn udp_sets(metrics: &Metrics, max_learned: usize) -> NftSets {
+    let runs = |r: &str| metrics.dns_udp_set_runs.with_label_values(&[r]);
+    let elements = |r: &str| metrics.dns_udp_set_elements.with_label_values(&[r]);
+    let counters = nftset::Counters {
+        runs_ok: runs("ok"),
+        runs_failed: runs("failed"),
+        written: elements("written"),
+        dropped: elements("dropped"),
+    };
+    NftSets::new("nft", max_learned.saturating_mul(4), counters)
 }

@@ -28,6 +28,7 @@ pub mod spare;
 pub mod metrics;
 pub mod conntrack;
 pub mod learned;
+pub mod nftset;
 pub mod ruleset;
 pub mod logwriter;
 pub mod shutdown;

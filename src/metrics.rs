@@ -410,6 +410,12 @@ pub struct Metrics {
     pub dns_learned: IntGauge,
     /// `dns_learned_evicted_total`: pairs the size limit pushed out.
     pub dns_learned_evicted: IntCounter,
+    /// `dns_udp_set_runs_total{result}`: `nft` runs that wrote learned UDP
+    /// addresses into the ruleset's sets (`ok`, `failed`).
+    pub dns_udp_set_runs: IntCounterVec,
+    /// `dns_udp_set_elements_total{result}`: `address . port` elements
+    /// written, or dropped (queue or table full).
+    pub dns_udp_set_elements: IntCounterVec,
     /// Name disagreements: CONNECT vs SNI, URI vs Host, SNI vs destination.
     pub tls_name_mismatch: IntCounterVec,
     /// Config reloads by result.
@@ -595,6 +601,8 @@ struct DnsFamilies {
     queries: IntCounterVec,
     learned: IntGauge,
     learned_evicted: IntCounter,
+    udp_set_runs: IntCounterVec,
+    udp_set_elements: IntCounterVec,
 }
 
 fn register_dns(r: &Registry) -> DnsFamilies {
@@ -616,7 +624,27 @@ fn register_dns(r: &Registry) -> DnsFamilies {
     for result in DnsAnswer::ALL {
         queries.with_label_values(&[result.as_str()]);
     }
+    let udp_set_runs = counter_vec(
+        r,
+        "dns_udp_set_runs_total",
+        "nft runs that added the DNS listener's answers for UDP rules to the ruleset's sets, by result.",
+        &["result"],
+    );
+    for result in ["ok", "failed"] {
+        udp_set_runs.with_label_values(&[result]);
+    }
+    let udp_set_elements = counter_vec(
+        r,
+        "dns_udp_set_elements_total",
+        "address . port elements for UDP rules: written to the ruleset's sets, or dropped (queue or table full).",
+        &["result"],
+    );
+    for result in ["written", "dropped"] {
+        udp_set_elements.with_label_values(&[result]);
+    }
     DnsFamilies {
+        udp_set_runs,
+        udp_set_elements,
         lookups,
         queries,
         learned: gauge(
@@ -968,6 +996,8 @@ impl Metrics {
             dns_queries: dns.queries,
             dns_learned: dns.learned,
             dns_learned_evicted: dns.learned_evicted,
+            dns_udp_set_runs: dns.udp_set_runs,
+            dns_udp_set_elements: dns.udp_set_elements,
             tls_name_mismatch: decisions.tls_name_mismatch,
             reloads: reload.reloads,
             policy_generation: reload.policy_generation,

@@ -16,6 +16,11 @@
 //!   visible; inbound rules (e.g. AzureMachineLearning → the VNet on 44224
 //!   in the profile's `public-ip` scenario) are accepted to their `to`
 //!   ranges only; everything else is dropped and counted.
+//! - with `[listen] dns`: the clients' port 53 (UDP and TCP, to any address)
+//!   is redirected to the DNS listener, and two sets of `address . port`
+//!   with timeouts (`dns_udp_v4`, `dns_udp_v6`), which the running gateway
+//!   fills with the addresses it answered for names UDP rules allow
+//!   (`crate::nftset`), are forwarded like the UDP address rules.
 
 use std::fmt::Write;
 use std::net::SocketAddr;
@@ -26,7 +31,7 @@ use crate::config::{Action, Direction, Protocol};
 use crate::load::Loaded;
 use crate::policy::{Policy, Rule, RuleState};
 
-const TABLE: &str = "portcullis";
+const TABLE: &str = crate::nftset::TABLE;
 
 #[cfg(test)]
 mod tests;
@@ -92,7 +97,8 @@ fn l4(proto: Protocol) -> Vec<&'static str> {
 /// The nftables ruleset for the gateway host.
 ///
 /// # Errors
-/// When the config has no transparent listener to redirect to.
+/// When the config has no transparent listener to redirect to, or its DNS
+/// listener is on a loopback address (redirected DNS could not reach it).
 pub fn nftables(loaded: &Loaded) -> Result<String, String> {
     let Some(transparent) = loaded.config.listen.transparent else {
         return Err(
@@ -101,6 +107,14 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
                 .into(),
         );
     };
+    let dns = loaded.config.listen.dns;
+    if let Some(dns) = dns.filter(|d| d.ip().is_loopback()) {
+        return Err(format!(
+            "[listen] dns = \"{dns}\" is a loopback address: the ruleset redirects the clients' port 53 to the address their packets arrive on, where nothing would answer; \
+             bind it to that address or to all (e.g. dns = \"0.0.0.0:{}\")",
+            dns.port()
+        ));
+    }
     let policy = &loaded.policy;
     let mut out = String::new();
     write_header(&mut out, loaded);
@@ -111,8 +125,11 @@ pub fn nftables(loaded: &Loaded) -> Result<String, String> {
     let _ = writeln!(out, "table inet {TABLE} {{");
     let clients = write_client_sets(&mut out, policy.clients());
     let sets = write_rule_sets(&mut out, policy);
-    write_prerouting(&mut out, transparent, clients);
-    write_forward(&mut out, clients, &sets);
+    if dns.is_some() {
+        write_dns_sets(&mut out);
+    }
+    write_prerouting(&mut out, transparent, dns, clients);
+    write_forward(&mut out, clients, &sets, dns.is_some());
     write_postrouting(&mut out);
     let _ = writeln!(out, "}}");
     Ok(out)
@@ -234,8 +251,32 @@ fn write_rule_sets<'a>(out: &mut String, policy: &'a Policy) -> RuleSets<'a> {
     sets
 }
 
-/// `chain prerouting`: forwarded TCP from clients → the transparent listener.
-fn write_prerouting(out: &mut String, transparent: SocketAddr, clients: ClientFamilies) {
+/// The two sets the running gateway fills with the addresses its DNS
+/// listener answered for names UDP rules allow (`crate::nftset`), declared
+/// empty (both families always, so a batch never names a missing set).
+fn write_dns_sets(out: &mut String) {
+    for (name, kind) in [
+        (crate::nftset::SET_V4, "ipv4_addr"),
+        (crate::nftset::SET_V6, "ipv6_addr"),
+    ] {
+        let _ = writeln!(out, "\tset {name} {{");
+        let _ = writeln!(
+            out,
+            "\t\t# Filled by the gateway: address . port for each address its DNS listener answered for a name a UDP rule allows, until TTL + grace."
+        );
+        let _ = writeln!(out, "\t\ttype {kind} . inet_service; flags timeout");
+        let _ = writeln!(out, "\t}}");
+    }
+}
+
+/// `chain prerouting`: the clients' DNS → the DNS listener (when there is
+/// one); forwarded TCP from clients → the transparent listener.
+fn write_prerouting(
+    out: &mut String,
+    transparent: SocketAddr,
+    dns: Option<SocketAddr>,
+    clients: ClientFamilies,
+) {
     let port = transparent.port();
     let _ = writeln!(out);
     let _ = writeln!(out, "\tchain prerouting {{");
@@ -243,6 +284,9 @@ fn write_prerouting(out: &mut String, transparent: SocketAddr, clients: ClientFa
         out,
         "\t\ttype nat hook prerouting priority dstnat; policy accept;"
     );
+    if let Some(dns) = dns {
+        write_dns_redirect(out, dns, clients);
+    }
     let _ = writeln!(
         out,
         "\t\t# Traffic to the gateway itself (explicit proxy, admin, SSH) is not redirected."
@@ -268,8 +312,35 @@ fn write_prerouting(out: &mut String, transparent: SocketAddr, clients: ClientFa
     let _ = writeln!(out);
 }
 
+/// Port 53 from clients, UDP and TCP, to any address (the gateway's own,
+/// 168.63.129.16, a public resolver) → the DNS listener's port: a client
+/// that ignores its resolver settings is answered by the filter too. Before
+/// the local-traffic return, so DNS to the gateway's own address on 53
+/// reaches the listener whatever port it is on.
+fn write_dns_redirect(out: &mut String, dns: SocketAddr, clients: ClientFamilies) {
+    let port = dns.port();
+    let _ = writeln!(
+        out,
+        "\t\t# DNS from clients to any address goes to the DNS listener ({dns}): names no rule allows are refused."
+    );
+    for (fam, set, on) in [
+        ("ip", "@clients_v4", clients.v4),
+        ("ip6", "@clients_v6", clients.v6),
+    ] {
+        if !on {
+            continue;
+        }
+        for proto in ["udp", "tcp"] {
+            let _ = writeln!(
+                out,
+                "\t\t{fam} saddr {set} {proto} dport 53 counter redirect to :{port} comment \"dns to the listener\""
+            );
+        }
+    }
+}
+
 /// `chain forward`: QUIC dropped, UDP and inbound rules, the rest dropped.
-fn write_forward(out: &mut String, clients: ClientFamilies, sets: &RuleSets<'_>) {
+fn write_forward(out: &mut String, clients: ClientFamilies, sets: &RuleSets<'_>, dns: bool) {
     let _ = writeln!(out, "\tchain forward {{");
     let _ = writeln!(
         out,
@@ -283,6 +354,9 @@ fn write_forward(out: &mut String, clients: ClientFamilies, sets: &RuleSets<'_>)
     );
     let _ = writeln!(out, "\t\tudp dport 443 counter drop comment \"quic\"");
     write_udp_rules(out, clients, &sets.udp);
+    if dns {
+        write_dns_udp_rules(out, clients);
+    }
     write_inbound_rules(out, &sets.inbound);
     let _ = writeln!(
         out,
@@ -311,6 +385,27 @@ fn write_udp_rules(out: &mut String, clients: ClientFamilies, udp: &[Emitted<'_>
             let _ = writeln!(
                 out,
                 "\t\t{fam} saddr {saddr} {fam} daddr @{set} udp dport {ports} counter {verdict} comment \"{comment}\""
+            );
+        }
+    }
+}
+
+/// Forward rules for UDP to the addresses the DNS listener answered for
+/// names UDP rules allow, on those rules' ports (the sets the gateway
+/// fills). After the address rules, so their `drop`s win.
+fn write_dns_udp_rules(out: &mut String, clients: ClientFamilies) {
+    let _ = writeln!(
+        out,
+        "\t\t# UDP to an address the DNS listener answered for a name a UDP rule allows, on that rule's ports (sets filled by the gateway)."
+    );
+    for (fam, saddr, set, on) in [
+        ("ip", "@clients_v4", crate::nftset::SET_V4, clients.v4),
+        ("ip6", "@clients_v6", crate::nftset::SET_V6, clients.v6),
+    ] {
+        if on {
+            let _ = writeln!(
+                out,
+                "\t\t{fam} saddr {saddr} {fam} daddr . udp dport @{set} counter accept comment \"udp to names resolved through the dns listener\""
             );
         }
     }

@@ -340,6 +340,110 @@ fn explain_udp_and_vars() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
 }
 
+/// With a DNS listener a host rule on UDP is enforced through the sets the
+/// gateway fills: `explain` allows it and says how, `check` is silent about
+/// it; UDP 443 (QUIC) stays `needs_dns`. Without the listener the same
+/// config denies (`needs_dns`) and `check` warns.
+#[test]
+fn explain_and_check_udp_names_with_and_without_a_dns_listener() {
+    let body = r#"[listen]
+transparent = "0.0.0.0:3129"
+dns = "0.0.0.0:5353"
+
+[clients]
+allow = ["10.0.2.0/24"]
+
+[policy]
+profile = "none"
+
+[[rule]]
+name = "tundra"
+hosts = ["westus2.tundra.azureml.ms"]
+ports = [5831]
+protocol = "udp"
+
+[[rule]]
+name = "batch"
+hosts = ["*.westus2.batch.azure.com"]
+ports = [443]
+protocol = "any"
+"#;
+    let with = config(body);
+    let path = with.path().to_str().unwrap();
+    let out = portcullis(&[
+        "-c",
+        path,
+        "explain",
+        "--proto",
+        "udp",
+        "westus2.tundra.azureml.ms:5831",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let l = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        l.starts_with("westus2.tundra.azureml.ms:5831/udp allow rule=tundra reason=rule_matched")
+            && l.contains("allowed once resolved through the DNS listener"),
+        "{l}"
+    );
+    let out = portcullis(&[
+        "-c",
+        path,
+        "explain",
+        "--proto",
+        "udp",
+        "pool.westus2.batch.azure.com:443",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let l = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        l.contains("deny rule=batch reason=needs_dns") && l.contains("UDP 443 (QUIC)"),
+        "{l}"
+    );
+    let out = portcullis(&["-c", path, "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        !text(&out).contains("UDP carries no name"),
+        "{}",
+        text(&out)
+    );
+    let out = portcullis(&["-c", path, "render", "nftables"]);
+    let ruleset = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        ruleset.contains("ip daddr . udp dport @dns_udp_v4 counter accept")
+            && ruleset.contains("udp dport 53 counter redirect to :5353"),
+        "{ruleset}"
+    );
+
+    let without = config(&body.replace("dns = \"0.0.0.0:5353\"\n", ""));
+    let path = without.path().to_str().unwrap();
+    let out = portcullis(&[
+        "-c",
+        path,
+        "explain",
+        "--proto",
+        "udp",
+        "westus2.tundra.azureml.ms:5831",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let l = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        l.contains("deny rule=tundra reason=needs_dns") && l.contains("no DNS listener"),
+        "{l}"
+    );
+    let out = portcullis(&["-c", path, "check"]);
+    assert!(
+        text(&out).contains("rule 'tundra' names hosts on udp, but UDP carries no name"),
+        "{}",
+        text(&out)
+    );
+    let out = portcullis(&["-c", path, "render", "nftables"]);
+    let ruleset = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        !ruleset.contains("dns_udp") && !ruleset.contains("dport 53"),
+        "{ruleset}"
+    );
+}
+
 #[test]
 fn check_reports_every_error_with_location() {
     let f = config(

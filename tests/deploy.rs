@@ -142,6 +142,16 @@ fn unit_files_declare_the_ordering_and_privileges() {
     assert!(nft.all("ProtectKernelTunables").is_empty());
 
     let main = Unit::load("portcullis.service");
+    // One capability, for `nft` adding elements to the DNS listener's UDP
+    // sets; nothing else (no CAP_NET_RAW, no CAP_SYS_ADMIN, ...).
+    assert_eq!(main.one("AmbientCapabilities"), "CAP_NET_ADMIN");
+    assert_eq!(main.one("CapabilityBoundingSet"), "CAP_NET_ADMIN");
+    assert_eq!(main.one("NoNewPrivileges"), "yes");
+    assert!(
+        main.words("RestrictAddressFamilies")
+            .contains(&"AF_NETLINK"),
+        "nft talks netlink"
+    );
     assert_eq!(main.one("Restart"), "always");
     assert!(main.one("StartLimitIntervalSec").parse::<u32>().is_ok());
     assert!(main.one("StartLimitBurst").parse::<u32>().is_ok());

@@ -43,15 +43,27 @@ impl Drop for Dnsmasq {
 }
 
 impl Dnsmasq {
-    /// Starts it and waits until it answers; `None` (skipped) without dnsmasq.
+    /// Starts it and waits until it answers; `None` (skipped) without
+    /// dnsmasq. A port that turns out taken (dnsmasq binds UDP and TCP; a
+    /// TCP client elsewhere may hold the same number) means another try.
     async fn start(records: &[&str]) -> Option<Dnsmasq> {
         if !host::have("dnsmasq", &["--version"]) {
             return None;
         }
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("a free port")
-            .port();
+        for _ in 0..5 {
+            if let Some(server) = Self::try_start(records).await {
+                return Some(server);
+            }
+        }
+        panic!("dnsmasq did not start on a free port in 5 tries");
+    }
+
+    async fn try_start(records: &[&str]) -> Option<Dnsmasq> {
+        // A port free for both UDP and TCP right now.
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
+        let port = udp.local_addr().expect("bound").port();
+        let tcp = std::net::TcpListener::bind(("127.0.0.1", port)).ok()?;
+        drop((udp, tcp));
         let child = Command::new("dnsmasq")
             .args([
                 "--keep-in-foreground",
@@ -69,18 +81,24 @@ impl Dnsmasq {
             .stderr(Stdio::null())
             .spawn()
             .expect("start dnsmasq");
-        let server = Dnsmasq {
+        let mut server = Dnsmasq {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
         };
         for _ in 0..100 {
-            if ask_from("127.0.0.1", server.addr, "ready.test", RecordType::A)
-                .await
-                .is_some()
-            {
+            if server.child.try_wait().expect("dnsmasq status").is_some() {
+                return None;
+            }
+            let ready = ask_within(
+                Duration::from_millis(200),
+                "127.0.0.1",
+                server.addr,
+                "ready.test",
+                RecordType::A,
+            );
+            if ready.await.is_some() {
                 return Some(server);
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("dnsmasq did not answer on {}", server.addr);
     }
@@ -94,11 +112,22 @@ async fn ask_from(
     name: &str,
     rtype: RecordType,
 ) -> Option<Message> {
+    ask_within(Duration::from_secs(1), from, server, name, rtype).await
+}
+
+/// [`ask_from`] waiting at most `wait`.
+async fn ask_within(
+    wait: Duration,
+    from: &str,
+    server: SocketAddr,
+    name: &str,
+    rtype: RecordType,
+) -> Option<Message> {
     let socket = UdpSocket::bind(format!("{from}:0")).await.expect("bind");
     let bytes = query(name, rtype).to_vec().expect("encode");
     socket.send_to(&bytes, server).await.expect("send");
     let mut buf = vec![0u8; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(1), socket.recv(&mut buf))
+    let n = tokio::time::timeout(wait, socket.recv(&mut buf))
         .await
         .ok()?
         .expect("receive");

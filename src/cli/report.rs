@@ -100,8 +100,16 @@ fn describe(policy: &Policy, dest: &Dest<'_>, d: &Decision) -> String {
 /// than the gateway delivers: an address carries only TLS names a host rule
 /// allows; a name on a port other than 80 and 443 carries only TLS or HTTP
 /// (SSH and other protocols need `opaque = true`); a name on an opaque
-/// rule's port is enforced only through the explicit proxy.
+/// rule's port is enforced only through the explicit proxy; a name over UDP
+/// passes only to the addresses the DNS listener answered for it.
 fn tunnel_note(policy: &Policy, dest: &Dest<'_>, d: &Decision) -> Option<&'static str> {
+    let named = matches!(dest.target, Target::Name(_));
+    if d.verdict == Verdict::Allow && dest.proto == Protocol::Udp && named {
+        // `decide` allows a name over UDP only with a DNS listener.
+        return Some(
+            "allowed once resolved through the DNS listener ([listen] dns): UDP carries no name, so the gateway adds each address it answers for this name to the ruleset's dns_udp sets on this port, for the answer's TTL + [dns] grace_s; datagrams to an address nobody resolved through it are dropped",
+        );
+    }
     let id = d
         .rule
         .filter(|_| d.verdict == Verdict::Allow && dest.proto == Protocol::Tcp)?;

@@ -272,11 +272,13 @@ fn strip_ech(mut r: Record) -> Record {
 }
 
 /// Remembers every address in `records` for `name` (CNAME targets' too:
-/// the client asked for `name`).
+/// the client asked for `name`), and hands them to the ruleset's UDP sets
+/// (nothing happens there unless a UDP rule allows `name`).
 fn learn(gw: &Gateway, policy: &Policy, name: &str, records: &[Record]) {
     let cfg = policy.dns();
     let now = Instant::now();
     let mut evicted = 0;
+    let mut answered = Vec::new();
     for r in records {
         let ip = match &r.data {
             RData::A(a) => IpAddr::V4(a.0),
@@ -286,7 +288,9 @@ fn learn(gw: &Gateway, policy: &Policy, name: &str, records: &[Record]) {
         let ttl = r.ttl.clamp(cfg.min_ttl_s, cfg.max_ttl_s.max(cfg.min_ttl_s));
         let life = Duration::from_secs(u64::from(ttl) + u64::from(cfg.grace_s));
         evicted += gw.learned.learn(ip, name, life, now);
+        answered.push((ip, life));
     }
+    gw.nftset.learned(policy, name, &answered);
     gw.metrics.dns_learned_evicted.inc_by(evicted);
     gw.metrics.dns_learned.set(gw.learned.len() as i64);
 }

@@ -84,7 +84,8 @@ pub enum Reason {
     /// loaded: the gateway cannot know the tag's addresses.
     NeedsServiceTags,
     /// A host rule allows the name, but on a protocol that carries no name
-    /// (UDP): the gateway decides such traffic by address only.
+    /// (UDP), and there is no DNS listener to learn the name's addresses (or
+    /// it is UDP 443, QUIC, which the ruleset always drops).
     NeedsDns,
     /// Not a valid host name.
     MalformedHost,

@@ -121,19 +121,33 @@ fn multi_tenant(rule: &Rule, d: &mut Diags<'_>) {
     }
 }
 
-/// Host rules on traffic that carries no name: UDP (forwarded by address
-/// sets only), and opaque TCP through the transparent listener unless a DNS
-/// listener learns which address is which name.
+/// Host rules on traffic that carries no name: UDP and opaque TCP through
+/// the transparent listener, unless a DNS listener learns which address is
+/// which name (and then UDP only on the ports it can put into the sets).
 fn nameless(rule: &Rule, dns_listener: bool, d: &mut Diags<'_>) {
     if rule.hosts.is_empty() {
         return;
     }
     let off = format!("[policy] disable_rules = [\"{}\"]", rule.name);
-    if rule.protocol != Protocol::Tcp {
+    let udp_ports: usize = (rule.ports.iter())
+        .map(|&(lo, hi)| usize::from(hi - lo) + 1)
+        .sum();
+    if rule.protocol != Protocol::Tcp && dns_listener && udp_ports > super::MAX_UDP_PORTS {
         d.warn_at(
             &rule.origin,
             format!(
-                "rule '{}' names hosts on {}, but UDP carries no name: the gateway forwards UDP by address sets only, so the names are never enforced; UDP reaches these hosts only where an address rule allows their addresses, and `explain` says needs_dns for the names; allow the service's addresses with an address rule (service_tags or cidrs, protocol = \"udp\"), set protocol = \"tcp\", or switch it off with {off}",
+                "rule '{}' names hosts on {} UDP ports: the gateway adds the addresses the DNS listener answers for them to the ruleset's sets on the first {} ports only (one set element per address and port); list the ports the service uses",
+                rule.name,
+                udp_ports,
+                super::MAX_UDP_PORTS
+            ),
+        );
+    }
+    if rule.protocol != Protocol::Tcp && !dns_listener {
+        d.warn_at(
+            &rule.origin,
+            format!(
+                "rule '{}' names hosts on {}, but UDP carries no name: without a DNS listener ([listen] dns) the gateway forwards UDP by address sets only, so the names are never enforced; UDP reaches these hosts only where an address rule allows their addresses, and `explain` says needs_dns for the names; set [listen] dns (the gateway then forwards UDP to the addresses it answered for these names), allow the service's addresses with an address rule (service_tags or cidrs, protocol = \"udp\"), set protocol = \"tcp\", or switch it off with {off}",
                 rule.name,
                 rule.protocol.as_str()
             ),

@@ -22,8 +22,12 @@
 //!    only in a disabled scenario (`scenario_disabled`), only by a rule that
 //!    waits for a placeholder value (`needs_var`) or a service tags file
 //!    (`needs_service_tags`), or not at all (`no_rule`);
-//! 5. a name allowed on UDP is denied (`needs_dns`): UDP carries no name, so
-//!    the gateway forwards UDP by address rules only (nftables sets).
+//! 5. a name allowed on UDP is denied (`needs_dns`) without a DNS listener:
+//!    UDP carries no name, so the gateway forwards UDP by address rules only
+//!    (nftables sets). With `[listen] dns` it stays allowed: the gateway adds
+//!    the addresses it answered for the name to the ruleset's sets
+//!    ([`Policy::udp_ports`], the nftset module). UDP 443 (QUIC) is denied
+//!    either way: the ruleset drops it so clients use TCP.
 //!
 //! `reference_tests.rs` states this order as plainly as it can and compares
 //! it with `decide` on random rule sets.
@@ -68,6 +72,14 @@ pub use decision::{Decision, Dest, Reason, RuleId, Target, Verdict};
 pub use diagnostic::{Diagnostic, Severity};
 pub use profile::{Profile, Scenario};
 pub use rule::{Rule, RuleState, ScenarioState, port_ranges};
+
+/// UDP to this port is QUIC, which the ruleset drops (clients fall back to
+/// TCP, where the name is readable).
+pub const QUIC_PORT: u16 = 443;
+
+/// A name's UDP ports the gateway puts into the ruleset's sets, at most:
+/// each port of each answered address is one set element.
+pub const MAX_UDP_PORTS: usize = 256;
 
 /// The compiled policy: cheap to clone, never changes.
 #[derive(Clone)]
@@ -169,13 +181,25 @@ impl Policy {
             None => Decision::deny(None, Reason::NoRule),
         };
         match d.reason {
-            // No UDP datagram names its host: the ruleset forwards UDP only
-            // to the addresses of address rules, whatever a host rule says.
-            Reason::RuleMatched if proto == Protocol::Udp => Decision {
-                verdict: Verdict::Deny,
-                reason: Reason::NeedsDns,
-                ..d
-            },
+            // No UDP datagram names its host. With a DNS listener the gateway
+            // puts the addresses it answered for the name into the ruleset's
+            // sets (see the nftset module); without one, or on 443 (QUIC, always
+            // dropped), UDP goes only where address rules allow.
+            // The sets serve every client: a rule for client groups cannot
+            // be enforced on UDP either.
+            Reason::RuleMatched
+                if proto == Protocol::Udp
+                    && (!inner.dns_listener
+                        || port == QUIC_PORT
+                        || d.rule
+                            .is_some_and(|r| !inner.rules[r.index()].clients.is_empty())) =>
+            {
+                Decision {
+                    verdict: Verdict::Deny,
+                    reason: Reason::NeedsDns,
+                    ..d
+                }
+            }
             Reason::NoRule if !inner.pending.is_empty() => {
                 match inner.pending.name(name, port, proto) {
                     Some(rule) => Decision::deny(Some(rule), Reason::NeedsVar),
@@ -334,8 +358,14 @@ impl Policy {
                     "rule '{name}' (service tag {tags}) may allow this address, but no service tags file is loaded, so the gateway cannot know the tag's addresses: set [policy] service_tags or pass --service-tags FILE"
                 )
             }
+            Reason::NeedsDns if self.inner.dns_listener => format!(
+                "rule '{name}' names this host, but UDP 443 (QUIC) carries no readable name: the gateway drops it so clients use TCP, where the name is checked"
+            ),
+            Reason::NeedsDns if self.inner.dns_listener => format!(
+                "rule '{name}' names this host, but UDP carries no name: the gateway forwards UDP to the addresses its DNS listener answered only for rules that apply to every client (the kernel's sets cannot tell client groups apart), and never on 443 (QUIC is dropped); explain the address instead"
+            ),
             Reason::NeedsDns => format!(
-                "rule '{name}' names this host, but UDP carries no name: the gateway forwards UDP only to the addresses of address rules (service tags, cidrs) and drops UDP 443; explain the address instead"
+                "rule '{name}' names this host, but UDP carries no name and there is no DNS listener ([listen] dns) to learn its addresses: the gateway forwards UDP only to the addresses of address rules (service tags, cidrs) and drops UDP 443; explain the address instead"
             ),
             Reason::MalformedHost => "not a valid host name".to_string(),
             Reason::GuardedAddress => {
@@ -508,6 +538,40 @@ impl Policy {
     /// `[dns] servers`, parsed; empty: the system's resolvers.
     pub fn dns_servers(&self) -> &[SocketAddr] {
         &self.inner.dns_servers
+    }
+
+    /// The UDP ports on which `decide` allows `name` (so on which the
+    /// gateway adds the addresses the DNS listener answered for it to the
+    /// ruleset's sets): none without a DNS listener; at most
+    /// [`MAX_UDP_PORTS`], lowest first.
+    pub fn udp_ports(&self, name: &str) -> Vec<u16> {
+        let inner = &*self.inner;
+        if !inner.dns_listener {
+            return Vec::new();
+        }
+        let Some(key) = inner.hosts.find_name(name.as_bytes()).value else {
+            return Vec::new();
+        };
+        let mut ports: Vec<u16> = Vec::new();
+        let udp = key
+            .of(&inner.grants)
+            .iter()
+            .filter(|g| g.active && !g.deny && g.covers_proto(Protocol::Udp));
+        for g in udp {
+            ports.extend((g.lo..=g.hi).take(MAX_UDP_PORTS));
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        ports.retain(|&port| {
+            let dest = Dest {
+                target: Target::Name(name),
+                port,
+                proto: Protocol::Udp,
+            };
+            self.decide(&dest).verdict == Verdict::Allow
+        });
+        ports.truncate(MAX_UDP_PORTS);
+        ports
     }
 
     /// Active egress rules per scenario (`""` for rules without one).

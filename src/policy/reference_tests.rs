@@ -138,15 +138,26 @@ struct Query<'a> {
 
 /// The semantics, plainly. `met` is in walk order: least specific pattern
 /// first for names, longest prefix first for addresses, then rule order,
-/// then port order. `audit`: the client's denials are audited.
-fn reference(rules: &[RefRule], audit: bool, q: &Query<'_>) -> Decision {
-    let decision = match q.dest.target {
+/// then port order. `audit`: the client's denials are audited; `dns`: the
+/// config runs a DNS listener.
+fn reference(rules: &[RefRule], audit: bool, dns: bool, q: &Query<'_>) -> Decision {
+    let dest = q.dest;
+    let decision = match dest.target {
         Target::Name(name) => reference_name(rules, name, q),
         Target::Ip(ip) => reference_ip(rules, ip, q),
     };
-    // No UDP datagram names its host: a name allowed on UDP is not enforceable.
-    let named = matches!(q.dest.target, Target::Name(_));
-    let decision = if named && q.dest.proto == Protocol::Udp && decision.verdict == Verdict::Allow {
+    // No UDP datagram names its host: a name allowed on UDP is enforceable
+    // only through a DNS listener's answers, and never on 443 (QUIC).
+    let named = matches!(dest.target, Target::Name(_));
+    // The sets serve every client: a rule for some groups only cannot be
+    // enforced on UDP.
+    let for_groups = (decision.rule).is_some_and(|r| rules[r.index()].clients.is_some());
+    let unenforceable = !dns || dest.port == 443 || for_groups;
+    let decision = if named
+        && dest.proto == Protocol::Udp
+        && decision.verdict == Verdict::Allow
+        && unenforceable
+    {
         deny(decision.rule.map(RuleId::index), Reason::NeedsDns)
     } else {
         decision
@@ -431,9 +442,13 @@ fn clients_text(groups: &[RefGroup]) -> String {
     text
 }
 
-/// The groups and rules as a config file.
-fn config_text(groups: &[RefGroup], rules: &[RefRule], audit: bool) -> String {
-    let mut text = clients_text(groups);
+/// The groups and rules as a config file (with a DNS listener when `dns`).
+fn config_text(groups: &[RefGroup], rules: &[RefRule], audit: bool, dns: bool) -> String {
+    let mut text = String::new();
+    if dns {
+        text.push_str("[listen]\ndns = \"127.0.0.1:5353\"\n");
+    }
+    text.push_str(&clients_text(groups));
     text.push_str("[policy]\nprofile = \"none\"\n");
     if audit {
         text.push_str("mode = \"audit\"\n");
@@ -532,7 +547,8 @@ fn decide_agrees_with_the_plain_semantics() {
             .map(|_| random_rule(&mut rng, groups.len()))
             .collect();
         let audit = rng.chance(10);
-        let text = config_text(&groups, &rules, audit);
+        let dns = rng.chance(30);
+        let text = config_text(&groups, &rules, audit, dns);
         let source = Source {
             name: "random.toml".into(),
             text: text.clone(),
@@ -557,7 +573,7 @@ fn decide_agrees_with_the_plain_semantics() {
                 groups: &mine,
             };
             let got = policy.decide_for(&dest, policy.client(ip));
-            let want = reference(&rules, client_audit, &q);
+            let want = reference(&rules, client_audit, dns, &q);
             assert!(
                 got == want,
                 "seed {seed}: set {set}: {dest:?} from {ip}\n decide:    {got:?}\n reference: {want:?}\n{text}"

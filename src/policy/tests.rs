@@ -928,3 +928,83 @@ service_tags = ["AzureFrontDoor.Frontend"]
         "{warnings:?}"
     );
 }
+
+#[test]
+fn names_on_udp_are_allowed_through_the_dns_listener_except_quic() {
+    let text = r#"
+[listen]
+dns = "127.0.0.1:5353"
+[policy]
+profile = "none"
+[[rule]]
+name = "tundra"
+hosts = ["westus2.tundra.azureml.ms"]
+ports = [5831]
+protocol = "udp"
+[[rule]]
+name = "batch"
+hosts = ["*.batch.azure.com"]
+ports = [443, 8000]
+protocol = "any"
+[[rule]]
+name = "no-8000"
+hosts = ["bad.batch.azure.com"]
+ports = [8000]
+protocol = "udp"
+action = "deny"
+[[rule]]
+name = "wide"
+hosts = ["wide.example"]
+ports = ["1000-1999"]
+protocol = "udp"
+"#;
+    let (p, warnings) = compile_text(text).expect("valid");
+    assert_eq!(
+        decide_proto(&p, "westus2.tundra.azureml.ms", 5831, Protocol::Udp),
+        (Verdict::Allow, Some("tundra".into()), Reason::RuleMatched)
+    );
+    // UDP 443 is QUIC, which the ruleset drops whatever the listener learns.
+    let quic = decide_proto(&p, "x.batch.azure.com", 443, Protocol::Udp);
+    assert_eq!(
+        quic,
+        (Verdict::Deny, Some("batch".into()), Reason::NeedsDns)
+    );
+    let d = p.decide(&Dest {
+        target: Target::parse("x.batch.azure.com"),
+        port: 443,
+        proto: Protocol::Udp,
+    });
+    assert!(
+        p.explain(&d).contains("UDP 443 (QUIC)"),
+        "{}",
+        p.explain(&d)
+    );
+    // The ports the gateway writes into the sets are those `decide` allows.
+    assert_eq!(p.udp_ports("westus2.tundra.azureml.ms"), [5831]);
+    assert_eq!(p.udp_ports("x.batch.azure.com"), [8000]);
+    assert!(p.udp_ports("bad.batch.azure.com").is_empty());
+    assert!(p.udp_ports("other.example").is_empty());
+    assert_eq!(
+        p.udp_ports("wide.example").len(),
+        crate::policy::MAX_UDP_PORTS
+    );
+    // Only the rule wider than the sets can hold is linted.
+    let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+    assert!(
+        !warnings.iter().any(|w| w.contains("UDP carries no name")),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("rule 'wide' names hosts on 1000 UDP ports")),
+        "{warnings:?}"
+    );
+    // Without the listener the same rules cannot be enforced.
+    let (p, _) = compile_text(&text.replace("dns = \"127.0.0.1:5353\"", "")).expect("valid");
+    assert_eq!(
+        decide_proto(&p, "westus2.tundra.azureml.ms", 5831, Protocol::Udp).2,
+        Reason::NeedsDns
+    );
+    assert!(p.udp_ports("westus2.tundra.azureml.ms").is_empty());
+}

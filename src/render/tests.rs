@@ -256,3 +256,39 @@ fn public_ip_inbound_is_accepted_to_the_vnet_only() {
     let loaded = load(Some(&path), &[], None, 1).unwrap_or_else(|e| panic!("{e}"));
     assert!(!nftables(&loaded).expect("renders").contains("44224"));
 }
+
+#[test]
+fn nftables_snapshot_with_a_dns_listener() {
+    let loaded = load_config("tests/data/render/nftables-dns.toml", None);
+    let text = render_normalised(&loaded);
+    // Port 53 goes to the listener before anything else in prerouting
+    // (the gateway's own address included); the learned sets come after
+    // the address rules in forward, so a deny rule's drop wins.
+    let pre = text.find("chain prerouting").expect("prerouting");
+    let redirect = text
+        .find("udp dport 53 counter redirect to :5353")
+        .expect("redirect");
+    let local = text.find("fib daddr type local return").expect("local");
+    assert!(pre < redirect && redirect < local, "{text}");
+    let deny = text
+        .find("comment \"rule no-udp-there\"")
+        .expect("deny rule");
+    let learned = text
+        .find("ip daddr . udp dport @dns_udp_v4")
+        .expect("learned");
+    assert!(deny < learned, "{text}");
+    assert_snapshot("tests/data/render/nftables-dns.nft", &text);
+    // A listener on loopback cannot take redirected DNS: a clear error.
+    let looped = std::env::temp_dir().join(format!("pcl-render-dns-{}.toml", std::process::id()));
+    let text = std::fs::read_to_string(repo("tests/data/render/nftables-dns.toml")).expect("read");
+    std::fs::write(&looped, text.replace("0.0.0.0:5353", "127.0.0.1:5353")).expect("write");
+    let err = nftables(&load(Some(&looped), &[], None, 1).expect("loads")).expect_err("loopback");
+    let _ = std::fs::remove_file(&looped);
+    assert!(
+        err.contains("[listen] dns = \"127.0.0.1:5353\" is a loopback address"),
+        "{err}"
+    );
+    // Without the listener: neither the redirect nor the sets.
+    let plain = render_normalised(&load_config("tests/data/render/nftables.toml", None));
+    assert!(!plain.contains("dport 53 counter redirect") && !plain.contains("dns_udp"));
+}

@@ -147,8 +147,15 @@ impl Topology {
     /// Builds the namespaces, links, addresses and routes; panics on failure
     /// (after tearing down what was built).
     pub fn create(layout: Layout) -> Topology {
+        Topology::create_named("pcl", layout)
+    }
+
+    /// [`Topology::create`] with namespace names starting with `prefix`
+    /// (then the pid and a sequence number): a test's own namespaces are
+    /// recognisable in `ip netns list`.
+    pub fn create_named(prefix: &str, layout: Layout) -> Topology {
         let seq = SEQ.fetch_add(1, Ordering::SeqCst);
-        let base = format!("pcl{}n{seq}", std::process::id());
+        let base = format!("{prefix}{}n{seq}", std::process::id());
         let names = [format!("{base}c"), format!("{base}g"), format!("{base}s")];
         let mut topo = Topology {
             layout,
@@ -322,9 +329,25 @@ impl Topology {
     /// namespace, checks and applies it there, then starts `portcullis run`
     /// there and waits for `ready`.
     pub fn start_portcullis(&self, config: &str) -> Portcullis {
+        self.start_portcullis_as(config, &[])
+    }
+
+    /// [`Topology::start_portcullis`], with `portcullis run` started by
+    /// `wrap` (a program and its arguments, e.g. `setpriv` with another
+    /// user and capability set; empty: as root). With a wrapper the
+    /// scratch directory and config are made readable to every user.
+    pub fn start_portcullis_as(&self, config: &str, wrap: &[&str]) -> Portcullis {
         let bin = env!("CARGO_BIN_EXE_portcullis");
         let config_path = self.dir().join("portcullis.toml");
         std::fs::write(&config_path, config).unwrap();
+        if !wrap.is_empty() {
+            use std::os::unix::fs::PermissionsExt;
+            let open = |path: &Path, mode| {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+            };
+            open(self.dir(), 0o755);
+            open(&config_path, 0o644);
+        }
         let rendered = must(
             self.exec(Side::Gateway, bin)
                 .args(["render", "nftables", "-c"])
@@ -341,7 +364,21 @@ impl Topology {
         );
         must(self.exec(Side::Gateway, "nft").arg("-f").arg(&path));
 
-        let p = self.spawn(Side::Gateway, portcullis_run(&config_path));
+        let run = portcullis_run(&config_path);
+        let p = match wrap.split_first() {
+            None => self.spawn(Side::Gateway, run),
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(run.get_program()).args(run.get_args());
+                for (k, v) in run.get_envs() {
+                    match v {
+                        Some(v) => cmd.env(k, v),
+                        None => cmd.env_remove(k),
+                    };
+                }
+                self.spawn(Side::Gateway, cmd)
+            }
+        };
         if !wait_ready(&p.stdout) {
             panic!(
                 "portcullis did not print `ready`\nconfig:\n{config}\n{}",
