@@ -80,7 +80,11 @@ pub fn learn(log: &Log, ask: &Ask<'_>) -> Result<String> {
     for (key, dests) in &rules {
         text.push_str(&rule_block(key, dests));
     }
-    for warning in compile_warnings(&text)? {
+    let groups: BTreeSet<&str> = (rules.keys())
+        .map(|(g, _, _)| g.as_str())
+        .filter(|g| !g.is_empty())
+        .collect();
+    for warning in compile_warnings(&text, &groups)? {
         let _ = writeln!(text, "# check: {warning}");
     }
     Ok(text)
@@ -161,11 +165,17 @@ fn rule_block((group, is_addr, ports): &RuleKey, dests: &[(String, u64)]) -> Str
     b
 }
 
-/// Compiles the proposal on its own; its warnings, or an error if invalid.
-fn compile_warnings(text: &str) -> Result<Vec<String>> {
+/// Compiles the proposal on its own (with stand-in ranges for the client
+/// groups its rules name, which the config they join defines); its
+/// warnings, or an error if invalid.
+fn compile_warnings(text: &str, groups: &BTreeSet<&str>) -> Result<Vec<String>> {
+    let mut clients = String::from("[clients]\nallow = [\"10.255.0.0/16\"]\n");
+    for (i, g) in groups.iter().enumerate() {
+        let _ = writeln!(clients, "{g} = [\"10.255.{}.0/24\"]", i % 256);
+    }
     let source = Source {
         name: "learned rules".into(),
-        text: format!("[policy]\nprofile = \"none\"\n{text}"),
+        text: format!("{clients}[policy]\nprofile = \"none\"\n{text}"),
     };
     let config = Config::parse(&source).map_err(|e| anyhow::anyhow!("{e}"))?;
     match Policy::compile(&config, &source, &CompileInput::default()) {
@@ -187,8 +197,10 @@ mod tests {
     fn log(lines: &[(&str, u16, &str)]) -> Log {
         let mut text = String::new();
         for (host, port, verdict) in lines {
+            // `host@group`: the line carries that client group.
+            let (host, group) = host.split_once('@').unwrap_or((host, ""));
             text.push_str(&format!(
-                "{{\"host\":\"{host}\",\"port\":{port},\"verdict\":\"{verdict}\",\"target\":\"portcullis::access\"}}\n"
+                "{{\"host\":\"{host}\",\"port\":{port},\"verdict\":\"{verdict}\",\"client_group\":\"{group}\",\"target\":\"portcullis::access\"}}\n"
             ));
         }
         let mut log = Log::default();
@@ -243,6 +255,49 @@ mod tests {
         assert!(
             text.lines()
                 .any(|l| l.starts_with("# check:") && l.contains("*.blob.core.windows.net")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn each_client_group_gets_its_own_rules() {
+        let log = log(&[
+            ("pypi.org@training", 443, "audit_deny"),
+            ("pypi.org@training", 443, "audit_deny"),
+            ("myregistry.azurecr.io@inference", 443, "audit_deny"),
+            ("login.microsoftonline.com", 443, "allow"),
+        ]);
+        let ask = Ask {
+            against: None,
+            collapse: &[],
+            include_denied: false,
+        };
+        let text = learn(&log, &ask).unwrap();
+        let block = |name: &str| {
+            let start = text
+                .find(&format!("name = \"{name}\""))
+                .unwrap_or_else(|| panic!("{name}: {text}"));
+            text[start..]
+                .split("\n[[rule]]")
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let training = block("learned-training-443");
+        assert!(
+            training.contains("clients = [\"training\"]") && training.contains("\"pypi.org\""),
+            "{text}"
+        );
+        assert!(!training.contains("azurecr"), "{text}");
+        let inference = block("learned-inference-443");
+        assert!(
+            inference.contains("clients = [\"inference\"]")
+                && inference.contains("myregistry.azurecr.io"),
+            "{text}"
+        );
+        let everyone = block("learned-443");
+        assert!(
+            !everyone.contains("clients =") && everyone.contains("login.microsoftonline.com"),
             "{text}"
         );
     }

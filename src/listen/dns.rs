@@ -13,8 +13,10 @@
 //! zone transfers are refused for every name: they serve only tunnels and
 //! amplification. The wire format is hickory's; nothing here parses bytes.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::{Duration, Instant};
 
 use hickory_resolver::proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
@@ -67,12 +69,20 @@ pub async fn serve_udp(socket: UdpSocket, gw: Arc<Gateway>) {
         };
         let query = buf[..n].to_vec();
         let (socket, gw) = (socket.clone(), gw.clone());
-        tokio::spawn(async move {
+        let mut reply = Box::pin(async move {
             if let Some(reply) = answer(&query, peer, &gw, Some(UDP_PLAIN)).await {
                 let _ = socket.send_to(&reply, peer).await;
             }
             drop(permit);
         });
+        // Most answers are ready at once (a refusal, `[resolve]`, the
+        // resolver's cache): sent from this loop, they cost no task and no
+        // hand-over between threads. Only one that waits on the resolvers
+        // gets a task of its own (its first real poll registers its waker).
+        let mut cx = Context::from_waker(Waker::noop());
+        if reply.as_mut().poll(&mut cx).is_pending() {
+            tokio::spawn(reply);
+        }
     }
 }
 
