@@ -242,12 +242,10 @@ async fn resolve(
     let mut fqdn = qname.clone();
     fqdn.set_fqdn(true);
     match gw.upstream.lookup_records(fqdn, rtype).await {
-        Ok(lookup) => {
-            let left = lookup
-                .valid_until()
-                .saturating_duration_since(Instant::now());
+        Ok((answers, until)) => {
+            let left = until.saturating_duration_since(Instant::now());
             let left = u32::try_from(left.as_secs()).unwrap_or(u32::MAX);
-            let records = (lookup.answers().iter())
+            let records = (answers.iter())
                 .map(|r| {
                     let mut r = strip_ech(r.clone());
                     r.ttl = r.ttl.min(left);

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use hickory_resolver::TokioResolver;
+use hickory_resolver::net::NetError;
+use hickory_resolver::proto::rr::{Name, Record, RecordType};
 use tokio::net::TcpStream;
 use tokio::sync::OnceCell;
 
@@ -167,11 +169,16 @@ struct Entry {
     expires: Instant,
 }
 
+/// Records of one name and type, and until when they hold.
+type Records = (Arc<[Record]>, Instant);
+
 /// Resolves and dials. One per process; shared by every listener.
 pub struct Upstream {
     resolver: OnceCell<Option<TokioResolver>>,
     servers: Vec<SocketAddr>,
     cache: DashMap<String, Entry>,
+    /// What the DNS listener forwarded, by name and type, until it expires.
+    records: DashMap<(Name, RecordType), Records>,
     cache_max: usize,
     connect_timeout: Duration,
 }
@@ -184,6 +191,7 @@ impl Upstream {
             resolver: OnceCell::new(),
             servers: servers.to_vec(),
             cache: DashMap::new(),
+            records: DashMap::new(),
             cache_max,
             connect_timeout,
         }
@@ -215,13 +223,30 @@ impl Upstream {
     /// The resolver's error; `None` when there is no resolver.
     pub async fn lookup_records(
         &self,
-        name: hickory_resolver::proto::rr::Name,
-        rtype: hickory_resolver::proto::rr::RecordType,
-    ) -> Result<hickory_resolver::lookup::Lookup, Option<hickory_resolver::net::NetError>> {
+        name: Name,
+        rtype: RecordType,
+    ) -> Result<Records, Option<NetError>> {
+        let now = Instant::now();
+        let key = (name, rtype);
+        // A hit is answered without touching the resolver: the future is
+        // ready on its first poll, so the listener answers from its loop.
+        if let Some(hit) = self.records.get(&key).filter(|e| e.1 > now) {
+            return Ok((hit.0.clone(), hit.1));
+        }
         let Some(resolver) = self.resolver().await else {
             return Err(None);
         };
-        resolver.lookup(name, rtype).await.map_err(Some)
+        let lookup = resolver.lookup(key.0.clone(), rtype).await.map_err(Some)?;
+        let records: Arc<[Record]> = lookup.answers().into();
+        let until = lookup.valid_until();
+        if self.records.len() >= self.cache_max {
+            self.records.retain(|_, e| e.1 > now);
+            if self.records.len() >= self.cache_max {
+                self.records.clear();
+            }
+        }
+        self.records.insert(key, (records.clone(), until));
+        Ok((records, until))
     }
 
     /// Addresses of a normalised name: static table, cache, then DNS.
