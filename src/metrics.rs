@@ -406,6 +406,9 @@ pub struct Metrics {
     pub dns_lookups: IntCounterVec,
     /// `dns_queries_total{result}`: the DNS listener's answers.
     pub dns_queries: IntCounterVec,
+    /// Its series, one per [`DnsAnswer`] in `ALL` order: counting a query
+    /// neither hashes nor locks.
+    dns_answers: Vec<IntCounter>,
     /// `dns_learned_addresses`: pairs the learned table holds.
     pub dns_learned: IntGauge,
     /// `dns_learned_evicted_total`: pairs the size limit pushed out.
@@ -993,6 +996,9 @@ impl Metrics {
             upstream_connect,
             upstream_errors,
             dns_lookups: dns.lookups,
+            dns_answers: (DnsAnswer::ALL.iter())
+                .map(|a| dns.queries.with_label_values(&[a.as_str()]))
+                .collect(),
             dns_queries: dns.queries,
             dns_learned: dns.learned,
             dns_learned_evicted: dns.learned_evicted,
@@ -1024,6 +1030,14 @@ impl Metrics {
     #[inline]
     pub fn decision_in(&self, verdict: Verdict, via: Via, reason: Reason, group: &str) {
         self.decisions.count(verdict, via, reason, group);
+    }
+
+    /// Counts one answer of the DNS listener.
+    #[inline]
+    pub fn dns_answered(&self, answer: DnsAnswer) {
+        if let Some(i) = DnsAnswer::ALL.iter().position(|a| *a == answer) {
+            self.dns_answers[i].inc();
+        }
     }
 
     /// How many decisions were counted for this combination, every group together.

@@ -350,10 +350,7 @@ fn form_error(query: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn count(gw: &Gateway, answer: DnsAnswer) {
-    gw.metrics
-        .dns_queries
-        .with_label_values(&[answer.as_str()])
-        .inc();
+    gw.metrics.dns_answered(answer);
 }
 
 /// The denial line, in the shape of the listeners' (`portcullis::deny`).
