@@ -57,7 +57,7 @@ struct Live {
 /// Opens `n` tunnels through `via` (at most [`OPEN_CONCURRENCY`] at once),
 /// each then echoing every [`LIVE_PERIOD`]; returns once all are open.
 async fn start_live(via: Via, ups: Upstreams, n: usize) -> Live {
-    let live = Live {
+    let mut live = Live {
         stop: Arc::new(AtomicBool::new(false)),
         echoes: Arc::new(AtomicUsize::new(0)),
         errors: Arc::new(AtomicUsize::new(0)),
@@ -66,7 +66,6 @@ async fn start_live(via: Via, ups: Upstreams, n: usize) -> Live {
     };
     let gate = Arc::new(Semaphore::new(OPEN_CONCURRENCY));
     let opened = Arc::new(Semaphore::new(0));
-    let mut live = live;
     for i in 0..n {
         let permit = gate.clone().acquire_owned().await.expect("gate open");
         let (stop, echoes, errors) = (live.stop.clone(), live.echoes.clone(), live.errors.clone());
