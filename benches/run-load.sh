@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Load run: builds the release binary, installs Squid if missing (as root,
-# without leaving its service running), runs `cargo bench --bench load` with
+# Load run: builds the release binary, installs Squid and HAProxy if missing
+# (as root, without leaving their services running), runs `cargo bench --bench load` with
 # the given arguments (--quick, --reps N, --only CASE) and tees the markdown
 # table to target/load-results.md. Progress goes to stderr.
 set -euo pipefail
@@ -8,30 +8,37 @@ cd "$(dirname "$0")/.."
 
 cargo build --release --quiet
 
-if ! command -v squid >/dev/null 2>&1 && [ ! -x /usr/sbin/squid ]; then
+missing=""
+for pkg in squid haproxy; do
+  if ! command -v "$pkg" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$pkg" ]; then
+    missing="$missing $pkg"
+  fi
+done
+if [ -n "$missing" ]; then
   if [ "$(id -u)" -eq 0 ]; then
-    echo "run-load: installing squid (reference proxy)" >&2
+    echo "run-load: installing$missing (reference proxies)" >&2
     export DEBIAN_FRONTEND=noninteractive
-    # Keep the package's scripts from starting the squid service.
+    # Keep the packages' scripts from starting their services.
     policy=/usr/sbin/policy-rc.d
     created_policy=0
     if [ ! -e "$policy" ]; then
       printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created_policy=1
     fi
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends squid >/dev/null || true
+    # shellcheck disable=SC2086 # one word per package
+    apt-get install -y -qq --no-install-recommends $missing >/dev/null || true
     [ "$created_policy" -eq 1 ] && rm -f "$policy"
     # If a service started anyway, stop it (only the packaged one, by its pid file).
     if command -v service >/dev/null 2>&1; then
-      service squid stop >/dev/null 2>&1 || true
+      for pkg in $missing; do service "$pkg" stop >/dev/null 2>&1 || true; done
     fi
-    for pidfile in /run/squid.pid /var/run/squid.pid; do
+    for pidfile in /run/squid.pid /var/run/squid.pid /run/haproxy.pid; do
       if [ -s "$pidfile" ]; then
         kill "$(cat "$pidfile")" 2>/dev/null || true
       fi
     done
   else
-    echo "run-load: squid not installed and not root: the squid column will say n/a" >&2
+    echo "run-load:$missing not installed and not root: those columns will say n/a" >&2
   fi
 fi
 

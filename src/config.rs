@@ -673,7 +673,9 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// Time allowed for one upstream connection attempt sequence. Default 5000.
     pub connect_timeout_ms: u64,
-    /// Concurrent client connections per listener; more get 503 (explicit) or are closed. Default 10000.
+    /// Concurrent client connections per listener; more get 503 (explicit) or are closed.
+    /// Default 50000: the 50,000 idle tunnels docs/perf/cost.md sizes a gateway for
+    /// (6 KiB of RSS each; the unit's LimitNOFILE=131072 leaves 64,496).
     pub max_connections: usize,
     /// Concurrent connections from one client address. Default 1024.
     pub max_connections_per_client: usize,
@@ -701,7 +703,7 @@ impl Default for Limits {
             head_timeout_ms: 10_000,
             idle_timeout_ms: 300_000,
             connect_timeout_ms: 5_000,
-            max_connections: 10_000,
+            max_connections: 50_000,
             max_connections_per_client: 1024,
             sniff_timeout_ms: 2_000,
             sniff_max_bytes: 16 * 1024,

@@ -125,6 +125,26 @@ impl Unit {
     }
 }
 
+/// The main unit's `LimitNOFILE` holds the default `[limits]
+/// max_connections`: two descriptors per connection (client and upstream)
+/// plus the reserve of 32 + limit/64 the gateway keeps (README, limits);
+/// and the default is the 50,000 idle tunnels docs/perf/cost.md sizes for.
+#[test]
+fn unit_open_file_limit_fits_the_default_max_connections() {
+    let unit = Unit::load("portcullis.service");
+    let limit: u64 = unit
+        .one("LimitNOFILE")
+        .parse()
+        .expect("LimitNOFILE is a number");
+    let max = portcullis::config::Limits::default().max_connections as u64;
+    let budget = (limit - (32 + limit / 64)) / 2;
+    assert!(
+        budget >= max,
+        "LimitNOFILE={limit} admits {budget} connections, below max_connections {max}"
+    );
+    assert!(max >= 50_000, "default max_connections {max}");
+}
+
 #[test]
 fn unit_files_declare_the_ordering_and_privileges() {
     let nft = Unit::load("portcullis-nftables.service");

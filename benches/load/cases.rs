@@ -6,6 +6,7 @@
 
 use crate::clients::{Via, bulk, tunnels};
 use crate::http::http_load;
+use crate::report::{HAPROXY, SQUID};
 use crate::sample::Sample;
 use crate::settings::Settings;
 use crate::upstreams::Upstreams;
@@ -14,10 +15,19 @@ use crate::wire::Dir;
 #[derive(Clone, Copy, Debug)]
 /// What a case runs on each target.
 pub enum Work {
-    Bulk { dir: Dir, streams: usize },
-    Tunnels { clients: usize },
+    Bulk {
+        dir: Dir,
+        streams: usize,
+    },
+    Tunnels {
+        clients: usize,
+    },
     Http,
     Idle,
+    /// Many live tunnels, then many idle ones (rows from `scale`).
+    Scale,
+    /// The gateway on 1 core vs 2 (rows from `scale`).
+    Cores,
 }
 
 /// One named case: its work and where it runs.
@@ -107,6 +117,18 @@ pub const CASES: &[Case] = &[
         transparent: false,
     },
     Case {
+        name: "scale",
+        work: Work::Scale,
+        quiet_log: false,
+        transparent: false,
+    },
+    Case {
+        name: "cores",
+        work: Work::Cores,
+        quiet_log: false,
+        transparent: false,
+    },
+    Case {
         name: "transparent-bulk-down",
         work: Work::Bulk {
             dir: Dir::Down,
@@ -141,6 +163,9 @@ pub enum Kind {
     Latency,
     /// No direct counterpart.
     Absolute,
+    /// A cost (lower is better), in the cost table beside `reference`'s;
+    /// the goal is portcullis ≤ `goal_pct` % of it (0: no goal).
+    Cost { reference: usize, goal_pct: u32 },
 }
 
 /// Rows of a transparent case; the direct column is the routed gateway.
@@ -171,7 +196,15 @@ fn transparent_rows(case: &Case) -> Vec<(String, Kind)> {
                 Kind::Latency,
             ),
         ],
-        Work::Http | Work::Idle => Vec::new(),
+        Work::Http | Work::Idle | Work::Scale | Work::Cores => Vec::new(),
+    }
+}
+
+/// A cost row compared with `reference`, goal `goal_pct` % of it (0: none).
+fn cost_vs(reference: usize, goal_pct: u32) -> Kind {
+    Kind::Cost {
+        reference,
+        goal_pct,
     }
 }
 
@@ -197,7 +230,11 @@ pub fn rows(case: &Case, s: &Settings) -> Vec<(String, Kind)> {
             } else {
                 format!("{streams} tunnels {what} (sum), MiB/s")
             };
-            vec![(label, Kind::Rate)]
+            let cost = format!(
+                "CPU per GiB, {label_short}, ms",
+                label_short = label.trim_end_matches(", MiB/s")
+            );
+            vec![(label, Kind::Rate), (cost, cost_vs(HAPROXY, 100))]
         }
         Work::Tunnels { clients } => {
             let c = if clients == 1 {
@@ -209,6 +246,10 @@ pub fn rows(case: &Case, s: &Settings) -> Vec<(String, Kind)> {
                 (format!("new tunnels/s, {c}{note}"), Kind::Rate),
                 (format!("new tunnel p50, {c}{note}, µs"), Kind::Latency),
                 (format!("new tunnel p99, {c}{note}, µs"), Kind::Latency),
+                (
+                    format!("CPU per new tunnel, {c}{note}, µs"),
+                    cost_vs(HAPROXY, 130),
+                ),
             ]
         }
         Work::Http => {
@@ -226,15 +267,20 @@ pub fn rows(case: &Case, s: &Settings) -> Vec<(String, Kind)> {
                     format!("HTTP request p99, {c} conns{note}, µs"),
                     Kind::Latency,
                 ),
+                (
+                    format!("CPU per forwarded HTTP request, {c} conns{note}, µs"),
+                    cost_vs(SQUID, 50),
+                ),
             ]
         }
         Work::Idle => vec![
             (
                 format!("RSS per idle tunnel ({} held), KiB", s.idle_tunnels),
-                Kind::Absolute,
+                cost_vs(HAPROXY, 0),
             ),
             ("idle tunnels actually held".into(), Kind::Absolute),
         ],
+        Work::Scale | Work::Cores => Vec::new(),
     }
 }
 
@@ -249,6 +295,6 @@ pub async fn run_work(
         Work::Bulk { dir, streams } => bulk(via, ups, dir, streams, s).await,
         Work::Tunnels { clients } => tunnels(via, ups, clients, s).await,
         Work::Http => http_load(via, ups, s.http_conns, s).await,
-        Work::Idle => Err("idle is run on fresh proxies".into()),
+        Work::Idle | Work::Scale | Work::Cores => Err("run on fresh proxies".into()),
     }
 }

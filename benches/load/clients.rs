@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
+use crate::haproxy::Relay;
 use crate::io_err;
 use crate::netns::{PORTCULLIS_NET, ROUTED_NET};
 use crate::sample::Sample;
@@ -39,6 +40,8 @@ pub enum Via {
     Direct,
     /// Through an explicit proxy at this address (CONNECT / absolute URI).
     Proxy(SocketAddr),
+    /// Through a TCP relay's frontend for that upstream (HAProxy).
+    Relay(Relay),
 }
 
 /// Set only in the `--ns-role client` process, which runs inside the client
@@ -99,8 +102,12 @@ fn first_line(head: &[u8]) -> String {
 /// stream and any tunnel bytes that arrived with the proxy's answer.
 pub async fn open(via: Via, dest: SocketAddr) -> Result<(TcpStream, Vec<u8>), String> {
     match via {
-        Via::Direct => {
-            let s = connect_local(dest)
+        Via::Direct | Via::Relay(_) => {
+            let to = match via {
+                Via::Relay(r) => r.frontend(dest)?,
+                _ => dest,
+            };
+            let s = connect_local(to)
                 .await
                 .map_err(io_err("connect upstream"))?;
             let _ = s.set_nodelay(true);

@@ -22,7 +22,7 @@ use crate::wire::{HOST, HTTP_BODY};
 fn http_request(via: Via, server: SocketAddr) -> Vec<u8> {
     let port = server.port();
     let target = match via {
-        Via::Direct => "/x".to_string(),
+        Via::Direct | Via::Relay(_) => "/x".to_string(),
         Via::Proxy(_) => format!("http://{HOST}:{port}/x"),
     };
     format!(
@@ -131,6 +131,7 @@ pub async fn http_load(
     let connect_to = match via {
         Via::Direct => ups.http,
         Via::Proxy(p) => p,
+        Via::Relay(r) => r.frontend(ups.http)?,
     };
     let mut streams = Vec::new();
     for _ in 0..conns {

@@ -41,6 +41,8 @@
 
 mod cases;
 mod clients;
+mod cost;
+mod haproxy;
 #[path = "../../tests/support/host.rs"]
 #[allow(dead_code)] // the tests' skip helpers; the tool uses is_root, tool_works, in_ci
 mod host;
@@ -50,6 +52,7 @@ mod proxies;
 mod report;
 mod run;
 mod sample;
+mod scale;
 mod settings;
 mod smoke;
 mod transparent;

@@ -23,13 +23,16 @@ pub enum Cell {
 pub struct Row {
     pub label: String,
     pub kind: Kind,
-    pub cells: [Cell; 3],
+    pub cells: [Cell; COLS],
 }
 
-/// Column indices: direct, portcullis, squid.
+/// Column indices: direct, portcullis, squid, haproxy.
 pub const DIRECT: usize = 0;
 pub const PORTCULLIS: usize = 1;
 pub const SQUID: usize = 2;
+pub const HAPROXY: usize = 3;
+/// How many columns.
+pub const COLS: usize = 4;
 
 /// The median (mean of the middle two for an even count).
 pub fn median(mut v: Vec<f64>) -> f64 {
@@ -67,21 +70,76 @@ fn fmt_compare(proxy: &Cell, direct: &Cell, kind: Kind) -> String {
     }
 }
 
+/// The cost rows: each proxy's figure, portcullis against the reference the
+/// goal names, and whether the goal is met (reported, never asserted).
+pub fn cost_table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "| cost: gateway process CPU (user+system) or RSS per unit of work | portcullis | squid \
+         | haproxy | portcullis/reference | goal | met |\n",
+    );
+    out.push_str("| --- | ---: | ---: | ---: | ---: | --- | --- |\n");
+    for r in rows {
+        let Kind::Cost {
+            reference,
+            goal_pct,
+        } = r.kind
+        else {
+            continue;
+        };
+        let name = if reference == SQUID {
+            "squid"
+        } else {
+            "haproxy"
+        };
+        let (ratio, met) = match (&r.cells[PORTCULLIS], &r.cells[reference]) {
+            (Cell::Value(p), Cell::Value(q)) if *q > 0.0 && !p.is_nan() && !q.is_nan() => {
+                let ratio = p / q;
+                let met = match goal_pct {
+                    0 => "—",
+                    g if ratio <= f64::from(g) / 100.0 => "yes",
+                    _ => "**no**",
+                };
+                (format!("{ratio:.2} × {name}"), met)
+            }
+            _ => ("—".into(), "—"),
+        };
+        let goal = match goal_pct {
+            0 => "—".to_string(),
+            g => format!("≤ {:.2} × {name}", f64::from(g) / 100.0),
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {ratio} | {goal} | {met} |",
+            r.label,
+            fmt_cell(&r.cells[PORTCULLIS], r.kind),
+            fmt_cell(&r.cells[SQUID], r.kind),
+            fmt_cell(&r.cells[HAPROXY], r.kind),
+        );
+    }
+    out
+}
+
 /// The markdown table: values, then the two comparisons with direct.
 pub fn table(rows: &[Row]) -> String {
     let mut out = String::new();
-    out.push_str("| case | direct | portcullis | squid | portcullis/direct | squid/direct |\n");
-    out.push_str("| --- | ---: | ---: | ---: | ---: | ---: |\n");
-    for r in rows {
+    out.push_str(
+        "| case | direct | portcullis | squid | haproxy | portcullis/direct | squid/direct \
+         | haproxy/direct |\n",
+    );
+    out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for r in rows.iter().filter(|r| !matches!(r.kind, Kind::Cost { .. })) {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             r.label,
             fmt_cell(&r.cells[DIRECT], r.kind),
             fmt_cell(&r.cells[PORTCULLIS], r.kind),
             fmt_cell(&r.cells[SQUID], r.kind),
+            fmt_cell(&r.cells[HAPROXY], r.kind),
             fmt_compare(&r.cells[PORTCULLIS], &r.cells[DIRECT], r.kind),
             fmt_compare(&r.cells[SQUID], &r.cells[DIRECT], r.kind),
+            fmt_compare(&r.cells[HAPROXY], &r.cells[DIRECT], r.kind),
         );
     }
     out
@@ -90,8 +148,8 @@ pub fn table(rows: &[Row]) -> String {
 /// Medians of per-target samples into rows; `errors` replace a target's cells.
 pub fn to_rows(
     labels: Vec<(String, Kind)>,
-    samples: &[Vec<Vec<f64>>; 3],
-    missing: &[Option<String>; 3],
+    samples: &[Vec<Vec<f64>>; COLS],
+    missing: &[Option<String>; COLS],
 ) -> Vec<Row> {
     labels
         .into_iter()
@@ -149,6 +207,8 @@ pub struct Header {
     pub quick: bool,
     /// Squid's version, if installed.
     pub squid: Option<String>,
+    /// HAProxy's version, if installed.
+    pub haproxy: Option<String>,
     /// Whether any transparent case ran.
     pub transparent: bool,
 }
@@ -184,6 +244,17 @@ pub fn report(h: &Header, rows: &[Row], notes: &[String]) -> String {
             None => "not installed".into(),
         }
     );
+    let _ = writeln!(
+        report,
+        "haproxy: {}; cost rows: the gateway process's utime+stime (`/proc/PID/stat`) over \
+         the measured slices divided by the work the clients counted.\n",
+        match &h.haproxy {
+            Some(v) => format!(
+                "{v}, `mode tcp`, `option splice-request` + `splice-response`, one frontend per upstream, no logs"
+            ),
+            None => "not installed".into(),
+        }
+    );
     if h.transparent {
         let _ = writeln!(
             report,
@@ -193,6 +264,10 @@ pub fn report(h: &Header, rows: &[Row], notes: &[String]) -> String {
         );
     }
     report.push_str(&table(rows));
+    if rows.iter().any(|r| matches!(r.kind, Kind::Cost { .. })) {
+        report.push('\n');
+        report.push_str(&cost_table(rows));
+    }
     for n in notes {
         let _ = writeln!(report, "\nnote: {n}");
     }

@@ -24,6 +24,9 @@ pub struct Settings {
     pub txn_slices: usize,
     /// Tunnels the idle case holds.
     pub idle_tunnels: usize,
+    /// The scale case: live (echoing) tunnels, then idle ones, through one gateway.
+    pub scale_live: usize,
+    pub scale_idle: usize,
     /// Check every byte (smoke) rather than counts only (bench).
     pub verify: bool,
     /// Case-name prefixes (`--only`); empty: every case.
@@ -45,6 +48,8 @@ impl Settings {
             bulk_slices: 6,
             txn_slices: 10,
             idle_tunnels: 2000,
+            scale_live: 9000,
+            scale_idle: 9500,
             verify: false,
             only: Vec::new(),
             quick: false,
@@ -62,6 +67,8 @@ impl Settings {
             bulk_slices: 2,
             txn_slices: 5,
             idle_tunnels: 300,
+            scale_live: 500,
+            scale_idle: 500,
             quick: true,
             ..Settings::full()
         }
@@ -125,6 +132,8 @@ pub fn check_settings() -> Settings {
         bulk_slices: 1,
         txn_slices: 1,
         idle_tunnels: 0,
+        scale_live: 0,
+        scale_idle: 0,
         verify: true,
         only: Vec::new(),
         quick: true,

@@ -70,7 +70,7 @@ fn job_line(work: Work, ups: Upstreams, s: &Settings) -> Result<String, String> 
             )
         }
         Work::Tunnels { clients } => format!("tunnels:{clients}"),
-        Work::Http | Work::Idle => return Err(format!("{work:?} is not a transparent case")),
+        other => return Err(format!("{other:?} is not a transparent case")),
     };
     Ok(format!(
         "{w} {} {} {} {} {} {} {} {}",
