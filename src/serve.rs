@@ -48,9 +48,14 @@ impl Bound {
     /// # Errors
     /// The first listener that cannot be bound.
     pub async fn bind(listen: &Listen) -> Result<Bound, BindError> {
+        let proxy = bind("proxy", listen.proxy).await?;
+        let transparent = bind("transparent", listen.transparent).await?;
+        for l in proxy.iter().chain(&transparent) {
+            listen::tune(l);
+        }
         Ok(Bound {
-            proxy: bind("proxy", listen.proxy).await?,
-            transparent: bind("transparent", listen.transparent).await?,
+            proxy,
+            transparent,
             admin: bind("admin", listen.admin).await?,
             dns: bind_dns(listen.dns).await?,
         })

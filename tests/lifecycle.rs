@@ -197,13 +197,22 @@ async fn accepted_client_sockets_keep_alive_like_upstream_ones() {
             let _ = tx.send((
                 sock.keepalive().unwrap(),
                 sock.tcp_keepalive_time().unwrap(),
+                sock.tcp_keepalive_interval().unwrap(),
+                sock.tcp_keepalive_retries().unwrap(),
+                sock.tcp_nodelay().unwrap(),
             ));
             async {}
         },
     ));
+    // The loop tunes its listener before it first waits: let it get there
+    // (this runtime runs one task at a time), so the connection is made
+    // after, as in production where `serve` tunes at bind.
+    tokio::task::yield_now().await;
     let _client = TcpStream::connect(addr).await.unwrap();
-    let (on, idle) = rx.recv().await.expect("the handler ran");
+    let (on, idle, interval, retries, nodelay) = rx.recv().await.expect("the handler ran");
     assert!(on, "SO_KEEPALIVE off on an accepted client socket");
+    assert!(nodelay, "TCP_NODELAY off on an accepted client socket");
+    assert_eq!((interval, retries), (Duration::from_secs(15), 4));
     assert_eq!(idle, portcullis::upstream::KEEPALIVE_IDLE);
     assert!(
         idle < Duration::from_secs(240),

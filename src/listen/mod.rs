@@ -177,6 +177,7 @@ where
         .connections_limit
         .with_label_values(&[kind.as_str()])
         .set(gw.limits.max_connections.min(gw.connection_budget) as i64);
+    tune(&listener);
     let draining = gw.shutdown.draining();
     tokio::pin!(draining);
     loop {
@@ -192,8 +193,6 @@ where
             Accepted::AtLimit(stream, peer) => (stream, peer, Err(RejectReason::Limit)),
             Accepted::Retry => continue,
         };
-        let _ = stream.set_nodelay(true);
-        crate::upstream::keep_alive(&stream);
         match admitted {
             Ok(conn) => {
                 tokio::spawn(handle(stream, Arc::new(conn), gw.clone()));
@@ -341,6 +340,16 @@ fn explain_command(policy: &Policy, conn: &Conn, host: &str, port: u16) -> Strin
             conn.peer.ip()
         )
     }
+}
+
+/// Sets `TCP_NODELAY` and keepalives on a listening socket: Linux copies
+/// its options into each connection as the handshake completes, so every
+/// accepted socket has them without five system calls of its own. `serve`
+/// calls it at bind (before any client can connect), the accept loop again
+/// for a listener it was handed.
+pub fn tune(listener: &TcpListener) {
+    let _ = socket2::SockRef::from(listener).set_tcp_nodelay(true);
+    crate::upstream::keep_alive(listener);
 }
 
 /// Decides for one connection under one policy, and counts and logs what

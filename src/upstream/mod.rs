@@ -540,9 +540,9 @@ fn configured_resolver(servers: &[SocketAddr]) -> Option<TokioResolver> {
 pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 
 /// Turns on TCP keepalives (every [`KEEPALIVE_IDLE`], then every 15 s, 4
-/// tries): on client sockets as they are accepted and on upstream sockets
-/// as they connect.
-pub fn keep_alive(stream: &TcpStream) {
+/// tries): on listening sockets (their accepted sockets inherit them) and
+/// on upstream sockets as they connect.
+pub fn keep_alive<S: std::os::fd::AsFd>(stream: &S) {
     let ka = socket2::TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
         .with_interval(Duration::from_secs(15))
