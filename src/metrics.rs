@@ -284,6 +284,8 @@ label_enum! {
     DnsAnswer {
         /// The resolvers' answer, for a name a rule allows.
         Answered => "answered",
+        /// The same, from the listener's cache (within the answer's TTL).
+        Cached => "cached",
         /// A name no rule allows, or a query type only tunnels use: refused.
         Refused => "refused",
         /// The name does not exist (or has no records of that type).

@@ -187,6 +187,7 @@ const HTTPS_WITH_ECH: &str = "0001000001000302683200050004" /* ech len 4 */;
 async fn allowed_names_are_answered_and_everything_else_refused() {
     let https = format!("--dns-rr=allowed.test,65,{HTTPS_WITH_ECH}0002abcd");
     let Some(dns) = Dnsmasq::start(&[
+        "--local-ttl=60",
         "--host-record=allowed.test,20.0.0.1",
         "--host-record=ready.test,20.0.0.2",
         "--host-record=evil.test,20.6.6.6",
@@ -209,6 +210,17 @@ async fn allowed_names_are_answered_and_everything_else_refused() {
     assert_eq!(addresses(&a), ["20.0.0.1".parse::<IpAddr>().unwrap()]);
     let a = ask_tcp(listener, "Allowed.Test", RecordType::A).await;
     assert_eq!(addresses(&a), ["20.0.0.1".parse::<IpAddr>().unwrap()]);
+    // The same question again is answered from the listener's cache.
+    let m = &gw.gw.metrics;
+    let cached = || {
+        m.dns_queries
+            .with_label_values(&[DnsAnswer::Cached.as_str()])
+            .get()
+    };
+    let before = cached();
+    let a = ask(listener, "allowed.test", RecordType::A).await;
+    assert_eq!(addresses(&a), ["20.0.0.1".parse::<IpAddr>().unwrap()]);
+    assert_eq!(cached(), before + 1);
 
     // A name no rule allows, whatever the type: refused, never forwarded
     // (dnsmasq would answer the TXT: that is the tunnel).
@@ -250,18 +262,23 @@ async fn allowed_names_are_answered_and_everything_else_refused() {
     assert_eq!(params, [SvcParamKey::Alpn], "{r:?}");
 
     // Counted and shown as denials of name:53, like any other.
-    let m = &gw.gw.metrics;
     assert_eq!(
         m.dns_queries
             .with_label_values(&[DnsAnswer::Refused.as_str()])
             .get(),
         4
     );
-    assert!(
-        m.dns_queries
-            .with_label_values(&[DnsAnswer::Answered.as_str()])
-            .get()
-            >= 4
+    // Five allowed questions: A over UDP, TCP and again, the CNAME, HTTPS,
+    // each answered by the resolvers or from the cache.
+    let answered = m
+        .dns_queries
+        .with_label_values(&[DnsAnswer::Answered.as_str()])
+        .get();
+    assert_eq!(
+        answered + cached(),
+        5,
+        "{answered} answered, {} cached",
+        cached()
     );
     assert_eq!(
         m.decisions_counted(Verdict::Deny, Via::Dns, Reason::NoRule),

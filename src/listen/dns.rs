@@ -186,16 +186,9 @@ async fn answer(
         return encode(reply_to(&msg, code), udp_limit, &msg);
     }
     let mut reply = reply_to(&msg, ResponseCode::NoError);
-    let (code, records) = resolve(&policy, gw, &name, q.name(), rtype).await;
+    let (code, records, how) = resolve(&policy, gw, &name, q.name(), rtype).await;
     reply.metadata.response_code = code;
-    count(
-        gw,
-        match code {
-            ResponseCode::NoError => DnsAnswer::Answered,
-            ResponseCode::NXDomain => DnsAnswer::Nxdomain,
-            _ => DnsAnswer::Servfail,
-        },
-    );
+    count(gw, how);
     learn(gw, &policy, &name, &records);
     reply.add_answers(records);
     encode(reply, udp_limit, &msg)
@@ -227,7 +220,7 @@ async fn resolve(
     name: &str,
     qname: &Name,
     rtype: RecordType,
-) -> (ResponseCode, Vec<Record>) {
+) -> (ResponseCode, Vec<Record>, DnsAnswer) {
     if let Some(addrs) = policy.static_addresses(name) {
         let records = (addrs.iter())
             .filter_map(|ip| match (ip, rtype) {
@@ -237,12 +230,12 @@ async fn resolve(
             })
             .map(|data| Record::from_rdata(qname.clone(), STATIC_TTL, data))
             .collect();
-        return (ResponseCode::NoError, records);
+        return (ResponseCode::NoError, records, DnsAnswer::Answered);
     }
     let mut fqdn = qname.clone();
     fqdn.set_fqdn(true);
     match gw.upstream.lookup_records(fqdn, rtype).await {
-        Ok((answers, until)) => {
+        Ok(((answers, until), hit)) => {
             let left = until.saturating_duration_since(Instant::now());
             let left = u32::try_from(left.as_secs()).unwrap_or(u32::MAX);
             let records = (answers.iter())
@@ -252,13 +245,22 @@ async fn resolve(
                     r
                 })
                 .collect();
-            (ResponseCode::NoError, records)
+            let how = if hit {
+                DnsAnswer::Cached
+            } else {
+                DnsAnswer::Answered
+            };
+            (ResponseCode::NoError, records, how)
         }
-        Err(Some(err)) if err.is_nx_domain() => (ResponseCode::NXDomain, Vec::new()),
-        Err(Some(err)) if err.is_no_records_found() => (ResponseCode::NoError, Vec::new()),
+        Err(Some(err)) if err.is_nx_domain() => {
+            (ResponseCode::NXDomain, Vec::new(), DnsAnswer::Nxdomain)
+        }
+        Err(Some(err)) if err.is_no_records_found() => {
+            (ResponseCode::NoError, Vec::new(), DnsAnswer::Answered)
+        }
         Err(err) => {
             tracing::debug!(name, error = ?err.map(|e| e.to_string()), "dns: resolvers failed");
-            (ResponseCode::ServFail, Vec::new())
+            (ResponseCode::ServFail, Vec::new(), DnsAnswer::Servfail)
         }
     }
 }

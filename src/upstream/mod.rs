@@ -217,7 +217,8 @@ impl Upstream {
 
     /// The records of `rtype` for a fully qualified `name`, as the
     /// gateway's resolvers answer (cached within their TTLs, CNAME chains
-    /// followed): what the DNS listener forwards.
+    /// followed): what the DNS listener forwards, and whether they came
+    /// from this cache.
     ///
     /// # Errors
     /// The resolver's error; `None` when there is no resolver.
@@ -225,13 +226,13 @@ impl Upstream {
         &self,
         name: Name,
         rtype: RecordType,
-    ) -> Result<Records, Option<NetError>> {
+    ) -> Result<(Records, bool), Option<NetError>> {
         let now = Instant::now();
         let key = (name, rtype);
         // A hit is answered without touching the resolver: the future is
         // ready on its first poll, so the listener answers from its loop.
         if let Some(hit) = self.records.get(&key).filter(|e| e.1 > now) {
-            return Ok((hit.0.clone(), hit.1));
+            return Ok(((hit.0.clone(), hit.1), true));
         }
         let Some(resolver) = self.resolver().await else {
             return Err(None);
@@ -246,7 +247,7 @@ impl Upstream {
             }
         }
         self.records.insert(key, (records.clone(), until));
-        Ok((records, until))
+        Ok(((records, until), false))
     }
 
     /// Addresses of a normalised name: static table, cache, then DNS.
