@@ -116,17 +116,6 @@ fn explain_says_what_a_tunnel_may_carry_off_the_web_ports() {
     );
 }
 
-/// The `[vars]` the docs' TOML fragments assume: the example workspace of
-/// README's first run and the deploy guide. A block without its own
-/// `[vars]` is checked with these.
-const DOC_VARS: [&str; 5] = [
-    "region=westeurope",
-    "storage=mystorageaccount",
-    "acr=myregistry",
-    "workspace_id=00000000-0000-0000-0000-000000000000",
-    "vnet=10.0.0.0/16",
-];
-
 /// The ```toml blocks of a markdown file, with their first line number.
 fn toml_blocks(doc: &str) -> Vec<(usize, String)> {
     let text = std::fs::read_to_string(format!("{}/{doc}", env!("CARGO_MANIFEST_DIR")))
@@ -149,22 +138,21 @@ fn toml_blocks(doc: &str) -> Vec<(usize, String)> {
 }
 
 /// Every TOML block in README.md and deploy/README.md and every
-/// `config/*.toml` passes `check`: fragments with the [`DOC_VARS`],
-/// shipped configs where they are.
+/// `config/*.toml` passes `check` as it stands: a block a user copies into
+/// an empty file is a whole config, with no `--var` and nothing beside it.
 #[test]
 fn configs_in_the_docs_check_clean() {
     let dir = tempfile::tempdir().unwrap();
     let root = env!("CARGO_MANIFEST_DIR");
-    let mut checked: Vec<(String, std::path::PathBuf, bool)> = Vec::new();
+    let mut checked: Vec<(String, std::path::PathBuf)> = Vec::new();
     for doc in ["README.md", "deploy/README.md"] {
         for (line, block) in toml_blocks(doc) {
-            // Each block in a folder of its own, with the (empty) drop-in
-            // folder the docs' `include` examples name.
+            // Each block alone in a folder of its own.
             let folder = dir.path().join(format!("block-{}", checked.len()));
-            std::fs::create_dir_all(folder.join("rules.d")).unwrap();
+            std::fs::create_dir_all(&folder).unwrap();
             let path = folder.join("portcullis.toml");
             std::fs::write(&path, &block).unwrap();
-            checked.push((format!("{doc}:{line}"), path, !block.contains("[vars]")));
+            checked.push((format!("{doc}:{line}"), path));
         }
     }
     let blocks = checked.len();
@@ -175,17 +163,10 @@ fn configs_in_the_docs_check_clean() {
         .collect();
     shipped.sort();
     for path in shipped {
-        checked.push((path.display().to_string(), path, false));
+        checked.push((path.display().to_string(), path));
     }
-    for (name, path, fragment) in &checked {
-        let mut args = vec!["check".to_string(), "-c".into(), path.display().to_string()];
-        if *fragment {
-            for v in DOC_VARS {
-                args.extend(["--var".to_string(), v.to_string()]);
-            }
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = portcullis(&args);
+    for (name, path) in &checked {
+        let out = portcullis(&["check", "-c", &path.display().to_string()]);
         let body = std::fs::read_to_string(path).unwrap();
         assert_eq!(
             out.status.code(),
