@@ -727,3 +727,25 @@ fn expectations_hold_per_client_or_for_every_group() {
         text(&out)
     );
 }
+
+/// An address the policy denies is still reached by name once a client
+/// resolved it through the DNS listener: `explain` says so with a listener,
+/// and not without one, nor for addresses no name may reach.
+#[test]
+fn explain_of_an_address_says_a_dns_listener_may_decide_it_by_name() {
+    let rules = "[policy]\nprofile = \"none\"\n[[rule]]\nname = \"files\"\nhosts = [\"files.example\"]\nports = [445]\nopaque = true\n";
+    let note = "decided as that name (reason dns_address)";
+    for (listen, public) in [("[listen]\ndns = \"0.0.0.0:5353\"\n", true), ("", false)] {
+        let cfg = config(&format!("{listen}{rules}"));
+        let path = cfg.path().to_str().unwrap();
+        let out = portcullis(&["-c", path, "explain", "20.1.2.3:445", "169.254.169.254:80"]);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(lines.len(), 2, "{}", text(&out));
+        assert!(
+            lines[0].contains(" deny ") && lines[0].contains(note) == public,
+            "{stdout}"
+        );
+        assert!(!lines[1].contains(note), "a platform address: {stdout}");
+    }
+}

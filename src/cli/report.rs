@@ -92,6 +92,24 @@ fn describe(policy: &Policy, dest: &Dest<'_>, d: &Decision) -> String {
         line.push_str("; ");
         line.push_str(note);
     }
+    // The running gateway also decides a TCP connection that names no host
+    // by what its DNS listener answered: say so rather than a flat deny.
+    // (Only where the address itself passes the resolved-address checks,
+    // as `Judge::decide_address` requires.)
+    let by_name = match dest.target {
+        Target::Ip(ip) => {
+            d.verdict != Verdict::Allow
+                && dest.proto == Protocol::Tcp
+                && policy.dns_listener()
+                && policy.check_resolved(ip, dest.port, Protocol::Tcp).is_ok()
+        }
+        Target::Name(_) => false,
+    };
+    if by_name {
+        line.push_str(
+            "; once a client resolved a name to this address through the DNS listener, its connections that name no host (opaque, CONNECT to the address) are decided as that name (reason dns_address): explain the name",
+        );
+    }
     line
 }
 

@@ -403,12 +403,19 @@ impl Judge<'_> {
         };
         let by_address = decide(Target::Ip(ip));
         let ip_text = ip.to_string();
-        let checked = self.policy.check_resolved_for(ip, port, tcp, Some(client));
-        if by_address.verdict == Verdict::Allow || checked.is_err() {
+        // No DNS listener, or nobody resolved this address: nothing more to
+        // look at (the table is empty without a listener).
+        let names = if by_address.verdict == Verdict::Allow {
+            Vec::new()
+        } else {
+            self.gw.learned.names(ip, std::time::Instant::now())
+        };
+        let checked = || self.policy.check_resolved_for(ip, port, tcp, Some(client));
+        if names.is_empty() || checked().is_err() {
             self.record(via, &ip_text, port, &by_address);
             return (by_address, None);
         }
-        for name in self.gw.learned.names(ip, std::time::Instant::now()) {
+        for name in names {
             let d = decide(Target::Name(&name));
             if d.verdict == Verdict::Allow {
                 let d = Decision {
